@@ -1,0 +1,164 @@
+"""SkipPlan: which operator updates the visual rows get, per decoder layer.
+
+Plain data (no torch, no transformers). A plan is a versioned JSON file; everything that
+reads one refuses what it does not understand, with an error naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+PLAN_VERSION = 1
+OPS = ("full", "skip_attn", "skip_ffn", "skip_both")
+SCOPES = ("visual", "prefix_through_visual")
+_KEYS = {"version", "num_layers", "ops", "model", "name", "provenance", "scope"}
+
+# Text-config fields that decide whether a plan fits a model.
+_HASHED_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
+
+
+class PlanError(ValueError):
+    """A skip plan is malformed or does not fit the model it is applied to."""
+
+
+def config_hash(text_config: Mapping[str, Any]) -> str:
+    """Short stable hash of the text-config fields a plan depends on."""
+    picked = {k: text_config.get(k) for k in _HASHED_CONFIG_KEYS}
+    blob = json.dumps(picked, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SkipPlan:
+    """One op per decoder layer, out of OPS; `scope` says which rows a skip freezes."""
+
+    ops: tuple[str, ...]
+    num_layers: int | None = None
+    name: str | None = None
+    model: Mapping[str, Any] | None = field(default=None, compare=False)
+    provenance: Mapping[str, Any] | None = field(default=None, compare=False)
+    scope: str = "visual"
+    version: int = PLAN_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ops", tuple(self.ops))
+        if self.num_layers is None:
+            object.__setattr__(self, "num_layers", len(self.ops))
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"unknown plan version {self.version!r} (this build reads {PLAN_VERSION})")
+        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+            raise PlanError(f"num_layers must be a positive int, got {self.num_layers!r}")
+        for i, op in enumerate(self.ops):
+            if op not in OPS:
+                raise PlanError(f"unknown op {op!r} at layer {i}; expected one of {', '.join(OPS)}")
+        if len(self.ops) != self.num_layers:
+            raise PlanError(f"plan has {len(self.ops)} ops but num_layers={self.num_layers}")
+        if self.scope not in SCOPES:
+            raise PlanError(f"unknown scope {self.scope!r}; expected one of {', '.join(SCOPES)}")
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def full(cls, num_layers: int, **kw: Any) -> "SkipPlan":
+        return cls(("full",) * num_layers, num_layers, **kw)
+
+    @classmethod
+    def from_ops(cls, ops: Iterable[str], **kw: Any) -> "SkipPlan":
+        return cls(tuple(ops), **kw)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SkipPlan":
+        if not isinstance(d, Mapping):
+            raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
+        unknown = set(d) - _KEYS
+        if unknown:
+            raise PlanError(f"unknown plan key(s): {', '.join(sorted(unknown))}")
+        for key in ("version", "num_layers", "ops"):
+            if key not in d:
+                raise PlanError(f"plan is missing required key {key!r}")
+        if not isinstance(d["ops"], list):
+            raise PlanError("plan key 'ops' must be a list of op names")
+        return cls(
+            ops=tuple(d["ops"]),
+            num_layers=d["num_layers"],
+            name=d.get("name"),
+            model=d.get("model"),
+            provenance=d.get("provenance"),
+            scope=d.get("scope", "visual"),
+            version=d["version"],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"version": self.version, "num_layers": self.num_layers, "ops": list(self.ops)}
+        if self.scope != "visual":
+            d["scope"] = self.scope
+        for key in ("name", "model", "provenance"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        return d
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SkipPlan":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path}: not a JSON plan file ({e})") from e
+        try:
+            return cls.from_dict(d)
+        except PlanError as e:
+            raise PlanError(f"{path}: {e}") from e
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    # -- queries --------------------------------------------------------------------------
+    def skips_attn(self, layer: int) -> bool:
+        return self.ops[layer] in ("skip_attn", "skip_both")
+
+    def skips_ffn(self, layer: int) -> bool:
+        return self.ops[layer] in ("skip_ffn", "skip_both")
+
+    @property
+    def is_full(self) -> bool:
+        return all(op == "full" for op in self.ops)
+
+    def with_model(self, architecture: str, text_config: Mapping[str, Any]) -> "SkipPlan":
+        """The same plan stamped with the model it was made for."""
+        model = {"architecture": architecture, "config_hash": config_hash(text_config)}
+        return SkipPlan(self.ops, self.num_layers, self.name, model, self.provenance, self.scope)
+
+    def check_model(self, architecture: str, num_layers: int, text_config: Mapping[str, Any]) -> None:
+        """Refuse a plan made for another model (layer count, architecture or config hash)."""
+        if self.num_layers != num_layers:
+            raise PlanError(f"plan has {self.num_layers} layers but the model has {num_layers}")
+        if not self.model:
+            return
+        want_arch = self.model.get("architecture")
+        if want_arch and want_arch != architecture:
+            raise PlanError(f"plan was made for architecture {want_arch!r}, model is {architecture!r}")
+        want_hash = self.model.get("config_hash")
+        if want_hash and want_hash != config_hash(text_config):
+            raise PlanError(
+                f"plan was made for a model with text-config hash {want_hash}, "
+                f"this model's is {config_hash(text_config)}"
+            )
+
+    def __str__(self) -> str:
+        short = {"full": ".", "skip_attn": "A", "skip_ffn": "F", "skip_both": "B"}
+        counts = {op: self.ops.count(op) for op in OPS if op != "full" and self.ops.count(op)}
+        what = ", ".join(f"{n} {op}" for op, n in counts.items()) or "no skips"
+        label = f"{self.name!r} " if self.name else ""
+        return f"SkipPlan {label}[{''.join(short[o] for o in self.ops)}] ({self.num_layers} layers: {what})"
