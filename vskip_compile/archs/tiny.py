@@ -1,0 +1,218 @@
+"""Tiny random models of the real Hugging Face VLM classes, built in code (no hub).
+
+Every architecture the project supports has one here, so tests run the real HF modeling code
+(vision tower, merge, M-RoPE, DeepStack, GQA) on a model small enough for 2 CPU cores.
+
+Shared text shape: 4 decoder layers, hidden 64, 4 heads of 16, 2 KV heads (GQA), FFN 128,
+vocabulary 128. Ids 0..3 are special (0 pad, 1 bos, 2 eos); text tokens are drawn from
+4..99; image/video/vision-start/end ids live in 100..127 (Qwen's defaults would be in a
+151k vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY_ARCHS = ("qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
+
+VOCAB = 128
+IMAGE_TOKEN_ID = 120
+VIDEO_TOKEN_ID = 121
+VISION_START_ID = 122
+VISION_END_ID = 123
+TEXT_TOKENS = (4, 100)  # half-open range text tokens are drawn from
+
+_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+_QWEN_IDS = dict(
+    image_token_id=IMAGE_TOKEN_ID,
+    video_token_id=VIDEO_TOKEN_ID,
+    vision_start_token_id=VISION_START_ID,
+    vision_end_token_id=VISION_END_ID,
+)
+# Qwen images: an 8x8 grid of 4-pixel patches, merged 2x2 -> 16 visual tokens per image.
+_QWEN_PATCH, _QWEN_GRID, _QWEN_MERGE, _QWEN_TPATCH = 4, 8, 2, 2
+# LLaVA: a 16x16 image in 4-pixel patches -> 16 tokens ("default" drops CLS).
+_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=16,
+    patch_size=4,
+    projection_dim=32,
+)
+# LLaVA-NeXT: base 16x16 view plus any-resolution tiles of a 16x28 image (unpadded, with a
+# newline token per feature row).
+_NEXT_PINPOINTS = [[16, 32], [32, 16]]
+_NEXT_IMAGE_SIZE = (16, 28)
+
+
+def _config(arch: str):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaNextConfig,
+        Qwen2_5_VLConfig,
+        Qwen3VLConfig,
+    )
+
+    if arch == "qwen2_5_vl":
+        text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=_QWEN_PATCH,
+            spatial_merge_size=_QWEN_MERGE,
+            temporal_patch_size=_QWEN_TPATCH,
+            window_size=16,  # 2x2 merged tokens per window: window attention is exercised
+            fullatt_block_indexes=[1],
+            out_hidden_size=64,
+        )
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
+    if arch == "qwen3_vl":
+        text = dict(
+            _TEXT,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": [2, 3, 3],  # sums to head_dim / 2
+                "mrope_interleaved": True,
+            },
+        )
+        vision = dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            patch_size=_QWEN_PATCH,
+            spatial_merge_size=_QWEN_MERGE,
+            temporal_patch_size=_QWEN_TPATCH,
+            out_hidden_size=64,
+            num_position_embeddings=64,  # a perfect square
+            deepstack_visual_indexes=[0, 1],  # DeepStack adds after text layers 0 and 1
+        )
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
+    text = LlamaConfig(**_TEXT)
+    vision = CLIPVisionConfig(**_CLIP)
+    common = dict(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    if arch == "llava":
+        return LlavaConfig(image_seq_length=16, **common)
+    if arch == "llava_next":
+        return LlavaNextConfig(image_grid_pinpoints=_NEXT_PINPOINTS, **common)
+    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
+
+
+def build_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A tiny random `*ForConditionalGeneration` of `arch` in eval mode, SDPA attention."""
+    import transformers
+
+    classes = {
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "llava": "LlavaForConditionalGeneration",
+        "llava_next": "LlavaNextForConditionalGeneration",
+    }
+    config = _config(arch)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    model = getattr(transformers, classes[arch])(config)
+    return model.to(dtype).eval()
+
+
+# -- inputs ----------------------------------------------------------------------------------
+
+
+def _pixels(model, arch: str, n_images: int, gen: torch.Generator) -> tuple[dict, list[int]]:
+    """Pixel inputs for n_images images and the number of image tokens each one takes."""
+    dtype = next(model.parameters()).dtype
+    if n_images == 0:
+        return {}, []
+    if arch in ("qwen2_5_vl", "qwen3_vl"):
+        patch_dim = 3 * _QWEN_TPATCH * _QWEN_PATCH * _QWEN_PATCH
+        n_patches = _QWEN_GRID * _QWEN_GRID
+        pixel_values = torch.randn(n_images * n_patches, patch_dim, generator=gen)  # [N*P, C*T*p*p]
+        grid = torch.tensor([[1, _QWEN_GRID, _QWEN_GRID]] * n_images)
+        counts = [n_patches // _QWEN_MERGE**2] * n_images
+        return {"pixel_values": pixel_values.to(dtype), "image_grid_thw": grid}, counts
+    side = _CLIP["image_size"]
+    if arch == "llava":
+        pixel_values = torch.randn(n_images, 3, side, side, generator=gen)  # [N, C, H, W]
+        counts = [(side // _CLIP["patch_size"]) ** 2] * n_images
+        return {"pixel_values": pixel_values.to(dtype)}, counts
+    if arch == "llava_next":
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        n_views = image_size_to_num_patches(_NEXT_IMAGE_SIZE, _NEXT_PINPOINTS, side)
+        pixel_values = torch.randn(n_images, n_views, 3, side, side, generator=gen)  # [N, views, C, H, W]
+        image_sizes = torch.tensor([_NEXT_IMAGE_SIZE] * n_images)
+        kw = {"pixel_values": pixel_values.to(dtype), "image_sizes": image_sizes}
+        with torch.no_grad():  # the packed length (unpadding, newlines) is the model's own rule
+            feats = model.model.get_image_features(**kw, return_dict=True).pooler_output
+        return kw, [int(f.shape[0]) for f in feats]
+    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
+
+
+def tiny_inputs(
+    model,
+    arch: str,
+    text_before: int = 3,
+    text_after: int = 4,
+    n_images: int = 1,
+    batch: int = 1,
+    seed: int = 0,
+    text_between: int = 2,
+) -> dict:
+    """HF forward/generate inputs: text, image spans (image token repeated), text, per row.
+
+    Every batch row has the same layout (different random text and pixels). text_before and
+    text_after may be 0 (image first / last). No vision-start/end tokens are added, so the
+    image token rows are exactly the visual spans. Qwen needs text_between >= 1 with several
+    images (its M-RoPE groups adjacent image tokens into one image).
+    """
+    if n_images > 1 and text_between < 1 and arch in ("qwen2_5_vl", "qwen3_vl"):
+        raise ValueError("Qwen M-RoPE needs text_between >= 1 to tell adjacent images apart")
+    gen = torch.Generator().manual_seed(seed)
+    pixel_kw, counts = _pixels(model, arch, n_images * batch, gen)
+    counts = counts[:n_images]
+
+    def text(n: int) -> list[int]:
+        return torch.randint(*TEXT_TOKENS, (n,), generator=gen).tolist()
+
+    rows = []
+    for _ in range(batch):
+        ids = text(text_before)
+        for i, count in enumerate(counts):
+            if i:
+                ids += text(text_between)
+            ids += [IMAGE_TOKEN_ID] * count
+        ids += text(text_after)
+        rows.append(ids)
+    input_ids = torch.tensor(rows)  # [B, S]
+    if input_ids.shape[1] == 0:
+        raise ValueError("empty sequence: ask for some text or an image")
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    out.update(pixel_kw)
+    if arch in ("qwen2_5_vl", "qwen3_vl"):
+        out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN_ID).to(torch.int32)
+    return out
