@@ -30,6 +30,13 @@ _HASHED_CONFIG_KEYS = (
 )
 
 
+# OpSkip list name -> our op for the layers it lists (their lists name what is KEPT).
+_OPSKIP_LISTS = {"attention_only": "skip_ffn", "ffn_only": "skip_attn", "freeze": "skip_both"}
+# Keys of theirs that carry no semantics for us; kept in provenance for the round trip.
+_OPSKIP_EXTRA = {"preset", "checkpoint", "source", "use_triton", "mlp_chunk_size", "rmsnorm_backend"}
+_OPSKIP_KEYS = set(_OPSKIP_LISTS) | _OPSKIP_EXTRA | {"model_family", "num_layers", "budget", "freeze_scope"}
+
+
 class PlanError(ValueError):
     """A skip plan is malformed or does not fit the model it is applied to."""
 
@@ -155,6 +162,66 @@ class SkipPlan:
                 f"plan was made for a model with text-config hash {want_hash}, "
                 f"this model's is {config_hash(text_config)}"
             )
+
+    # -- the authors' policy format (GitHub zayan-l/OpSkip, configs/<family>/preset{N}.json) --
+    @classmethod
+    def from_opskip(cls, policy: Mapping[str, Any], num_layers: int | None = None) -> "SkipPlan":
+        """Read an OpSkip policy. Its lists name what visual rows KEEP: `attention_only`
+        (skip the FFN), `ffn_only` (skip attention), `freeze` (skip both)."""
+        if not isinstance(policy, Mapping):
+            raise PlanError(f"an OpSkip policy is a JSON object, got {type(policy).__name__}")
+        unknown = set(policy) - _OPSKIP_KEYS
+        if unknown:
+            raise PlanError(f"unknown OpSkip policy key(s): {', '.join(sorted(unknown))}")
+        n = policy.get("num_layers")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PlanError(f"OpSkip policy needs a positive int num_layers, got {n!r}")
+        if num_layers is not None and n != num_layers:
+            raise PlanError(f"OpSkip policy has num_layers={n} but the model has {num_layers} layers")
+        ops = ["full"] * n
+        owner: dict[int, str] = {}
+        for key, op in _OPSKIP_LISTS.items():
+            layers = policy.get(key, [])
+            if not isinstance(layers, list):
+                raise PlanError(f"OpSkip key {key!r} must be a list of layer indices")
+            for layer in layers:
+                if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+                    raise PlanError(f"OpSkip {key}: layer {layer!r} is out of range 0..{n - 1}")
+                if layer in owner:
+                    where = "twice in " + key if owner[layer] == key else f"in both {owner[layer]} and {key}"
+                    raise PlanError(f"OpSkip policy lists layer {layer} {where}")
+                owner[layer] = key
+                ops[layer] = op
+        budget = policy.get("budget")
+        if budget is not None and budget != len(owner):
+            raise PlanError(f"OpSkip budget {budget!r} does not match the {len(owner)} layers listed")
+        scope = policy.get("freeze_scope", "visual")
+        model = {"architecture": policy["model_family"]} if "model_family" in policy else None
+        extra = {k: policy[k] for k in sorted(_OPSKIP_EXTRA) if k in policy}
+        preset = policy.get("preset")
+        name = f"{policy.get('model_family', 'opskip')}-preset{preset}" if preset is not None else None
+        return cls(tuple(ops), n, name, model, {"imported_from": "opskip", **extra}, scope)
+
+    def to_opskip(self) -> dict[str, Any]:
+        """This plan as an OpSkip policy dict (layers in ascending order)."""
+        lists: dict[str, list[int]] = {key: [] for key in _OPSKIP_LISTS}
+        for layer, op in enumerate(self.ops):
+            for key, key_op in _OPSKIP_LISTS.items():
+                if op == key_op:
+                    lists[key].append(layer)
+        out: dict[str, Any] = {}
+        family = (self.model or {}).get("architecture")
+        if family:
+            out["model_family"] = family
+        out["num_layers"] = self.num_layers
+        out.update(lists)
+        out["budget"] = sum(len(v) for v in lists.values())
+        out["freeze_scope"] = self.scope
+        extra = dict(self.provenance or {})
+        for key in sorted(_OPSKIP_EXTRA):
+            if key in extra:
+                out[key] = extra[key]
+        return out
 
     def __str__(self) -> str:
         short = {"full": ".", "skip_attn": "A", "skip_ffn": "F", "skip_both": "B"}
