@@ -1,0 +1,107 @@
+"""DecoderCore: the language model's prefill as one traceable function.
+
+The HF text models build their masks and position ids with data-dependent code (packed-sequence
+detection, `get_rope_index`, boolean-mask DeepStack). The core keeps only what a prefill graph
+needs, with everything data-dependent computed outside by the adapter:
+
+    forward(inputs_embeds, position_ids, *deepstack) -> (logits, k_0, v_0, ..., k_{L-1}, v_{L-1})
+
+It calls the model's own decoder layers (same modules, same weights), with an explicit causal
+mask built from the static sequence length, so the graph has the shape the passes expect
+(`layers.<i>.self_attn`, `layers.<i>.mlp`, SDPA with an explicit mask). K/V of every layer,
+full rows, come out as graph outputs: the decode steps run the unmodified model on them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _KVRecorder:
+    """Stands in for a HF `Cache` during prefill: keeps each layer's K/V and returns them as is.
+
+    5.24 attention calls `cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)`
+    with K after RoPE, shape [B, KV, S, E]: exactly what a DynamicCache stores for decoding.
+    """
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+
+def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean [1, 1, S, S] mask, True where a query row may attend (key <= query).
+
+    Explicit rather than SDPA's `is_causal`: slicing the query rows of a skipped operator must
+    slice the mask rows too, which `is_causal` (top-left aligned) cannot express.
+    """
+    rows = torch.arange(seq_len, device=device)
+    return (rows[:, None] >= rows[None, :]).view(1, 1, seq_len, seq_len)  # [1, 1, S, S]
+
+
+class DecoderCore(nn.Module):
+    """Prefill of a HF text decoder: embeddings in, logits and per-layer K/V out.
+
+    `logits_to_keep` = 0 gives logits for all rows (what `model(**inputs)` returns); n > 0 the
+    last n rows (generate needs the last one). The number of DeepStack tensors is fixed at
+    construction: they are added, full size and zero at non-visual rows, after layers 0..n-1.
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, logits_to_keep: int = 0, num_deepstack: int = 0):
+        super().__init__()
+        config = language_model.config
+        layer_types = getattr(config, "layer_types", None) or ()
+        if getattr(config, "use_sliding_window", False) and any(t != "full_attention" for t in layer_types):
+            raise NotImplementedError("sliding-window attention layers are not supported by the vskip core")
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        if num_deepstack > len(language_model.layers):
+            raise ValueError(f"{num_deepstack} DeepStack inputs but only {len(language_model.layers)} layers")
+        self.lm = language_model
+        self.lm_head = lm_head
+        self.logits_to_keep = logits_to_keep
+        self.num_deepstack = num_deepstack
+
+    @classmethod
+    def from_model(cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0) -> "DecoderCore":
+        return cls(adapter.language_model(model), adapter.lm_head(model), logits_to_keep, num_deepstack)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.lm.layers)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *deepstack: torch.Tensor):
+        if len(deepstack) != self.num_deepstack:
+            raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
+        if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]  # Qwen's [text; t; h; w] form: RoPE reads the last 3
+        seq_len = inputs_embeds.shape[1]
+        mask = causal_mask(seq_len, inputs_embeds.device)  # [1, 1, S, S]
+        recorder = _KVRecorder()
+
+        x = inputs_embeds  # [B, S, D]
+        position_embeddings = self.lm.rotary_emb(x, position_ids)
+        for i, layer in enumerate(self.lm.layers):
+            x = layer(
+                x,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=None,
+                cache=recorder,
+                use_cache=True,
+            )
+            if i < len(deepstack):
+                x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
+        x = self.lm.norm(x)
+        if self.logits_to_keep:
+            x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
+        logits = self.lm_head(x)  # [B, n or S, V]
+
+        kv: list[torch.Tensor] = []
+        for i in range(self.num_layers):
+            kv.extend(recorder.kv[i])  # k_i, v_i: [B, KV, S, E]
+        return (logits, *kv)
