@@ -1,0 +1,213 @@
+"""Adapter: what the rest of the project needs to know about one HF VLM architecture.
+
+The base class works on any HF `*ForConditionalGeneration` VLM whose language model is a
+stack of decoder layers with `self_attn` and `mlp` children and whose config names an image
+token id. Architecture classes override only what differs (extra visual token ids, the shape
+of default position ids, DeepStack).
+
+How a decoder layer is called (transformers 5.24; what a traceable core reproduces)
+-----------------------------------------------------------------------------------
+    lm = adapter.language_model(model)            # has .layers, .norm, .rotary_emb
+    p = adapter.prefill_inputs(model, **hf_inputs)
+    h = p.inputs_embeds                                        # [B, S, D]
+    cos, sin = lm.rotary_emb(h, p.position_ids)                # each [B, S, head_dim]
+    mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=p.attention_mask,
+                              cache=None, position_ids=None)   # transformers.masking_utils
+    for i, layer in enumerate(lm.layers):
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin),
+                  position_ids=None, cache=None, use_cache=False)   # returns a tensor in 5.24
+        if p.deepstack is not None and i < len(p.deepstack):
+            h = h + p.deepstack[i]                             # Qwen3-VL only
+    logits = adapter.lm_head(model)(lm.norm(h))
+
+Inside a layer: `h1 = h + self_attn(hidden_states=input_layernorm(h), attention_mask=mask,
+position_embeddings=(cos, sin))[0]`; `h2 = h1 + mlp(post_attention_layernorm(h1))`.
+The keyword is `cache=` (not `past_key_values=`) in 5.24. In eager mode with SDPA and no
+padding `create_causal_mask` returns None (SDPA's is_causal); under torch.export it is an
+explicit boolean [B, 1, S, S] mask. Qwen position ids are M-RoPE ids [3, B, S]: the rotary
+embedding takes them as they are. Qwen2.5-VL's model keeps a per-layer-type mask mapping
+(`config.layer_types`), all "full_attention" unless sliding windows are configured.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..layout import VisualLayout
+
+
+class AdapterError(ValueError):
+    """A model does not fit what an adapter needs (structure, image token, inputs)."""
+
+
+@dataclass
+class PrefillInputs:
+    """Everything the language model's prefill takes, computed outside any graph.
+
+    inputs_embeds: [B, S, D], vision features already merged into the image rows.
+    position_ids:  what the language model's rotary embedding takes: [B, S] (llama-like) or
+                   M-RoPE ids [3, B, S] (Qwen).
+    deepstack:     Qwen3-VL only: deepstack[i] is [B, S, D], the DeepStack features at the
+                   visual rows and exactly 0 elsewhere; it is added to the output of decoder
+                   layer i, so injection is a plain add. None for other architectures.
+    attention_mask: the 2D [B, S] padding mask the caller gave, or None.
+    layout:        the visual spans of input_ids.
+    """
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    deepstack: tuple[torch.Tensor, ...] | None
+    attention_mask: torch.Tensor | None
+    layout: VisualLayout
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the model right before its language model."""
+
+    def __init__(self, kwargs: dict[str, Any]):
+        super().__init__("language model inputs captured")
+        self.kwargs = kwargs
+
+
+# HF forward arguments that make no sense for a prefill capture.
+_NOT_FORWARDED = ("labels", "logits_to_keep", "return_dict")
+
+
+class Adapter:
+    """Base adapter. Stateless: one instance serves any number of models."""
+
+    name = "base"
+    model_types: tuple[str, ...] = ()  # config.model_type values this class is registered for
+
+    # -- structure -------------------------------------------------------------------------
+    def language_model(self, model) -> torch.nn.Module:
+        """The decoder stack (has .layers, .norm and usually .rotary_emb)."""
+        inner = getattr(model, "model", None)
+        lm = getattr(inner, "language_model", None)
+        if lm is None and hasattr(model, "get_decoder"):
+            lm = model.get_decoder()
+        if lm is None or not isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
+            raise AdapterError(f"{type(model).__name__}: no language model with a .layers ModuleList found")
+        for i, layer in enumerate(lm.layers):
+            missing = [c for c in ("self_attn", "mlp") if not isinstance(getattr(layer, c, None), torch.nn.Module)]
+            if missing:
+                raise AdapterError(
+                    f"{type(model).__name__}: decoder layer {i} ({type(layer).__name__}) has no "
+                    f"{' / '.join(missing)} child module"
+                )
+        return lm
+
+    def layers(self, model) -> torch.nn.ModuleList:
+        return self.language_model(model).layers
+
+    def lm_head(self, model) -> torch.nn.Module:
+        head = model.get_output_embeddings()
+        if head is None:
+            raise AdapterError(f"{type(model).__name__} has no output embeddings (lm_head)")
+        return head
+
+    def text_config(self, model) -> dict[str, Any]:
+        """The text config as a plain dict; head_dim filled in from the attention module
+        when the config does not name it (Qwen2.5-VL derives it)."""
+        d = model.config.get_text_config().to_dict()
+        if d.get("head_dim") is None:
+            d["head_dim"] = int(self.layers(model)[0].self_attn.head_dim)
+        return d
+
+    def architecture(self, model) -> str:
+        """String stamped into plans: the HF class name."""
+        return type(model).__name__
+
+    def check_plan(self, model, plan) -> None:
+        """Refuse (PlanError) a plan made for another model."""
+        plan.check_model(self.architecture(model), len(self.layers(model)), self.text_config(model))
+
+    # -- visual rows -----------------------------------------------------------------------
+    def image_token_id(self, model) -> int:
+        cfg = model.config
+        for key in ("image_token_id", "image_token_index"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+        raise AdapterError(f"{type(model).__name__}: config names no image_token_id / image_token_index")
+
+    def visual_token_ids(self, model) -> tuple[int, ...]:
+        """Token ids whose rows are visual (image placeholders; Qwen adds video)."""
+        return (self.image_token_id(model),)
+
+    def layout(self, model, input_ids: torch.Tensor) -> VisualLayout:
+        """Visual spans of input_ids [B, S]; zero images give rows with no spans."""
+        if input_ids.ndim != 2:
+            raise AdapterError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        ids = torch.tensor(self.visual_token_ids(model), device=input_ids.device)
+        mask = torch.isin(input_ids, ids)  # [B, S] bool
+        return VisualLayout.from_masks(mask.tolist())
+
+    # -- prefill inputs --------------------------------------------------------------------
+    def capture_language_model_kwargs(self, model, **hf_inputs) -> dict[str, Any]:
+        """Run the HF model up to its language model and return the kwargs it would get.
+
+        Reuses HF's own vision tower, feature merge and position-id code for every
+        architecture: a forward pre-hook on the language model raises with its kwargs.
+        """
+        lm = self.language_model(model)
+        signature = inspect.signature(lm.forward)
+
+        def hook(module, args, kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            extra = bound.pop("kwargs", {})
+            raise _Captured({**bound, **extra})
+
+        handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            model(**{k: v for k, v in hf_inputs.items() if k not in _NOT_FORWARDED})
+        except _Captured as captured:
+            return captured.kwargs
+        finally:
+            handle.remove()
+        raise AdapterError(f"{type(model).__name__} returned without calling its language model")
+
+    def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        """What the language model computes when given no position ids (no cache): [B, S]."""
+        return torch.arange(seq_len, device=device).expand(batch, seq_len)
+
+    def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
+        """Full-size DeepStack injections, or None when the architecture has none."""
+        return None
+
+    def prefill_inputs(self, model, **hf_inputs) -> PrefillInputs:
+        """Language-model inputs for a prefill of `hf_inputs` (the HF forward's kwargs).
+
+        Runs the vision tower; gradients follow the caller's grad mode.
+        """
+        input_ids = hf_inputs.get("input_ids")
+        if input_ids is None:
+            raise AdapterError("prefill_inputs needs input_ids to find the visual rows")
+        captured = self.capture_language_model_kwargs(model, **hf_inputs)
+        embeds = captured.get("inputs_embeds")
+        if embeds is None:
+            raise AdapterError(f"{type(model).__name__} called its language model without inputs_embeds")
+        batch, seq_len, _ = embeds.shape  # [B, S, D]
+        position_ids = captured.get("position_ids")
+        if position_ids is None:
+            position_ids = self.default_position_ids(batch, seq_len, embeds.device)
+        mask = captured.get("attention_mask")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+            raise AdapterError(
+                f"{type(model).__name__} passes its language model a precomputed attention mask "
+                f"({type(mask).__name__}); only a 2D padding mask is supported"
+            )
+        return PrefillInputs(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            deepstack=self.deepstack(captured, embeds),
+            attention_mask=mask,
+            layout=self.layout(model, input_ids),
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

@@ -1,0 +1,43 @@
+"""Qwen2.5-VL and Qwen3-VL: M-RoPE position ids, video tokens, Qwen3-VL DeepStack."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import Adapter, AdapterError
+
+
+class Qwen2_5_VLAdapter(Adapter):
+    """Position ids are M-RoPE ids [3, B, S], computed by HF's get_rope_index (captured)."""
+
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+
+    def visual_token_ids(self, model) -> tuple[int, ...]:
+        return (self.image_token_id(model), int(model.config.video_token_id))
+
+    def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
+        # Text only: the text model expands arange to its 3 rotary sections.
+        return torch.arange(seq_len, device=device).expand(3, batch, seq_len)  # [3, B, S]
+
+
+class Qwen3VLAdapter(Qwen2_5_VLAdapter):
+    """Adds DeepStack: features of some vision blocks are added to the visual rows after
+    the first len(deepstack) decoder layers (Qwen3VLTextModel._deepstack_process)."""
+
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+
+    def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
+        embeds = captured.get("deepstack_visual_embeds")
+        if embeds is None:
+            return None
+        mask = captured.get("visual_pos_masks")
+        if mask is None:
+            raise AdapterError("Qwen3-VL passed DeepStack features without visual_pos_masks")
+        mask = mask.to(inputs_embeds.device)[..., None]  # [B, S, 1]
+        zeros = torch.zeros_like(inputs_embeds)  # [B, S, D]
+        # masked_scatter fills the masked rows in row-major order, as HF's h[mask, :] += e does.
+        return tuple(zeros.masked_scatter(mask, e.to(inputs_embeds.device, inputs_embeds.dtype)) for e in embeds)
