@@ -105,13 +105,9 @@ class TextDims:
         fields a config.json leaves at their defaults (LLaVA's vicuna text_config) come from
         transformers' config class for its model_type.
         """
-        d = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
-        text = _text_part(d)
-        if any(k not in text or text[k] is None for k in _REQUIRED):
-            text = _text_part(_with_hf_defaults(d))
-            missing = [k for k in _REQUIRED if text.get(k) is None]
-            if missing:
-                raise DimsError(f"config has no {', '.join(missing)}")
+        text = _text_part(_as_dict(cfg))
+        if any(text.get(k) is None for k in _REQUIRED):
+            text = hf_text_config(cfg)
         hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
         layers = int(text["num_hidden_layers"])
         kv_heads = int(text.get("num_key_value_heads") or heads)
@@ -141,6 +137,28 @@ class TextDims:
 _REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers")
 
 
+def hf_text_config(cfg: Any) -> dict[str, Any]:
+    """The text-decoder part of a config with transformers' defaults filled in, i.e. what the
+    loaded model's text config `to_dict()` holds (config.json files omit defaults). Use it to
+    compute a plan's config hash from a config.json. Imports transformers."""
+    d = _as_dict(cfg)
+    if isinstance(cfg, Mapping):
+        d = _with_hf_defaults(d)
+    text = dict(_text_part(d))
+    missing = [k for k in _REQUIRED if text.get(k) is None]
+    if missing:
+        raise DimsError(f"config has no {', '.join(missing)}")
+    return text
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if isinstance(cfg, Mapping):
+        return dict(cfg)
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    raise DimsError(f"expected a Hugging Face config or a config.json dict, got {type(cfg).__name__}")
+
+
 def _text_part(d: Mapping[str, Any]) -> Mapping[str, Any]:
     text = d.get("text_config")
     return text if isinstance(text, Mapping) else d
@@ -149,7 +167,8 @@ def _text_part(d: Mapping[str, Any]) -> Mapping[str, Any]:
 def _with_hf_defaults(d: Mapping[str, Any]) -> dict[str, Any]:
     """The config with transformers' defaults filled in (config.json files omit defaults)."""
     if "model_type" not in d:
-        raise DimsError(f"config has no {', '.join(k for k in _REQUIRED if k not in _text_part(d))} and no model_type")
+        missing = [k for k in _REQUIRED if _text_part(d).get(k) is None]
+        raise DimsError(f"config has no {', '.join(missing) or 'model_type'} and no model_type to fill defaults from")
     from transformers import AutoConfig  # lazy: only for incomplete config.json dicts
 
     kwargs = {k: v for k, v in d.items() if k != "model_type"}
