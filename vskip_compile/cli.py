@@ -144,7 +144,7 @@ def _list_presets(as_json: bool) -> int:
     from .presets import PRESETS
 
     if as_json:
-        _print_json({name: {"hf_id": p.hf_id, "model_type": p.model_type, **asdict(p.dims)} for name, p in PRESETS.items()})
+        _print_json({name: {"hf_id": p.hf_id, "architecture": p.architecture, **asdict(p.dims)} for name, p in PRESETS.items()})
         return 0
     from rich.table import Table
 
@@ -205,8 +205,8 @@ def run_plan_show(args: argparse.Namespace) -> int:
 def run_plan_validate(args: argparse.Namespace) -> int:
     plan = _load_plan(args.plan)
     against = ""
-    # The architecture name is the config's model_type (as in OpSkip's model_family). --layers
-    # and --preset carry no text config, so a recorded config hash is checked only with --config.
+    # Architecture names are HF class names (config.json "architectures", as adapters stamp
+    # them). --layers and --preset carry no text config: a config hash is checked only with --config.
     model = dict(plan.model or {})
     no_hash = dataclasses.replace(plan, model={k: v for k, v in model.items() if k != "config_hash"})
     if args.layers is not None:
@@ -216,13 +216,14 @@ def run_plan_validate(args: argparse.Namespace) -> int:
         from .presets import get_preset
 
         preset = get_preset(args.preset)
-        no_hash.check_model(preset.model_type, preset.dims.layers, {})
+        no_hash.check_model(preset.architecture, preset.dims.layers, {})
         against = f" for preset {preset.name}"
     elif args.config is not None:
         cfg = _read_json(args.config)
         dims = TextDims.from_hf_config(cfg)
         text = hf_text_config(cfg) if model.get("config_hash") else {}
-        plan.check_model(cfg.get("model_type", model.get("architecture", "")), dims.layers, text)
+        arch = (cfg.get("architectures") or [model.get("architecture", "")])[0]
+        plan.check_model(arch, dims.layers, text)
         against = f" for {args.config}"
     print(f"valid{against}: {plan}")
     return 0

@@ -148,6 +148,8 @@ def hf_text_config(cfg: Any) -> dict[str, Any]:
     missing = [k for k in _REQUIRED if text.get(k) is None]
     if missing:
         raise DimsError(f"config has no {', '.join(missing)}")
+    if text.get("head_dim") is None:  # derived, as the attention module does (Qwen2.5-VL)
+        text["head_dim"] = int(text["hidden_size"]) // int(text["num_attention_heads"])
     return text
 
 

@@ -15,7 +15,7 @@ from .flops import DimsError, TextDims
 class Preset:
     name: str
     hf_id: str  # the Hugging Face model these dims come from
-    model_type: str  # its config's model_type (also the OpSkip model_family / plan architecture)
+    architecture: str  # its HF class name: what adapters stamp into plans
     dims: TextDims
 
 
@@ -24,13 +24,13 @@ _VICUNA_7B = TextDims(hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=1100
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "qwen3_vl",
+        Preset("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "Qwen3VLForConditionalGeneration",
                TextDims(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=12288, layers=36)),
-        Preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl",
+        Preset("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2_5_VLForConditionalGeneration",
                TextDims(hidden=3584, heads=28, kv_heads=4, head_dim=128, ffn=18944, layers=28)),
-        Preset("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava", _VICUNA_7B),
-        Preset("llava-next-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_next", _VICUNA_7B),
-        Preset("qwen3-vl-30b-a3b", "Qwen/Qwen3-VL-30B-A3B-Instruct", "qwen3_vl_moe",
+        Preset("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "LlavaForConditionalGeneration", _VICUNA_7B),
+        Preset("llava-next-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "LlavaNextForConditionalGeneration", _VICUNA_7B),
+        Preset("qwen3-vl-30b-a3b", "Qwen/Qwen3-VL-30B-A3B-Instruct", "Qwen3VLMoeForConditionalGeneration",
                TextDims(hidden=2048, heads=32, kv_heads=4, head_dim=128, ffn=6144, layers=48,
                         mlp="moe", experts=128, top_k=8, expert_ffn=768)),
     )
