@@ -299,3 +299,23 @@ def test_sdpa_rule_counts_the_full_rectangle():
     assert count_flops(sdpa, q, k, v, attn_mask=mask, enable_gqa=True) == want
     kk, vv = k[:, :, :8], v[:, :, :8]
     assert count_flops(sdpa, q, kk, vv, is_causal=True, enable_gqa=True) == 2 * 2 * 4 * 8 * 8 * 32
+
+
+def test_flops_presets_and_cli_import_no_torch_or_transformers_at_module_level():
+    """Plain math stays plain: `vskip flops` must not pay for torch or transformers."""
+    import ast
+    from pathlib import Path
+
+    import vskip_compile
+
+    root = Path(vskip_compile.__file__).parent
+    for name in ("flops.py", "presets.py", "cli.py"):
+        tree = ast.parse((root / name).read_text())
+        for node in tree.body:  # module level only; lazy imports inside functions are fine
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [node.module or ""]
+            else:
+                continue
+            assert not any(m.split(".")[0] in ("torch", "transformers") for m in mods), (name, mods)
