@@ -233,7 +233,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_flops, ad
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vskip", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vskip", description="Operator-level visual skipping for multimodal LLM prefill.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
