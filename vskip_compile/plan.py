@@ -147,14 +147,19 @@ class SkipPlan:
         model = {"architecture": architecture, "config_hash": config_hash(text_config)}
         return SkipPlan(self.ops, self.num_layers, self.name, model, self.provenance, self.scope)
 
-    def check_model(self, architecture: str, num_layers: int, text_config: Mapping[str, Any]) -> None:
-        """Refuse a plan made for another model (layer count, architecture or config hash)."""
+    def check_model(
+        self, architecture: str, num_layers: int, text_config: Mapping[str, Any], aliases: Iterable[str] = (),
+    ) -> None:
+        """Refuse a plan made for another model (layer count, architecture or config hash).
+
+        `aliases` are other names of the same architecture (an HF model_type such as
+        "qwen3_vl", the family name OpSkip policies use) that a plan may carry instead."""
         if self.num_layers != num_layers:
             raise PlanError(f"plan has {self.num_layers} layers but the model has {num_layers}")
         if not self.model:
             return
         want_arch = self.model.get("architecture")
-        if want_arch and want_arch != architecture:
+        if want_arch and want_arch != architecture and want_arch not in set(aliases):
             raise PlanError(f"plan was made for architecture {want_arch!r}, model is {architecture!r}")
         want_hash = self.model.get("config_hash")
         if want_hash and want_hash != config_hash(text_config):
