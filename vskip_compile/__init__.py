@@ -5,3 +5,10 @@ from .plan import OPS, PlanError, SkipPlan, config_hash
 
 __all__ = ["OPS", "LayoutError", "PlanError", "SkipPlan", "VisualLayout", "config_hash"]
 __version__ = "0.1.0"
+
+
+def compile(model, plan, backend="inductor", **kw):
+    """vskip_compile.runtime.compile, imported lazily: the package import stays torch-free."""
+    from .runtime import compile as _compile
+
+    return _compile(model, plan, backend, **kw)
