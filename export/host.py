@@ -1,0 +1,145 @@
+"""Host-side glue of the ONNX runner, in numpy: what the graphs cannot hold because it is
+data-dependent (it decides shapes or reads token ids), reimplemented from transformers 5.24.
+
+- the visual layout of input_ids (static spans: picks the prefill graph),
+- Qwen M-RoPE position ids (`get_rope_index`, images) and the decode-time rope delta,
+- LLaVA-NeXT any-resolution bookkeeping (views per image, unpadding, newline rows),
+- scattering vision features into the image-token rows (HF's masked_scatter order).
+
+No torch, no transformers: tested against HF's implementations in tests/test_export_onnx.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import numpy as np
+
+from ..layout import VisualLayout
+
+
+def layout_of(input_ids: np.ndarray, visual_ids: Sequence[int]) -> VisualLayout:
+    """Visual spans of input_ids [B, S] (rows whose token is one of visual_ids)."""
+    mask = np.isin(input_ids, np.asarray(visual_ids))  # [B, S] bool
+    return VisualLayout.from_masks(mask.tolist())
+
+
+def layout_key(layout: VisualLayout) -> str:
+    """File-name-safe key of a uniform layout: b<B>-s<S>-v<a>_<b>.<c>_<d> (v- = no image)."""
+    spans = ".".join(f"{a}_{b}" for a, b in layout.row_spans) or "-"
+    return f"b{layout.batch_size}-s{layout.seq_len}-v{spans}"
+
+
+def layout_to_json(layout: VisualLayout) -> dict:
+    return {"seq_len": layout.seq_len, "batch_size": layout.batch_size, "spans": [list(s) for s in layout.row_spans]}
+
+
+def layout_from_json(d: dict) -> VisualLayout:
+    return VisualLayout.single(d["seq_len"], [tuple(s) for s in d["spans"]], d["batch_size"])
+
+
+# -- Qwen M-RoPE ------------------------------------------------------------------------------
+def mrope_position_ids(
+    input_ids: np.ndarray,
+    mm_token_type_ids: np.ndarray,
+    image_grid_thw: np.ndarray | None,
+    spatial_merge_size: int,
+    attention_mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen2.5-VL / Qwen3-VL `get_rope_index` for text and images (same rule for both):
+    returns (position_ids [3, B, S] int64, rope deltas [B, 1] int64).
+
+    A text run continues 1-D positions on all three axes; an image of grid (t, h, w) gets
+    (t_index, row, col) over its merged (h/m, w/m) grid, offset by the running position, and
+    advances it by max(h, w) / m. Padding rows (attention_mask 0) get position 0.
+    """
+    batch, seq_len = input_ids.shape
+    position_ids = np.zeros((3, batch, seq_len), dtype=np.int64)
+    deltas = np.zeros((batch, 1), dtype=np.int64)
+    grids = iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())
+    for b in range(batch):
+        keep = np.ones(seq_len, bool) if attention_mask is None else np.asarray(attention_mask[b]).astype(bool)
+        types = np.asarray(mm_token_type_ids[b])[keep].tolist()
+        chunks, pos = [], 0
+        for kind, group in itertools.groupby(types):
+            n = len(list(group))
+            if kind == 0:
+                chunks.append(np.broadcast_to(np.arange(pos, pos + n), (3, n)))
+                pos += n
+                continue
+            if kind != 1:
+                raise ValueError("video tokens (mm_token_type_ids == 2) are not supported by the ONNX runner")
+            t, h, w = next(grids)
+            gh, gw = h // spatial_merge_size, w // spatial_merge_size
+            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            chunk = np.stack([tt.ravel() + pos, hh.ravel() + pos, ww.ravel() + pos])  # [3, t*gh*gw]
+            if chunk.shape[1] != n:
+                raise ValueError(f"an image of grid {(t, h, w)} has {chunk.shape[1]} tokens, input_ids hold {n}")
+            chunks.append(chunk)
+            pos += max(h, w) // spatial_merge_size
+        llm = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
+        position_ids[:, b, keep] = llm
+        deltas[b, 0] = (llm.max() + 1 if llm.size else 0) - len(types)
+    return position_ids, deltas
+
+
+# -- LLaVA-NeXT any-resolution ------------------------------------------------------------------
+def select_best_resolution(original_size: Sequence[int], possible: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """transformers.image_processing_utils.select_best_resolution: (height, width)."""
+    oh, ow = original_size
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in possible:
+        scale = min(w / ow, h / oh)
+        eff = min(int(ow * scale) * int(oh * scale), ow * oh)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (h, w), eff, waste
+    return best
+
+
+def anyres_num_views(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: int) -> int:
+    """Views of one image: the base view plus the tiles of its best resolution."""
+    h, w = select_best_resolution(image_size, pinpoints)
+    return -(-h // tile) * -(-w // tile) + 1
+
+
+def pack_anyres(
+    features: np.ndarray, image_size: Sequence[int], pinpoints, tile: int, side: int, newline: np.ndarray | None
+) -> np.ndarray:
+    """LlavaNextModel.pack_image_features for one image: features [views, side*side, D] ->
+    [tokens, D] (base view, then the unpadded tile grid with a newline row after each row)."""
+    if features.shape[0] == 1:
+        out = features[0]
+        return out if newline is None else np.concatenate([out, newline[None]], 0)
+    base, tiles = features[0], features[1:]
+    bh, bw = select_best_resolution(image_size, pinpoints)
+    gh, gw = bh // tile, bw // tile
+    dim = features.shape[-1]
+    grid = tiles.reshape(gh, gw, side, side, dim).transpose(4, 0, 2, 1, 3).reshape(dim, gh * side, gw * side)
+    oh, ow = image_size
+    ch, cw = grid.shape[1:]
+    if ow / oh > cw / ch:  # unpad_image: crop the padding the resize to the pinpoint added
+        new_h = int(round(oh * (cw / ow), 7))
+        pad = (ch - new_h) // 2
+        grid = grid[:, pad : ch - pad, :]
+    else:
+        new_w = int(round(ow * (ch / oh), 7))
+        pad = (cw - new_w) // 2
+        grid = grid[:, :, pad : cw - pad]
+    if newline is not None:
+        nl = np.broadcast_to(newline[:, None, None], (dim, grid.shape[1], 1))
+        grid = np.concatenate([grid, nl], axis=2)  # [D, H', W'+1]
+    return np.concatenate([base, grid.reshape(dim, -1).T], axis=0)
+
+
+# -- merging ------------------------------------------------------------------------------------
+def scatter_rows(embeds: np.ndarray, mask: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """embeds [B, S, D] with rows [N, D] written into the True positions of mask [B, S] in
+    row-major order (HF's masked_scatter); refuses a count mismatch."""
+    n = int(mask.sum())
+    if n != rows.shape[0]:
+        raise ValueError(f"input_ids hold {n} image tokens but the vision encoder gave {rows.shape[0]} features")
+    out = embeds.copy()
+    out[mask] = rows.astype(embeds.dtype, copy=False)
+    return out

@@ -1,0 +1,112 @@
+"""manifest.json: what an engine directory holds and for which model, checked before loading.
+
+Written last by every export (after all files), read first by every loader. It names the
+model (architecture, text-config hash and fields), the plan, every graph with its role and
+static layout, the versions that wrote it, and the sha256 and size of every file. The loader
+refuses a missing, modified or corrupt file, a manifest of an unknown format, and (when the
+caller says which model it expects) a manifest of another model, with an error that names
+the file and what is wrong. Plain JSON and hashlib: no torch, no onnx.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+MANIFEST = "manifest.json"
+FORMAT = "vskip-engine"
+FORMAT_VERSION = 1
+_CHUNK = 1 << 22  # 4 MiB reads keep hashing of multi-GB weight files flat in memory
+
+
+class EngineError(RuntimeError):
+    """An engine directory or its inputs cannot be served."""
+
+
+class ManifestError(EngineError):
+    """manifest.json or a file it lists is missing, modified, corrupt or of another model."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listed_files(out_dir: Path) -> list[str]:
+    """Every regular file under out_dir except the manifest, as sorted posix relative paths."""
+    return sorted(
+        p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(out_dir: str | Path, body: Mapping[str, Any]) -> dict[str, Any]:
+    """Write manifest.json = body + format header + sha256/size of every file in out_dir."""
+    out_dir = Path(out_dir)
+    files = {rel: {"sha256": sha256_file(out_dir / rel), "bytes": (out_dir / rel).stat().st_size} for rel in _listed_files(out_dir)}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **body, "files": files}
+    tmp = out_dir / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    tmp.replace(out_dir / MANIFEST)  # atomic: a crash never leaves a half-written manifest
+    return manifest
+
+
+def load_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """Parse manifest.json and check its format header; files are not checked (see verify)."""
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestError(f"{path}: missing; not an engine directory (export one with export_onnx)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: corrupt, not JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format') if isinstance(manifest, dict) else None!r})")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path}: engine format version {version!r}, this build reads version {FORMAT_VERSION}; "
+            f"re-export the engine with this version of vskip-compile"
+        )
+    for key in ("model", "plan", "files", "versions"):
+        if key not in manifest:
+            raise ManifestError(f"{path}: corrupt, required key {key!r} is missing")
+    return manifest
+
+
+def verify_files(out_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse any listed file that is missing, of another size or of another sha256."""
+    out_dir = Path(out_dir)
+    for rel, want in manifest["files"].items():
+        path = out_dir / rel
+        if not path.is_file():
+            raise ManifestError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise ManifestError(f"{path}: modified or truncated: {size} bytes, {MANIFEST} says {want['bytes']}")
+        digest = sha256_file(path)
+        if digest != want["sha256"]:
+            raise ManifestError(f"{path}: modified or corrupt: sha256 {digest[:16]}..., {MANIFEST} says {want['sha256'][:16]}...")
+
+
+def check_model(manifest: Mapping[str, Any], expect: Mapping[str, Any], where: str) -> None:
+    """Refuse a manifest of another model: `expect` holds any of architecture, config_hash."""
+    have = manifest["model"]
+    for key in ("architecture", "config_hash"):
+        if expect.get(key) is not None and have.get(key) != expect[key]:
+            raise ManifestError(
+                f"{where}: engine is for another model: {key} {have.get(key)!r}, expected {expect[key]!r}"
+            )
+
+
+def verify(out_dir: str | Path, expect_model: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """load_manifest + verify_files + (optionally) check_model; returns the manifest."""
+    manifest = load_manifest(out_dir)
+    if expect_model:
+        check_model(manifest, expect_model, str(Path(out_dir) / MANIFEST))
+    verify_files(out_dir, manifest)
+    return manifest

@@ -1,0 +1,256 @@
+"""OnnxRunner: generate with an exported engine directory, onnxruntime + numpy only.
+
+    runner = OnnxRunner("engine/", providers=["CPUExecutionProvider"])
+    ids = runner.generate(**processor_outputs, max_new_tokens=32)   # [B, S + new], like HF
+
+No torch and no transformers model at load or run time (torch tensors are accepted as inputs
+and converted). The manifest is verified first (every file's sha256; the model when
+`expect_model` is given); graph files are opened lazily, and each one's metadata must name
+the manifest's model and its own role.
+
+Per request: layout of input_ids -> its prefill graph (an error lists the exported layouts),
+embedding lookup, vision graphs image by image, features scattered into the image rows
+(DeepStack too), position ids (Qwen M-RoPE in numpy), one prefill, then decode steps over
+preallocated K/V buffers of max_cache_len slots. Greedy by default. Batches must be unpadded
+(attention_mask all ones): the static prefill graph has a plain causal mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..layout import LayoutError, VisualLayout
+from . import host
+from . import manifest as mf
+from .weights import read_tensor
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class MissingGraphError(LayoutError):
+    """The engine has no graph for this input's layout or image shape."""
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """numpy view of a numpy array, list or torch tensor (without importing torch)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (state.Fail, state.InvalidArgument, state.InvalidGraph, state.InvalidProtobuf, state.NoSuchFile,
+            state.NotImplemented, state.RuntimeException, state.EPFail)
+
+
+class OnnxRunner:
+    """A verified engine directory, ready to generate."""
+
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        providers: Sequence[str | tuple[str, dict]] | None = None,
+        *,
+        expect_model: Mapping[str, Any] | None = None,
+        threads: int | None = None,
+    ):
+        import onnxruntime as ort
+
+        self.dir = Path(engine_dir)
+        self.manifest = mf.verify(self.dir, expect_model)
+        self.rt = self.manifest["runtime"]
+        if self.rt["dtype"] not in _NP_DTYPES:
+            raise mf.EngineError(f"{self.dir}: engines in {self.rt['dtype']} are not supported by the ONNX runner")
+        self.dtype = _NP_DTYPES[self.rt["dtype"]]
+        available = ort.get_available_providers()
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        for p in self.providers:
+            name = p[0] if isinstance(p, tuple) else p
+            if name not in available:
+                raise mf.EngineError(f"execution provider {name} is not available here; available: {', '.join(available)}")
+        self.options = ort.SessionOptions()
+        self.options.log_severity_level = 3  # errors only: constant-folding notes are noise here
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self._sessions: dict[str, Any] = {}
+        tensors = self.rt["tensors"]
+        self.embed = read_tensor(self.dir / tensors["embed_tokens"]["file"], tensors["embed_tokens"]["key"])  # [V, D]
+        nl = tensors.get("image_newline")
+        self.image_newline = None if nl is None else np.asarray(read_tensor(self.dir / nl["file"], nl["key"]))
+
+    # -- graphs ---------------------------------------------------------------------------------
+    @property
+    def layouts(self) -> list[VisualLayout]:
+        return [host.layout_from_json(g["layout"]) for g in self.manifest["graphs"]["prefill"].values()]
+
+    def _graph(self, role: str, key: str, what: str):
+        """The onnxruntime session of graph role/key, created on first use."""
+        import onnxruntime as ort
+
+        graphs = self.manifest["graphs"][role]
+        if key not in graphs:
+            have = ", ".join(sorted(graphs)) or "none"
+            raise MissingGraphError(f"{self.dir}: no {role} graph for {what} ({key}); exported: {have}")
+        if (role, key) in self._sessions:
+            return self._sessions[(role, key)]
+        path = self.dir / graphs[key]["file"]
+        try:
+            session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        except _ort_errors() as e:
+            raise mf.ManifestError(f"{path}: onnxruntime cannot load it ({e})") from e
+        meta = session.get_modelmeta().custom_metadata_map
+        want = {"vskip.role": role, "vskip.key": key, "vskip.config_hash": self.manifest["model"]["config_hash"]}
+        for k, v in want.items():
+            if meta.get(k) != v:
+                raise mf.ManifestError(f"{path}: graph metadata {k}={meta.get(k)!r}, manifest says {v!r} (swapped file?)")
+        self._sessions[(role, key)] = session
+        return session
+
+    @staticmethod
+    def _run(session, names: Sequence[str], arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return session.run(None, dict(zip(names, arrays)))
+
+    # -- vision -----------------------------------------------------------------------------------
+    def _vision(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """All images' LM rows [N, D] (in order) and DeepStack rows (one [N, D] per level)."""
+        vis = self.rt["vision"]
+        pixels = inputs["pixel_values"]
+        feats: list[np.ndarray] = []
+        deep: list[list[np.ndarray]] = []
+        if vis["kind"] == "qwen":
+            grids = inputs.get("image_grid_thw")
+            if grids is None:
+                raise mf.EngineError("Qwen inputs with pixel_values need image_grid_thw")
+            start = 0
+            for t, h, w in grids.tolist():
+                n = t * h * w
+                key = f"grid{t}x{h}x{w}"
+                out = self._run(self._graph("vision", key, f"image grid {(t, h, w)}"), ["pixel_values"],
+                                [pixels[start : start + n].astype(self.dtype, copy=False)])
+                feats.append(out[0])
+                deep.append(out[1:])
+                start += n
+        elif vis["kind"] == "llava":
+            for i in range(pixels.shape[0]):
+                key = "image{}x{}x{}".format(*pixels.shape[1:])
+                out = self._run(self._graph("vision", key, f"images of shape {pixels.shape[1:]}"), ["pixel_values"],
+                                [pixels[i : i + 1].astype(self.dtype, copy=False)])
+                feats.append(out[0][0])  # [T, D]
+        elif vis["kind"] == "llava_next":
+            sizes = inputs.get("image_sizes")
+            if sizes is None:
+                raise mf.EngineError("LLaVA-NeXT inputs with pixel_values need image_sizes")
+            for i, size in enumerate(sizes.tolist()):
+                views = host.anyres_num_views(size, vis["image_grid_pinpoints"], vis["tile"])
+                out = self._run(self._graph("vision", f"views{views}", f"an image of size {size}"), ["pixel_values"],
+                                [pixels[i, :views].astype(self.dtype, copy=False)])
+                feats.append(host.pack_anyres(out[0], size, vis["image_grid_pinpoints"], vis["tile"], vis["side"],
+                                              self.image_newline))
+        else:
+            raise mf.EngineError(f"unknown vision kind {vis['kind']!r} in {self.dir / mf.MANIFEST}")
+        levels = [np.concatenate([d[k] for d in deep]) for k in range(len(deep[0]))] if deep and deep[0] else []
+        return np.concatenate(feats), levels
+
+    # -- generate --------------------------------------------------------------------------------
+    def prefill(self, **inputs: Any) -> dict[str, Any]:
+        """Run vision + prefill; returns logits [B, 1, V], kv (list of [B, KV, S, E]),
+        rope deltas [B, 1] and the layout. Exposed for tests and benchmarks."""
+        arr = {k: _to_numpy(v) for k, v in inputs.items() if v is not None}
+        ids = arr["input_ids"].astype(np.int64)  # [B, S]
+        mask = arr.get("attention_mask")
+        if mask is not None and not mask.all():
+            raise mf.EngineError("padded batches (attention_mask with zeros) are not supported: run rows separately")
+        if "pixel_values_videos" in arr:
+            raise mf.EngineError("video inputs are not supported by the ONNX runner")
+        layout = host.layout_of(ids, self.rt["visual_token_ids"])
+        if not layout.is_uniform:
+            raise LayoutError(f"{layout}: batch rows have different visual spans; run them separately")
+        key = host.layout_key(layout)
+        session = self._graph("prefill", key, str(layout))
+        graph = self.manifest["graphs"]["prefill"][key]
+
+        embeds = np.asarray(self.embed[ids], dtype=self.dtype)  # [B, S, D]
+        deepstack = [np.zeros_like(embeds) for _ in range(self.rt["num_deepstack"])]
+        if "pixel_values" in arr:
+            rows, levels = self._vision(arr)
+            image_rows = ids == self.rt["image_token_id"]  # [B, S]
+            embeds = host.scatter_rows(embeds, image_rows, rows)
+            deepstack = [host.scatter_rows(d, image_rows, lv) for d, lv in zip(deepstack, levels)]
+        batch, seq_len = ids.shape
+        if self.rt["position"] == "mrope":
+            mm = arr.get("mm_token_type_ids")
+            mm = (ids == self.rt["image_token_id"]).astype(np.int64) if mm is None else mm
+            positions, deltas = host.mrope_position_ids(ids, mm, arr.get("image_grid_thw"),
+                                                        self.rt["vision"]["spatial_merge_size"])
+        else:
+            positions = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, seq_len)).copy()
+            deltas = np.zeros((batch, 1), np.int64)
+        out = self._run(session, graph["inputs"], [embeds, positions, *deepstack])
+        return {"logits": out[0], "kv": out[1:], "deltas": deltas, "layout": layout}
+
+    def generate(
+        self,
+        max_new_tokens: int = 20,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int | None = None,
+        **inputs: Any,
+    ) -> np.ndarray:
+        """Token ids [B, S + generated] (prompt included, like HF generate). Greedy unless
+        do_sample (temperature sampling, numpy RNG). Stops at the model's EOS ids; finished
+        rows are padded with pad_token_id, as HF does."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = _to_numpy(inputs["input_ids"]).astype(np.int64)
+        batch, seq_len = ids.shape
+        max_len = self.rt["max_cache_len"]
+        if seq_len + max_new_tokens - 1 > max_len:
+            raise mf.EngineError(f"{seq_len} prompt + {max_new_tokens} new tokens exceed the engine's max_cache_len={max_len}")
+        decode = self._graph("decode", f"b{batch}", f"batch size {batch}")
+        names = self.manifest["graphs"]["decode"][f"b{batch}"]["inputs"]
+        rng = np.random.default_rng(seed)
+
+        def pick(logits: np.ndarray) -> np.ndarray:  # [B, V] -> [B]
+            if not do_sample:
+                return logits.argmax(-1)
+            z = logits.astype(np.float64) / temperature
+            p = np.exp(z - z.max(-1, keepdims=True))
+            p /= p.sum(-1, keepdims=True)
+            return np.array([rng.choice(len(row), p=row) for row in p])
+
+        pre = self.prefill(**inputs)
+        kv_shape = (batch, self.rt["num_kv_heads"], max_len, self.rt["head_dim"])
+        cache = [np.zeros(kv_shape, self.dtype) for _ in pre["kv"]]
+        for buf, kv in zip(cache, pre["kv"]):
+            buf[:, :, :seq_len] = kv
+        past_mask = np.zeros((batch, max_len), dtype=bool)
+        past_mask[:, :seq_len] = True
+
+        eos = np.asarray(self.rt["eos_token_id"], dtype=np.int64)
+        pad = self.rt["pad_token_id"] if self.rt["pad_token_id"] is not None else (int(eos[0]) if eos.size else 0)
+        done = np.zeros(batch, bool)
+        new_tokens = []
+        logits = pre["logits"][:, -1]  # [B, V]
+        n = seq_len
+        while True:
+            token = np.where(done, pad, pick(logits))  # [B]
+            new_tokens.append(token)
+            done |= np.isin(token, eos)
+            if len(new_tokens) == max_new_tokens or done.all():
+                break
+            embeds = np.asarray(self.embed[token], dtype=self.dtype)[:, None]  # [B, 1, D]
+            pos = np.full((batch, 1), n, np.int64) + pre["deltas"]  # [B, 1]
+            if self.rt["position"] == "mrope":
+                pos = np.broadcast_to(pos, (3, batch, 1)).copy()  # [3, B, 1]
+            out = self._run(decode, names, [embeds, pos, past_mask, *cache])
+            for buf, kv in zip(cache, out[1:]):
+                buf[:, :, n] = kv[:, :, 0]
+            past_mask[:, n] = True
+            n += 1
+            logits = out[0][:, -1]
+        return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
