@@ -137,6 +137,7 @@ def test_structure_and_plan_checks(tiny_model, arch):
         adapter.check_plan(model, SkipPlan.full(3))
     with pytest.raises(PlanError, match="architecture"):
         adapter.check_plan(model, SkipPlan.full(4).with_model("OtherVLM", cfg))
+    adapter.check_plan(model, SkipPlan.full(4).with_model(model.config.model_type, cfg))  # alias
 
 
 def test_registry_picks_by_model_type():

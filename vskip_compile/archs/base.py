@@ -122,9 +122,18 @@ class Adapter:
         """String stamped into plans: the HF class name."""
         return type(model).__name__
 
+    def architecture_aliases(self, model) -> tuple[str, ...]:
+        """Other names a plan may carry for this architecture: HF model_type and, for a
+        registered adapter, its name (never "generic", which names no architecture)."""
+        names = (getattr(model.config, "model_type", None),) + ((self.name,) if self.model_types else ())
+        return tuple(dict.fromkeys(n for n in names if n))
+
     def check_plan(self, model, plan) -> None:
         """Refuse (PlanError) a plan made for another model."""
-        plan.check_model(self.architecture(model), len(self.layers(model)), self.text_config(model))
+        plan.check_model(
+            self.architecture(model), len(self.layers(model)), self.text_config(model),
+            aliases=self.architecture_aliases(model),
+        )
 
     # -- visual rows -----------------------------------------------------------------------
     def image_token_id(self, model) -> int:
