@@ -1,0 +1,96 @@
+"""Pass: fold the slice/cat chains the skip passes leave, then dead-code elimination.
+
+Only nodes the skip passes inserted (meta['vskip']) are touched, so the model's own slices
+and cats stay as traced. Folds, to a fixed point:
+- slice(cat(p0, p1, ..), d, a, b) along the cat's dim  -> the pieces it covers (or a slice of one);
+- slice(slice(x, d, a0, ..), d, a, b)                  -> slice(x, d, a0 + a, a0 + b);
+- cat(.., slice(x, d, a, b), slice(x, d, b, c), .., d) -> cat(.., slice(x, d, a, c), ..);
+- a slice over a whole axis -> its input, a cat of one piece -> the piece.
+With skip_both, the FFN's kept input (a slice of the attention's merged residual) folds back
+to the attention's kept rows.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from .base import GraphPass, PassContext, aten, shape
+from .rows import Builder
+
+
+def _ours(node: object, target: object) -> bool:
+    return isinstance(node, fx.Node) and node.target is target and node.meta.get("vskip") is True
+
+
+def _slice_args(node: fx.Node) -> tuple[fx.Node, int, int, int]:
+    src, dim, start, end = node.args[:4]
+    return src, dim, start, end
+
+
+def _fold_slice(node: fx.Node, b: Builder) -> fx.Node | None:
+    src, dim, start, end = _slice_args(node)
+    if start == 0 and end == shape(src)[dim]:
+        return src
+    if _ours(src, aten.slice.Tensor) and _slice_args(src)[1] == dim:
+        inner, _, a0, _ = _slice_args(src)
+        return b.slice(inner, dim, a0 + start, a0 + end, like=node)
+    if _ours(src, aten.cat.default) and src.args[1] == dim:
+        offs, acc = [], 0
+        for p in src.args[0]:
+            offs.append((acc, acc + shape(p)[dim]))
+            acc += shape(p)[dim]
+        for p, (a, e) in zip(src.args[0], offs):
+            if a <= start and end <= e:
+                return b.slice(p, dim, start - a, end - a, like=node)
+        covered = [p for p, (a, e) in zip(src.args[0], offs) if start <= a and e <= end]
+        if covered and sum(shape(p)[dim] for p in covered) == end - start:
+            return b.cat(covered, dim, like=node)
+    return None
+
+
+def _fold_cat(node: fx.Node, b: Builder) -> fx.Node | None:
+    parts, dim = list(node.args[0]), node.args[1]
+    if len(parts) == 1:
+        return parts[0]
+    merged: list[fx.Node] = []
+    changed = False
+    for p in parts:
+        q = merged[-1] if merged else None
+        if _ours(p, aten.slice.Tensor) and _ours(q, aten.slice.Tensor):
+            ps, pd, pa, pe = _slice_args(p)
+            qs, qd, qa, qe = _slice_args(q)
+            if ps is qs and pd == qd == dim and qe == pa:
+                merged[-1] = b.slice(ps, dim, qa, pe, like=node)
+                changed = True
+                continue
+        merged.append(p)
+    return b.cat(merged, dim, like=node) if changed else None
+
+
+def _cleanup(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
+    b = Builder.for_graph(graph)
+    counters = {"slices_folded": 0, "cats_folded": 0, "nodes_removed": 0}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes):
+            if node.users and (_ours(node, aten.slice.Tensor) or _ours(node, aten.cat.default)):
+                with graph.inserting_before(node):
+                    slice_ = node.target is aten.slice.Tensor
+                    new = _fold_slice(node, b) if slice_ else _fold_cat(node, b)
+                if new is not None and new is not node:
+                    node.replace_all_uses_with(new)
+                    counters["slices_folded" if slice_ else "cats_folded"] += 1
+                    changed = True
+    before = len(graph.nodes)
+    graph.eliminate_dead_code()
+    counters["nodes_removed"] = before - len(graph.nodes)
+    return counters
+
+
+CLEANUP = GraphPass(
+    "cleanup",
+    "fold the inserted slice/cat chains (slice of cat, adjacent slices), dead-code elimination",
+    _cleanup,
+)
+cleanup = CLEANUP

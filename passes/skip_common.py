@@ -1,0 +1,34 @@
+"""The body shared by skip_attention and skip_ffn: find regions, analyse all, then rewrite."""
+
+from __future__ import annotations
+
+from torch import fx
+
+from .base import PassContext, SkipPassError
+from .find_regions import regions_for
+from .restrict import apply_rewrite, plan_rewrite
+from .rows import Builder, Geometry
+
+
+def geometry(ctx: PassContext) -> Geometry:
+    lay, scope = ctx.layout, ctx.plan.scope
+    return Geometry(lay.seq_len, lay.kept_spans(scope), lay.frozen_spans(scope))
+
+
+def skip_regions(graph: fx.Graph, ctx: PassContext, kind: str) -> dict[str, int]:
+    """Rewrite every `kind` region the plan skips; all refusals come before the first change."""
+    zero = {f"{kind}_rewritten": 0, f"{kind}_nodes_restricted": 0}
+    geo = geometry(ctx)
+    if ctx.plan.is_full or not geo.frozen:
+        return zero  # nothing to skip: no region is even looked for
+    regions = regions_for(graph, ctx, kind)
+    if not regions:
+        return zero
+    plans = [plan_rewrite(r, geo) for r in regions]
+    closes = {r.close for r in regions}
+    for r in regions:
+        if closes & (r.nodes | {r.residual}):
+            raise SkipPassError(f"{r} overlaps another {kind} region: cannot rewrite them independently")
+    b = Builder.for_graph(graph)
+    restricted = sum(apply_rewrite(p, geo, b) for p in plans)
+    return {f"{kind}_rewritten": len(plans), f"{kind}_nodes_restricted": restricted}
