@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from vskip_compile import OPS, PlanError, SkipPlan
 from vskip_compile.archs import adapter_for
 from vskip_compile.archs.tiny import IMAGE_TOKEN_ID, TINY_ARCHS, tiny_inputs
-from vskip_compile.reference import ReferenceError, applied
+from vskip_compile.reference import ReferenceCallError, applied
 
 MIXED = ("skip_both", "skip_attn", "skip_ffn", "full")
 
@@ -190,7 +190,7 @@ def test_refuses_a_batch_with_different_layouts(tiny_model):
     ids = inputs["input_ids"].clone()
     ids[1] = torch.roll(ids[1], 1)  # same token count, image one row later in row 1
     inputs["input_ids"] = ids
-    with applied(model, SkipPlan(MIXED)), pytest.raises(ReferenceError, match="different visual layouts"):
+    with applied(model, SkipPlan(MIXED)), pytest.raises(ReferenceCallError, match="different visual layouts"):
         _logits(model, inputs)
 
 
@@ -198,13 +198,13 @@ def test_refuses_a_prefill_without_input_ids(tiny_model):
     model = tiny_model("llava")
     inputs = tiny_inputs(model, "llava", n_images=0)
     embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
-    with applied(model, SkipPlan(MIXED)), pytest.raises(ReferenceError, match="input_ids"):
+    with applied(model, SkipPlan(MIXED)), pytest.raises(ReferenceCallError, match="input_ids"):
         _logits(model, dict(inputs, inputs_embeds=embeds))
 
 
 def test_refuses_calls_below_the_top_model(tiny_model):
     model = tiny_model("llava")
     inputs = tiny_inputs(model, "llava")
-    with applied(model, SkipPlan(MIXED)), pytest.raises(ReferenceError, match="outside a call of the top model"):
+    with applied(model, SkipPlan(MIXED)), pytest.raises(ReferenceCallError, match="outside a call of the top model"):
         with torch.no_grad():
             model.model(**inputs)

@@ -27,7 +27,7 @@ from .layout import LayoutError, Span, VisualLayout
 from .plan import SkipPlan
 
 
-class ReferenceError(RuntimeError):
+class ReferenceCallError(RuntimeError):
     """The reference hooks saw a call they cannot serve correctly."""
 
 
@@ -61,7 +61,7 @@ def _zero_rows(output, spans: tuple[Span, ...]):
 def applied(model, plan: SkipPlan, adapter: Adapter | None = None) -> Iterator[None]:
     """Inside the block, prefill calls of `model` follow `plan`; on exit the model is unchanged.
 
-    Refuses (PlanError) a plan made for another model, and (ReferenceError) a prefill whose
+    Refuses (PlanError) a plan made for another model, and (ReferenceCallError) a prefill whose
     batch rows have different visual layouts or that has no input_ids.
     """
     adapter = adapter or adapter_for(model)
@@ -75,12 +75,12 @@ def applied(model, plan: SkipPlan, adapter: Adapter | None = None) -> Iterator[N
         if _filled_cache(kwargs):
             return  # decode step: the unmodified model
         if input_ids is None:
-            raise ReferenceError("reference.applied needs input_ids to find the visual rows of a prefill")
+            raise ReferenceCallError("reference.applied needs input_ids to find the visual rows of a prefill")
         layout: VisualLayout = adapter.layout(model, input_ids)
         try:
             state.frozen = layout.frozen_spans(plan.scope)
         except LayoutError as e:
-            raise ReferenceError(
+            raise ReferenceCallError(
                 f"reference.applied: batch rows have different visual layouts ({layout}); "
                 f"run them separately or pad them to the same layout"
             ) from e
@@ -92,7 +92,7 @@ def applied(model, plan: SkipPlan, adapter: Adapter | None = None) -> Iterator[N
 
     def freeze_hook(module, args, output):
         if not state.in_call:
-            raise ReferenceError(
+            raise ReferenceCallError(
                 "reference.applied: a decoder module ran outside a call of the top model; "
                 "call model(...) or model.generate(...)"
             )
