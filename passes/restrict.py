@@ -148,4 +148,4 @@ def apply_rewrite(p: RewritePlan, geo: Geometry, b: Builder) -> int:
                 graph.erase_node(user)
         if not node.users:
             graph.erase_node(node)
-    return len(p.rules)
+    return len(p.rules) if geo.kept else 0

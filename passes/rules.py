@@ -259,7 +259,11 @@ def _view(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     in_rows = _view_axis(out_shape, shape(x), out, geo.seq_len)
 
     def rebuild(new: NewArg, b: Builder, geo: Geometry) -> fx.Node:
-        return b.call(node.target, (new(x), _scaled_shape(out_shape, out, geo)), like=node)  # seq axis resized
+        src = new(x)
+        if node.target is not aten.reshape.default and not tensor_val(src).is_contiguous():
+            # the kept rows of one span are a strided slice: copy them before a strict view
+            src = b.call(aten.clone.default, (src,), {"memory_format": torch.contiguous_format}, like=node)
+        return b.call(node.target, (src, _scaled_shape(out_shape, out, geo)), like=node)  # seq axis resized
 
     return Restriction([(x, in_rows)], rebuild)
 
