@@ -80,3 +80,25 @@ def test_refusals_name_the_problem(policy, message):
 def test_num_layers_must_match_the_model():
     with pytest.raises(PlanError, match="num_layers=36 but the model has 28"):
         SkipPlan.from_opskip(PRESET20, num_layers=28)
+
+
+def test_cli_import_export_round_trip(tmp_path, capsys):
+    from vskip_compile.cli import main
+
+    policy = tmp_path / "preset20.json"
+    policy.write_text(json.dumps(PRESET20))
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "import", str(policy), "--out", str(plan_file), "--layers", "36"]) == 0
+    assert SkipPlan.load(plan_file) == SkipPlan.from_opskip(PRESET20)
+    capsys.readouterr()
+    assert main(["plan", "export", str(plan_file)]) == 0
+    assert SkipPlan.from_opskip(json.loads(capsys.readouterr().out)) == SkipPlan.from_opskip(PRESET20)
+
+
+def test_cli_import_refusal_names_the_layer(tmp_path, capsys):
+    from vskip_compile.cli import main
+
+    policy = tmp_path / "bad.json"
+    policy.write_text(json.dumps({"num_layers": 4, "ffn_only": [1], "freeze": [1]}))
+    assert main(["plan", "import", str(policy)]) == 2
+    assert "layer 1 in both ffn_only and freeze" in capsys.readouterr().err

@@ -163,7 +163,7 @@ def _list_presets(as_json: bool) -> int:
 # -- vskip plan show | validate -------------------------------------------------------------------
 def add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="inspect and check skip-plan files")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="{show,validate}")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="{show,validate,import,export}")
 
     show = verbs.add_parser("show", help="the plan's layers, ops and provenance")
     show.add_argument("plan", metavar="PLAN.json")
@@ -178,6 +178,17 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     which.add_argument("--config", metavar="config.json",
                        help="a Hugging Face config.json (layer count, architecture and config hash)")
     val.set_defaults(run=run_plan_validate)
+
+    imp = verbs.add_parser("import", help="an OpSkip policy (configs/<family>/preset{N}.json) -> a plan")
+    imp.add_argument("policy", metavar="POLICY.json")
+    imp.add_argument("--out", metavar="PLAN.json", help="write the plan here (default: print it)")
+    imp.add_argument("--layers", type=_nonneg_int, help="the model's decoder layer count, checked")
+    imp.set_defaults(run=run_plan_import)
+
+    exp = verbs.add_parser("export", help="a plan -> an OpSkip policy")
+    exp.add_argument("plan", metavar="PLAN.json")
+    exp.add_argument("--out", metavar="POLICY.json", help="write the policy here (default: print it)")
+    exp.set_defaults(run=run_plan_export)
 
 
 def run_plan_show(args: argparse.Namespace) -> int:
@@ -229,7 +240,41 @@ def run_plan_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_flops, add_plan]
+def _write_or_print(obj: Any, out: str | None) -> None:
+    if out is None:
+        _print_json(obj)
+        return
+    Path(out).write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def run_plan_import(args: argparse.Namespace) -> int:
+    plan = SkipPlan.from_opskip(_read_json(args.policy), num_layers=args.layers)
+    _write_or_print(plan.to_dict(), args.out)
+    return 0
+
+
+def run_plan_export(args: argparse.Namespace) -> int:
+    _write_or_print(_load_plan(args.plan).to_opskip(), args.out)
+    return 0
+
+
+# -- vskip demo -----------------------------------------------------------------------------------
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the shipped model: plan, FLOPs cut, answers full vs skip")
+    p.add_argument("-n", type=int, default=4, help="how many test questions")
+    p.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
+                   help="inner compiler of the skip-shaped prefill graph")
+    p.set_defaults(run=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(_console(), n=args.n, backend=args.backend)
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_flops, add_plan, add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
