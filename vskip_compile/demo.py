@@ -86,7 +86,7 @@ def run(console, n: int = 4, backend: str = "inductor", max_new_tokens: int = 4)
     title, model, plan, cases, decode, gen_kw = (_zoo_setup if has_zoo_model() else _tiny_setup)(n)
     adapter = adapter_for(model)
     console.rule(f"[bold]vskip demo[/bold]: {title}")
-    console.print(plan)
+    console.print(str(plan))
 
     layout = adapter.layout(model, cases[0].inputs["input_ids"])
     dims = TextDims.from_hf_config(model.config)
