@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import fx
@@ -21,7 +21,7 @@ from vskip_compile.plan import SkipPlan
 aten = torch.ops.aten
 
 # Meta keys that describe a value (recomputed for inserted nodes) rather than where it came from.
-_VALUE_META = ("val", "tensor_meta", "example_value", "unbacked_bindings")
+VALUE_META = ("val", "tensor_meta", "example_value", "unbacked_bindings")
 
 # Users that only check a node's dtype/device: they neither read rows nor keep a value alive.
 ASSERT_OPS = (aten._assert_tensor_metadata.default,)
@@ -50,9 +50,12 @@ class PassContext:
 
 @dataclass
 class PassResult:
-    """The (new) graph module, whether anything changed, and what was rewritten."""
+    """The (new) graph module, whether anything changed, and what was rewritten.
 
-    gm: fx.GraphModule
+    `gm` is None only from run_passes_on_graph on a graph without an owning module.
+    """
+
+    gm: fx.GraphModule | None
     modified: bool
     counters: dict[str, int] = field(default_factory=dict)
 
@@ -107,13 +110,6 @@ def finish(graph: fx.Graph) -> None:
 
 
 # -- node helpers ------------------------------------------------------------------------------
-
-
-def val(node: Any) -> Any:
-    """The fake value of a node (meta['val']), or the literal itself."""
-    if isinstance(node, fx.Node):
-        return node.meta.get("val")
-    return node
 
 
 def tensor_val(node: fx.Node) -> torch.Tensor:

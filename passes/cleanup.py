@@ -67,6 +67,15 @@ def _fold_cat(node: fx.Node, b: Builder) -> fx.Node | None:
     return b.cat(merged, dim, like=node) if changed else None
 
 
+_STRICT_VIEWS = (aten.view.default, aten._unsafe_view.default)
+
+
+def _breaks_a_view(node: fx.Node, new: fx.Node) -> bool:
+    """Whether swapping a contiguous node for a strided one would feed a strict view."""
+    old_c, new_c = node.meta["val"].is_contiguous(), new.meta["val"].is_contiguous()
+    return old_c and not new_c and any(u.target in _STRICT_VIEWS for u in node.users)
+
+
 def _cleanup(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
     b = Builder.for_graph(graph)
     counters = {"slices_folded": 0, "cats_folded": 0, "nodes_removed": 0}
@@ -78,7 +87,7 @@ def _cleanup(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
                 with graph.inserting_before(node):
                     slice_ = node.target is aten.slice.Tensor
                     new = _fold_slice(node, b) if slice_ else _fold_cat(node, b)
-                if new is not None and new is not node:
+                if new is not None and new is not node and not _breaks_a_view(node, new):
                     node.replace_all_uses_with(new)
                     counters["slices_folded" if slice_ else "cats_folded"] += 1
                     changed = True

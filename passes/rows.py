@@ -11,12 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import fx
 
 from vskip_compile.layout import Span
 
-from .base import SkipPassError, aten, fake_mode_of, shape
+from .base import VALUE_META, SkipPassError, aten, fake_mode_of, shape
 
 _SLICE_END = 9223372036854775807
 
@@ -104,7 +103,7 @@ class Builder:
     def call(self, target: Any, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
         node = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
         if like is not None:
-            node.meta.update({k: v for k, v in like.meta.items() if k not in ("val", "tensor_meta", "example_value", "unbacked_bindings")})
+            node.meta.update({k: v for k, v in like.meta.items() if k not in VALUE_META})
         node.meta["vskip"] = True
         self.set_val(node)
         return node
@@ -142,10 +141,3 @@ class Builder:
         ]
         return self.cat(parts, rows.axis, like=like)  # [.., outer*S*inner, ..]
 
-
-def full_size(x: fx.Node, dim: int) -> int:
-    return shape(x)[dim]
-
-
-def dtype_of(x: fx.Node) -> torch.dtype:
-    return x.meta["val"].dtype
