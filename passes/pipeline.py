@@ -63,8 +63,12 @@ def run_passes_on_graph(graph: fx.Graph, ctx: PassContext) -> PassResult:
     The passes first run on a scratch copy: a refusal (SkipPassError) leaves graph untouched.
     `gm` of the result is the graph's owning module (None for a graph without one).
     """
-    scratch = fx.Graph()
-    scratch.output(scratch.graph_copy(graph, {}))
+    owner = graph.owning_module
+    if owner is not None and owner.graph is graph:
+        scratch = copy_graph_module(owner).graph  # DCE's purity check needs the owning module
+    else:
+        scratch = fx.Graph()
+        scratch.output(scratch.graph_copy(graph, {}))
     _run_all(scratch, ctx)  # raises before `graph` changes
     counters = _run_all(graph, ctx)
     return PassResult(graph.owning_module, _modified(counters), counters)

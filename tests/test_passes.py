@@ -567,3 +567,19 @@ def test_inductor_post_grad_custom_pass():
         out = torch.compile(stack, backend=backend, fullgraph=True, dynamic=False)(*inputs)
     assert seen["attn_rewritten"] == 1 and seen["ffn_rewritten"] == 1
     assert_matches(out, oracle(stack, inputs, plan, layout))
+
+
+def test_run_passes_on_a_bare_graph_rewrites_it_in_place():
+    """What inductor's post-grad hook hands over: a Graph, rewritten in place (run_passes accepts
+    one too and behaves the same)."""
+    from vskip_compile.passes.base import copy_graph_module
+
+    gm, inputs = exported("llama")
+    plan, layout = SkipPlan(("skip_both", "skip_attn")), VisualLayout.single(S, [(3, 11)], B)
+    for run in (run_passes_on_graph, run_passes):
+        mine = copy_graph_module(gm)
+        res = run(mine.graph, PassContext(plan, layout))
+        assert res.modified and res.counters["attn_rewritten"] == 2
+        mine.recompile()
+        with torch.no_grad():
+            assert_matches(mine(*inputs), oracle(stack_for("llama"), inputs, plan, layout))
