@@ -75,12 +75,13 @@ def example_inputs(model, adapter, batch: int, max_cache_len: int, mrope: bool) 
     lm = adapter.language_model(model)
     attn = lm.layers[0].self_attn
     cfg = lm.config
-    dtype = next(lm.parameters()).dtype
+    param = next(lm.parameters())
+    like = {"dtype": param.dtype, "device": param.device}
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = int(attn.head_dim)
-    embeds = torch.zeros(batch, 1, cfg.hidden_size, dtype=dtype)
-    pos = torch.zeros((3, batch, 1) if mrope else (batch, 1), dtype=torch.long)
-    past_mask = torch.zeros(batch, max_cache_len, dtype=torch.bool)
+    embeds = torch.zeros(batch, 1, cfg.hidden_size, **like)
+    pos = torch.zeros((3, batch, 1) if mrope else (batch, 1), dtype=torch.long, device=param.device)
+    past_mask = torch.zeros(batch, max_cache_len, dtype=torch.bool, device=param.device)
     past_mask[:, :1] = True
-    kv = [torch.zeros(batch, kv_heads, max_cache_len, head_dim, dtype=dtype) for _ in range(2 * len(lm.layers))]
+    kv = [torch.zeros(batch, kv_heads, max_cache_len, head_dim, **like) for _ in range(2 * len(lm.layers))]
     return (embeds, pos, past_mask, *kv)

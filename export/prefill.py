@@ -22,9 +22,9 @@ from ..plan import SkipPlan
 
 @dataclass
 class PrefillGraph:
-    """A prefill module ready for torch.onnx.export, with its example inputs and names."""
+    """A prefill program ready for torch.onnx.export, with its example inputs and names."""
 
-    module: torch.nn.Module
+    module: torch.export.ExportedProgram
     args: tuple[torch.Tensor, ...]
     input_names: list[str]
     output_names: list[str]
@@ -45,12 +45,12 @@ def prefill_graph(model, adapter: Adapter, plan: SkipPlan, inputs: PrefillInputs
     in_names, out_names = io_names(core.num_layers, n_ds)
     with torch.no_grad():
         ep = torch.export.export(core, args, strict=False)
-    module: torch.nn.Module = ep.module()
-    counters: dict[str, int] = {}
-    if not plan.is_full:
-        from ..passes import PassContext, run_passes  # lazy: passes/ is a sibling package
+    if plan.is_full:
+        return PrefillGraph(ep, args, in_names, out_names, {})
+    from ..passes import PassContext, run_passes  # lazy: passes/ is a sibling package
 
-        result = run_passes(module, PassContext(plan, inputs.layout))
-        module, counters = result.gm, dict(result.counters)
-    return PrefillGraph(module, args, in_names, out_names, counters)
+    result = run_passes(ep.module(), PassContext(plan, inputs.layout))
+    with torch.no_grad():  # re-export the rewritten aten graph: a program torch.onnx takes as is
+        program = torch.export.export(result.gm, args, strict=False)
+    return PrefillGraph(program, args, in_names, out_names, dict(result.counters))
 

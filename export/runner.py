@@ -64,6 +64,9 @@ class OnnxRunner:
         self.dir = Path(engine_dir)
         self.manifest = mf.verify(self.dir, expect_model)
         self.rt = self.manifest["runtime"]
+        formats = {g.get("format", "onnx") for role in self.manifest["graphs"].values() for g in role.values()}
+        if formats - {"onnx"}:
+            raise mf.EngineError(f"{self.dir}: holds {', '.join(sorted(formats - {'onnx'}))} graphs; OnnxRunner loads ONNX engines")
         if self.rt["dtype"] not in _NP_DTYPES:
             raise mf.EngineError(f"{self.dir}: engines in {self.rt['dtype']} are not supported by the ONNX runner")
         self.dtype = _NP_DTYPES[self.rt["dtype"]]
@@ -77,7 +80,7 @@ class OnnxRunner:
         self.options.log_severity_level = 3  # errors only: constant-folding notes are noise here
         if threads:
             self.options.intra_op_num_threads = threads
-        self._sessions: dict[str, Any] = {}
+        self._sessions: dict[tuple[str, str], Any] = {}
         tensors = self.rt["tensors"]
         self.embed = read_tensor(self.dir / tensors["embed_tokens"]["file"], tensors["embed_tokens"]["key"])  # [V, D]
         nl = tensors.get("image_newline")

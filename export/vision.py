@@ -93,26 +93,28 @@ class _QwenVision(nn.Module):
         from transformers import vision_utils as vu
 
         self.visual = visual
-        self.grid = torch.tensor([grid])  # [1, 3]
+        grid_thw = torch.tensor([grid])  # [1, 3]
         merge = visual.spatial_merge_size
-        pre: dict[str, torch.Tensor] = {"position_ids": vu.get_vision_position_ids(self.grid, merge)}
-        pre["cu_seqlens"] = vu.get_vision_cu_seqlens(self.grid)
+        pre: dict[str, torch.Tensor] = {"position_ids": vu.get_vision_position_ids(grid_thw, merge)}
+        pre["cu_seqlens"] = vu.get_vision_cu_seqlens(grid_thw)
         if hasattr(visual, "window_size"):  # Qwen2.5-VL window attention
             pre["window_index"], pre["cu_window_seqlens"] = vu.get_vision_window_index(
-                self.grid, merge, visual.window_size, visual.patch_size
+                grid_thw, merge, visual.window_size, visual.patch_size
             )
         if hasattr(visual, "num_grid_per_side"):  # Qwen3-VL interpolated position embeddings
             pre["interp_indices"], pre["interp_weights"] = vu.get_vision_interpolation_indices_and_weights(
-                self.grid, visual.num_grid_per_side, visual.interpolation_mode,
+                grid_thw, visual.num_grid_per_side, visual.interpolation_mode,
                 visual.interpolation_align_corners, merge,
             )
         self.names = tuple(pre)
+        device = next(visual.parameters()).device
+        self.register_buffer("grid_thw", grid_thw.to(device), persistent=False)
         for name, t in pre.items():
-            self.register_buffer(name, t, persistent=False)
+            self.register_buffer(name, t.to(device), persistent=False)
 
     def forward(self, pixel_values):  # [t*h*w, C*T*p*p]
         pre = {name: getattr(self, name) for name in self.names}
-        out = self.visual(pixel_values, grid_thw=self.grid, return_dict=True, **pre)
+        out = self.visual(pixel_values, grid_thw=self.grid_thw, return_dict=True, **pre)
         return (out.pooler_output, *(getattr(out, "deepstack_features", None) or ()))
 
 

@@ -1,0 +1,136 @@
+"""onnxruntime CPU prefill: full vs skip-shaped graph at Qwen3-VL-8B layer width.
+
+    python benchmarks/onnx_prefill.py [--layers 3] [--plan A,F,B] [--visual 576 1024] [--text 64]
+                                      [--repeats 5] [--threads N]
+
+A Qwen3-VL text decoder with the 8B model's layer dimensions (hidden 4096, FFN 12288, 32
+heads, 8 KV heads, head dim 128) but only a few layers and random weights (tiny vision tower,
+vocabulary 1024: the LM head runs on one row). For each visual count V the prefill of
+S = V + text rows (text_before = 16, image, rest of the text) is exported twice, under the
+all-`full` plan and under --plan, through the same path export_onnx uses (DecoderCore ->
+torch.export -> skip passes -> torch.onnx, optimizer on), and run by onnxruntime on CPU.
+Runs of the two graphs are interleaved (full, skip, full, skip, ...) after one warm-up
+each; the table shows medians.
+
+Ideal speed-up = decoder prefill FLOPs full / skip (vskip_compile.flops: projections,
+attention rectangle and FFN; the LM head row is left out). Realized fraction = realized
+time saving / ideal time saving = (1 - t_skip / t_full) / (1 - F_skip / F_full).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from vskip_compile import SkipPlan, VisualLayout
+from vskip_compile.archs import PrefillInputs, adapter_for
+from vskip_compile.export.prefill import prefill_graph
+from vskip_compile.flops import TextDims, model_flops
+
+SHORT = {"A": "skip_attn", "F": "skip_ffn", "B": "skip_both", ".": "full"}
+WIDTH = dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+TEXT_BEFORE = 16
+
+
+def build_model(layers: int):
+    """Qwen3-VL with the 8B text layer shape, `layers` layers, random weights."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    text = dict(WIDTH, num_hidden_layers=layers, vocab_size=1024, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=4096,
+                  num_position_embeddings=64, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=1000, video_token_id=1001,
+                           vision_start_token_id=1002, vision_end_token_id=1003)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def prefill_inputs(model, layout: VisualLayout) -> PrefillInputs:
+    """Random embeddings, text positions, one DeepStack tensor (values do not change the timing)."""
+    s, d = layout.seq_len, model.config.text_config.hidden_size
+    embeds = torch.randn(1, s, d) * 0.02
+    positions = torch.arange(s).expand(3, 1, s).contiguous()
+    deepstack = torch.zeros(1, s, d)
+    return PrefillInputs(embeds, positions, (deepstack,), None, layout)
+
+
+def export(model, plan: SkipPlan, inputs: PrefillInputs, path: Path) -> Path:
+    graph = prefill_graph(model, adapter_for(model), plan, inputs)
+    with torch.no_grad():
+        program = torch.onnx.export(graph.module, graph.args, input_names=graph.input_names,
+                                    output_names=graph.output_names, dynamo=True, optimize=True, verbose=False)
+    program.save(str(path), external_data=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=3)
+    ap.add_argument("--plan", default="A,F,B", help="one op per layer: A skip_attn, F skip_ffn, B skip_both, . full")
+    ap.add_argument("--visual", type=int, nargs="+", default=[576, 1024])
+    ap.add_argument("--text", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = its default)")
+    args = ap.parse_args()
+
+    import onnxruntime as ort
+
+    ops = [SHORT[c] for c in args.plan.split(",")]
+    if len(ops) != args.layers:
+        raise SystemExit(f"--plan has {len(ops)} ops for {args.layers} layers")
+    plan, full = SkipPlan.from_ops(ops), SkipPlan.full(args.layers)
+    model = build_model(args.layers)
+    dims = TextDims(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=12288, layers=args.layers)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if args.threads:
+        options.intra_op_num_threads = args.threads
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vskip-bench-") as tmp:
+        for v in args.visual:
+            s = v + args.text
+            layout = VisualLayout.single(s, [(TEXT_BEFORE, TEXT_BEFORE + v)])
+            inputs = prefill_inputs(model, layout)
+            sessions, feeds = {}, None
+            for name, p in (("full", full), ("skip", plan)):
+                print(f"V={v}: exporting the {name} prefill graph ...", flush=True)
+                path = export(model, p, inputs, Path(tmp) / f"{name}-{v}.onnx")
+                sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                names = [i.name for i in sessions[name].get_inputs()]
+                feeds = dict(zip(names, [inputs.inputs_embeds.numpy(), inputs.position_ids.numpy(),
+                                         inputs.deepstack[0].numpy()]))
+            for sess in sessions.values():
+                sess.run(None, feeds)  # warm-up
+            times: dict[str, list[float]] = {"full": [], "skip": []}
+            for _ in range(args.repeats):
+                for name, sess in sessions.items():
+                    t = time.perf_counter()
+                    sess.run(None, feeds)
+                    times[name].append(time.perf_counter() - t)
+            f_full = model_flops(dims, full, S=s, V=v, P=TEXT_BEFORE)
+            f_skip = model_flops(dims, plan, S=s, V=v, P=TEXT_BEFORE)
+            t_full, t_skip = statistics.median(times["full"]), statistics.median(times["skip"])
+            ideal, real = f_full / f_skip, t_full / t_skip
+            rows.append((v, s, f_full / 1e9, f_skip / 1e9, t_full * 1e3, t_skip * 1e3, ideal, real,
+                         (1 - t_skip / t_full) / (1 - f_skip / f_full)))
+            del sessions
+
+    print(f"\nonnxruntime {ort.__version__} CPU, {args.layers} layers at Qwen3-VL-8B width, plan {plan}, "
+          f"median of {args.repeats} interleaved runs")
+    header = ("V", "S", "GFLOP full", "GFLOP skip", "ms full", "ms skip", "ideal x", "real x", "realized")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for v, s, ff, fs, tf, ts, ideal, real, frac in rows:
+        print(f"| {v} | {s} | {ff:.1f} | {fs:.1f} | {tf:.0f} | {ts:.0f} | {ideal:.2f} | {real:.2f} | {frac:.0%} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""What an export writes: the graphs a model needs for some inputs, and the manifest body.
+
+Shared by the ONNX and TensorRT exporters, which differ only in how a job becomes a file.
+A job is one static graph: a vision encoder for one image shape, the skip-shaped prefill of
+one layout, or the decode step of one batch size. Jobs that an existing export in out_dir
+already holds are left out (that is how a second call adds layouts); with `reuse`, the
+plan-independent jobs (vision, decode) another engine of the same model holds are copied.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from ..archs import PrefillInputs, adapter_for
+from ..layout import LayoutError, VisualLayout
+from ..plan import PlanError, SkipPlan, config_hash
+from . import decode as decode_mod
+from . import host, vision
+from . import manifest as mf
+from .prefill import prefill_graph
+from .weights import WeightStore
+
+DEFAULT_CACHE_SLACK = 256  # decode slots beyond the longest exported prefill, by default
+
+
+@dataclass
+class Job:
+    """One graph to export: its module or program, example inputs, names, manifest entry."""
+
+    role: str  # vision | prefill | decode
+    key: str
+    module: Any  # torch.nn.Module or torch.export.ExportedProgram
+    args: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    entry: dict[str, Any]
+    context: Any = None  # a context manager the trace needs (Qwen vision attention)
+
+    def file(self, suffix: str) -> str:
+        # Flat directory: ONNX external data may not point to a parent directory.
+        return f"{self.role}-{self.key}{suffix}"
+
+
+@dataclass
+class Work:
+    """Everything one export call writes, decided before anything is written."""
+
+    out_dir: Path
+    model_id: dict[str, Any]
+    plan: SkipPlan
+    text_config: dict[str, Any]
+    graphs: dict[str, dict[str, Any]]  # role -> key -> manifest entry (existing ones included)
+    jobs: list[Job]
+    copies: list[tuple[str, str]]  # (role, key) copied from `reuse`
+    reuse: Path | None
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+
+def version(pkg: str) -> str | None:
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def plan_id(plan: SkipPlan) -> dict[str, Any]:
+    """The part of a plan that decides the graphs (ops and scope), for same-plan checks."""
+    return {"ops": list(plan.ops), "scope": plan.scope}
+
+
+def collect(
+    model,
+    plan: SkipPlan,
+    example_inputs: Mapping[str, Any] | None,
+    out_dir: str | Path,
+    layouts: Iterable[VisualLayout] | None,
+    max_cache_len: int | None,
+    reuse: str | Path | None,
+    say: Callable[[str], None],
+) -> Work:
+    """Decide the jobs of one export call (traces the prefill graphs and runs the passes)."""
+    adapter = adapter_for(model)
+    adapter.check_plan(model, plan)
+    out_dir = Path(out_dir)
+    text_config = adapter.text_config(model)
+    model_id = {"architecture": adapter.architecture(model), "config_hash": config_hash(text_config)}
+    old = _existing(out_dir, model_id, plan)
+    src = None
+    if reuse is not None:
+        if old is not None:
+            raise mf.EngineError(f"{out_dir}: reuse= copies into a new engine directory, this one has a manifest")
+        src = mf.verify(reuse, expect_model=model_id)
+    graphs = old["graphs"] if old else {"vision": {}, "prefill": {}, "decode": {}}
+    model.eval()
+
+    example = None
+    prefills: list[PrefillInputs] = []
+    vision_graphs: list[vision.VisionGraph] = []
+    if example_inputs is not None:
+        say("running the model's vision tower on the example inputs")
+        with torch.no_grad():
+            example = adapter.prefill_inputs(model, **example_inputs)
+        prefills.append(example)
+        vision_graphs = vision.vision_graphs(model, adapter, dict(example_inputs))
+    like = example if example is not None else (_like_existing(old) if old is not None else None)
+    if like is None:
+        raise ValueError("nothing to export: give example_inputs (and optionally layouts)")
+    prefills += [_synthetic_prefill(layout, like) for layout in layouts or ()]
+    mrope = like.position_ids.ndim == 3
+    max_cache_len = _cache_len(max_cache_len, prefills, graphs, old, src, out_dir)
+
+    jobs: list[Job] = []
+    copies: list[tuple[str, str]] = []
+    for g in vision_graphs:
+        if g.key in graphs["vision"] or any(j.key == g.key for j in jobs):
+            continue
+        if src is not None and g.key in src["graphs"]["vision"]:
+            copies.append(("vision", g.key))
+            continue
+        entry = {"inputs": g.input_names, "outputs": g.output_names, **g.meta}
+        jobs.append(Job("vision", g.key, g.module, g.args, g.input_names, g.output_names, entry,
+                        vision.exporting(model, adapter)))
+    for p in prefills:
+        if not p.layout.is_uniform:
+            raise LayoutError(f"{p.layout}: batch rows have different visual spans; export one layout per graph")
+        key = host.layout_key(p.layout)
+        if key in graphs["prefill"] or any(j.key == key for j in jobs):
+            continue
+        say(f"tracing the prefill of layout {key} and applying the plan's passes")
+        g = prefill_graph(model, adapter, plan, p)
+        entry = {"layout": host.layout_to_json(p.layout), "inputs": g.input_names, "outputs": g.output_names,
+                 "counters": g.counters}
+        jobs.append(Job("prefill", key, g.module, g.args, g.input_names, g.output_names, entry))
+    for batch in sorted({p.layout.batch_size for p in prefills}):
+        key = f"b{batch}"
+        if key in graphs["decode"]:
+            continue
+        if src is not None and src["graphs"]["decode"].get(key, {}).get("max_cache_len") == max_cache_len:
+            copies.append(("decode", key))
+            continue
+        jobs.append(_decode_job(model, adapter, batch, max_cache_len, mrope))
+
+    eos, pad = _eos_pad(model)
+    runtime = {
+        "family": adapter.name,
+        "image_token_id": adapter.image_token_id(model),
+        "visual_token_ids": list(adapter.visual_token_ids(model)),
+        "position": "mrope" if mrope else "1d",
+        "num_deepstack": len(like.deepstack or ()),
+        "max_cache_len": max_cache_len,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "eos_token_id": eos,
+        "pad_token_id": pad,
+        **_text_dims(model, adapter),
+        "vision": vision.host_info(model, adapter),
+    }
+    return Work(out_dir, model_id, plan, text_config, graphs, jobs, copies, Path(reuse) if reuse else None, runtime)
+
+
+def copy_reused(work: Work) -> None:
+    """Copy the reused graphs and every weights file of the reused engine (offsets stay valid)."""
+    if not work.copies:
+        return
+    src = mf.load_manifest(work.reuse)
+    work.out_dir.mkdir(parents=True, exist_ok=True)
+    for path in sorted(work.reuse.glob("weights-*.safetensors")):
+        shutil.copyfile(path, work.out_dir / path.name)
+    for role, key in work.copies:
+        entry = src["graphs"][role][key]
+        shutil.copyfile(work.reuse / entry["file"], work.out_dir / entry["file"])
+        work.graphs[role][key] = entry
+
+
+def host_tensors(model, store: WeightStore) -> dict[str, str]:
+    """Add the tensors the runner reads itself to the store: the embedding table (and
+    LLaVA-NeXT's newline row). Returns name -> digest (store.where after flush)."""
+    emb = model.get_input_embeddings()
+    if type(emb) is not torch.nn.Embedding:
+        raise NotImplementedError(
+            f"{type(emb).__name__}: the runners do a plain table lookup; this embedding may scale or offset"
+        )
+    table = emb.weight.detach().cpu()  # [V, D]
+    table = table.float() if table.dtype == torch.bfloat16 else table  # numpy has no bfloat16
+    digests = {"embed_tokens": store.add_array("host.embed_tokens", table.numpy())}
+    newline = getattr(getattr(model, "model", None), "image_newline", None)
+    if newline is not None:
+        digests["image_newline"] = store.add_array("host.image_newline", newline.detach().cpu().float().numpy())
+    return digests
+
+
+def manifest_body(work: Work, tensors: Mapping[str, Any], versions: Mapping[str, Any]) -> dict[str, Any]:
+    stamped = work.plan if work.plan.model else work.plan.with_model(work.model_id["architecture"], work.text_config)
+    text = {k: v for k, v in sorted(work.text_config.items()) if _jsonable(v)}
+    return {
+        "model": {**work.model_id, "text_config": text},
+        "plan": stamped.to_dict(),
+        "plan_id": plan_id(work.plan),
+        "runtime": {**work.runtime, "tensors": dict(tensors)},
+        "graphs": work.graphs,
+        "versions": {
+            "vskip_compile": version("vskip-compile"),
+            "torch": torch.__version__,
+            "transformers": version("transformers"),
+            **versions,
+        },
+    }
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _existing(out_dir: Path, model_id: Mapping[str, Any], plan: SkipPlan) -> dict[str, Any] | None:
+    """The verified manifest of an engine already in out_dir (same model and plan), or None."""
+    if not (out_dir / mf.MANIFEST).exists():
+        return None
+    old = mf.verify(out_dir, expect_model=model_id)
+    if old["plan_id"] != plan_id(plan):
+        raise PlanError(
+            f"{out_dir}: engine was exported for plan {old['plan'].get('name') or old['plan_id']['ops']}, "
+            f"not {plan.name or list(plan.ops)}; one plan per engine directory"
+        )
+    return old
+
+
+def _cache_len(requested, prefills, graphs, old, src, out_dir) -> int:
+    """Decode cache slots: fixed by an existing export, else requested, else the reused
+    engine's, else the longest prefill + slack rounded up to 64."""
+    longest = max([p.layout.seq_len for p in prefills] + [g["layout"]["seq_len"] for g in graphs["prefill"].values()])
+    if old is not None:
+        fixed = old["runtime"]["max_cache_len"]
+        if requested is not None and requested != fixed:
+            raise mf.EngineError(f"{out_dir}: max_cache_len is {fixed}, fixed by the first export")
+        requested = fixed
+    elif requested is None and src is not None:
+        requested = src["runtime"]["max_cache_len"]
+    elif requested is None:
+        requested = -(-(longest + DEFAULT_CACHE_SLACK) // 64) * 64
+    if longest >= requested:
+        raise LayoutError(f"a prefill of {longest} rows does not fit max_cache_len={requested} (decode needs room)")
+    return requested
+
+
+def _decode_job(model, adapter, batch: int, max_cache_len: int, mrope: bool) -> Job:
+    lm = adapter.language_model(model)
+    layers = len(lm.layers)
+    args = decode_mod.example_inputs(model, adapter, batch, max_cache_len, mrope)
+    ins = ["inputs_embeds", "position_ids", "past_mask"] + [f"past_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+    outs = ["logits"] + [f"new_{kv}_{i}" for i in range(layers) for kv in ("k", "v")]
+    step = decode_mod.DecodeStep(lm, adapter.lm_head(model)).eval()
+    entry = {"batch": batch, "max_cache_len": max_cache_len, "inputs": ins, "outputs": outs}
+    return Job("decode", f"b{batch}", step, args, ins, outs, entry)
+
+
+def _synthetic_prefill(layout: VisualLayout, like: PrefillInputs) -> PrefillInputs:
+    """Zero-valued prefill inputs of another layout (shapes are all a static graph needs)."""
+    b, s = layout.batch_size, layout.seq_len
+    e = like.inputs_embeds
+    embeds = torch.zeros(b, s, e.shape[-1], dtype=e.dtype, device=e.device)
+    pos_shape = (like.position_ids.shape[0], b, s) if like.position_ids.ndim == 3 else (b, s)
+    positions = torch.zeros(pos_shape, dtype=like.position_ids.dtype, device=e.device)
+    deepstack = None if like.deepstack is None else tuple(torch.zeros_like(embeds) for _ in like.deepstack)
+    return PrefillInputs(embeds, positions, deepstack, None, layout)
+
+
+def _like_existing(old: Mapping[str, Any]) -> PrefillInputs:
+    """A one-row stand-in PrefillInputs of an existing export's input kinds (for `layouts`)."""
+    rt = old["runtime"]
+    embeds = torch.zeros(1, 1, rt["hidden_size"], dtype=getattr(torch, rt["dtype"]))
+    positions = torch.zeros((3, 1, 1) if rt["position"] == "mrope" else (1, 1), dtype=torch.long)
+    deepstack = tuple(torch.zeros_like(embeds) for _ in range(rt["num_deepstack"])) or None
+    return PrefillInputs(embeds, positions, deepstack, None, VisualLayout.single(1, []))
+
+
+def _text_dims(model, adapter) -> dict[str, Any]:
+    lm = adapter.language_model(model)
+    cfg = lm.config
+    return {
+        "num_layers": len(lm.layers),
+        "hidden_size": int(cfg.hidden_size),
+        "num_kv_heads": int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads),
+        "head_dim": int(lm.layers[0].self_attn.head_dim),
+        "vocab_size": int(cfg.vocab_size),
+    }
+
+
+def _eos_pad(model) -> tuple[list[int], int | None]:
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is None:
+        eos = model.config.get_text_config().eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return eos, getattr(gen, "pad_token_id", None)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
