@@ -119,11 +119,12 @@ def test_eager_backend_matches_reference(tiny_model, arch, seed):
     assert (unskipped[:, -1] - logits[:, -1]).abs().max() > 100 * FP32_ATOL  # the plan did something
 
 
-def test_all_rows_and_batch(tiny_model):
-    """cm(**inputs) gives every row's logits; a uniform batch runs one graph."""
+def test_all_rows_batch_and_scope(tiny_model):
+    """cm(**inputs) gives every row's logits; a uniform batch runs one graph; the plan's
+    scope (here the text before the image is frozen too) reaches the passes."""
     arch = "qwen2_5_vl"
     model = tiny_model(arch)
-    plan = SkipPlan.from_ops(["skip_both", "skip_attn", "full", "skip_ffn"])
+    plan = SkipPlan.from_ops(["skip_both", "skip_attn", "full", "skip_ffn"], scope="prefix_through_visual")
     inputs = tiny_inputs(model, arch, text_before=1, text_after=2, batch=2)
     want_logits, want_tokens = _reference(model, plan, inputs, max_new_tokens=3)
     cm = vskip_compile.compile(model, plan, backend="eager")
