@@ -70,6 +70,14 @@ def test_training_refused():
         compiled(torch.randn(2, 4, requires_grad=True))
 
 
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_graph_the_passes_cannot_rewrite_is_refused(inner):
+    """A skip plan on a graph without decoder layers errors; it never runs unskipped."""
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="vskip", fullgraph=True, options={"plan": PLAN, "layout": LAYOUT, "inner": inner})
+    with torch.no_grad(), pytest.raises(Exception, match="self_attn|unchanged"):
+        compiled(torch.randn(1, 12, 4))
+
+
 def test_inductor_pass_uuid_follows_plan_and_layout():
     def uuid(plan, layout, **kw):
         return VSkipInductorPass({"plan": plan, "layout": layout, **kw}).uuid()

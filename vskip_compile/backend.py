@@ -84,13 +84,11 @@ class VSkipInductorPass(CustomGraphPass):
     def __init__(self, options: Mapping[str, Any]):
         self.options = _parse_options(options)
         self.ctx = _pass_context(self.options)
-        self.counters: dict[str, Any] = {}
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         from vskip_compile.passes import run_passes
 
-        result = run_passes(graph, self.ctx)
-        self.counters = dict(result.counters)
+        _check_rewritten(self.options, run_passes(graph, self.ctx))
 
     def uuid(self) -> str:
         o = self.options
@@ -101,6 +99,16 @@ class VSkipInductorPass(CustomGraphPass):
             "source": _passes_source_hash(),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _check_rewritten(options: Mapping[str, Any], result) -> None:
+    """A plan that skips something on a layout with visual rows must change the graph."""
+    plan, layout = options["plan"], options["layout"]
+    if not plan.is_full and layout.has_visual and not result.modified:
+        raise BackendError(
+            f"the skip passes left the graph unchanged for {plan} on {layout} "
+            f"(counters {dict(result.counters)}): refusing to run it as if skipped"
+        )
 
 
 def _refuse_training(example_inputs) -> None:
@@ -116,6 +124,7 @@ def _rewritten_forward(options: Mapping[str, Any], then=None):
         from vskip_compile.passes import run_passes
 
         result = run_passes(gm, _pass_context(options))
+        _check_rewritten(options, result)
         if then is not None:
             return then(result.gm, example_inputs)
         return make_boxed_func(result.gm.forward)
