@@ -274,7 +274,245 @@ def run_demo(args: argparse.Namespace) -> int:
     return run(_console(), n=args.n, backend=args.backend)
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_flops, add_plan, add_demo]
+# -- vskip calibrate ------------------------------------------------------------------------------
+def _model_dir(args: argparse.Namespace) -> Path:
+    if args.model_dir:
+        return Path(args.model_dir)
+    from .zoo.easyvqa import MODEL_DIR
+
+    return MODEL_DIR
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def add_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="find answer-silent visual-row operators on easy-VQA train samples; write skip plans",
+        description="Score every (layer, attention/FFN) visual-row update by exact ablation and a "
+        "first-order estimate on train-split samples (the model's own answers as targets), select "
+        "under a FLOPs budget or a fidelity tolerance, re-measure and repair, write plan JSON files.",
+    )
+    p.add_argument("--model-dir", help="easy-VQA Qwen3-VL directory (default: the zoo model)")
+    p.add_argument("--samples", type=_nonneg_int, default=256, help="train-split questions (default 256)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--budget", type=_fraction, nargs="+", help="decoder prefill FLOPs cut(s) to reach, e.g. 0.4")
+    which.add_argument("--tolerance", type=_fraction, help="largest plan whose answer agreement is >= 1 - tolerance")
+    p.add_argument("--fidelity", type=_fraction, default=0.995,
+                   help="answer agreement with the full model a budgeted plan must keep (default 0.995)")
+    p.add_argument("--granularity", choices=("op", "layer", "both"), default="op",
+                   help="op: operator-level plans (opskip-*); layer: whole-layer freezes (shortv-*); both")
+    p.add_argument("--out-dir", help="where plans go (default: <model-dir>/plans)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_nonneg_int, default=128)
+    p.add_argument("--threads", type=_nonneg_int, default=1,
+                   help="torch threads (default 1: on a shared CPU several threads spin against each other)")
+    p.add_argument("--json", action="store_true", help="print the plans as JSON")
+    p.set_defaults(run=run_calibrate)
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    import random
+
+    import torch
+    from tqdm import tqdm
+
+    from . import calibrate, evaluate
+    from .zoo import easyvqa
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = _model_dir(args)
+    try:
+        model, processor = evaluate.load_model(model_dir)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    train = easyvqa.train_set()
+    if not 0 < args.samples <= len(train):
+        raise UsageError(f"--samples must be in 1..{len(train)}")
+    picked = sorted(random.Random(args.seed).sample(range(len(train)), args.samples))
+    h = evaluate.Harness(model, processor, [train[i] for i in picked])
+    batches = list(h.prompt_batches(range(len(picked)), args.batch_size))
+    calib = calibrate.CalibSet.build(model, batches)
+    out_dir = Path(args.out_dir) if args.out_dir else model_dir / "plans"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    budgets = args.budget if args.budget else [None]
+    fidelity = 1 - args.tolerance if args.tolerance else args.fidelity
+    extra = {"seed": args.seed, "train_indices_sha": _sha(picked), "command": _command(args)}
+    console = _console()
+    written, report = [], []
+    grans = ("op", "layer") if args.granularity == "both" else (args.granularity,)
+    for gran in grans:
+        scores = calibrate.score_candidates(model, calib, gran, progress=lambda xs: tqdm(xs, desc=f"ablate {gran}"))
+        plans = calibrate.calibrate(model, calib, budgets, granularity=gran, fidelity=fidelity, scores=scores,
+                                    extra_provenance=extra)
+        for plan in plans:
+            path = out_dir / f"{plan.name}.json"
+            plan.save(path)
+            written.append(path)
+            pv = plan.provenance
+            report.append({"plan": plan.name, "ops": str(plan), "flops_cut": pv["flops_cut"], "fidelity": pv["fidelity"],
+                           "fidelity_met": pv["fidelity_met"], "path": str(path)})
+        if gran == "op":
+            console.print(f"Spearman rank correlation, exact ablation vs first-order estimate: {scores.spearman():.3f}")
+    if args.json:
+        _print_json(report)
+        return 0
+    from rich.table import Table
+
+    table = Table(title=f"calibration on {calib.size} train samples (S={calib.seq_len}, V={calib.num_visual})")
+    for col in ("plan", "ops", "FLOPs cut", "agreement", "met"):
+        table.add_column(col)
+    for r in report:
+        table.add_row(r["plan"], r["ops"], f"{100 * r['flops_cut']:.1f}%", f"{100 * r['fidelity']:.2f}%",
+                      "yes" if r["fidelity_met"] else "NO")
+    console.print(table)
+    return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run, from the parsed options (written into outputs)."""
+    parts = ["vskip", args.command]
+    for key, value in sorted(vars(args).items()):
+        if key in ("run", "command", "verb") or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, (list, tuple)):
+            parts += [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(parts)
+
+
+def _sha(xs) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(xs)).encode()).hexdigest()[:16]
+
+
+# -- vskip eval -------------------------------------------------------------------------------------
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="easy-VQA test accuracy vs prefill FLOPs: full model, plans and baselines",
+        description="Accuracy, accuracy kept, decoder prefill FLOPs cut (symbolic model at each "
+        "question's layout) and measured prefill time on the easy-VQA test split, for the full model, "
+        "the shipped operator-level plans and the baselines at each budget. Writes results.json, "
+        "results.csv and pareto.png.",
+    )
+    p.add_argument("--model-dir", help="easy-VQA Qwen3-VL directory (default: the zoo model)")
+    p.add_argument("--plans-dir", help="opskip-bXX / shortv-bXX plans (default: <model-dir>/plans)")
+    p.add_argument("--out-dir", help="results directory (default: <model-dir>/eval)")
+    p.add_argument("--budgets", type=_fraction, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6])
+    p.add_argument("--methods", nargs="+", default=["opskip", "shortv", "vtw", "fastv"],
+                   choices=["opskip", "shortv", "vtw", "fastv"])
+    p.add_argument("--limit", type=_nonneg_int, help="first N test questions only")
+    p.add_argument("--images-per-batch", type=_nonneg_int, default=32)
+    p.add_argument("--workers", type=_nonneg_int, default=2, help="single-threaded worker processes (default 2)")
+    p.add_argument("--verify", type=_nonneg_int, default=24,
+                   help="questions checked one at a time against independent runs first (0: skip)")
+    p.add_argument("--fastv-layer", type=_nonneg_int, default=2, help="FastV drop layer K (lowered if a budget needs)")
+    p.add_argument("--threads", type=_nonneg_int, default=1,
+                   help="torch threads (default 1: on a shared CPU several threads spin against each other)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from . import evaluate
+    from .flops import hf_text_config as _text
+    from .plan import config_hash
+    from .zoo import easyvqa
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = _model_dir(args)
+    try:
+        model, processor = evaluate.load_model(model_dir)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    plans_dir = Path(args.plans_dir) if args.plans_dir else model_dir / "plans"
+    out_dir = Path(args.out_dir) if args.out_dir else model_dir / "eval"
+    test = easyvqa.test_set()
+    indices = list(range(min(args.limit, len(test)) if args.limit else len(test)))
+    t0 = time.time()
+    h = evaluate.Harness(model, processor, test)
+    S_cal = evaluate.calibration_seq_len(plans_dir) or evaluate.median([h.prompt_len(q) for q in indices])
+    try:
+        methods = evaluate.build_methods(model, args.budgets, plans_dir, args.methods, S_cal, h.num_visual,
+                                         fastv_layer=args.fastv_layer)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
+    mismatches = {}
+    if args.verify:
+        step = max(1, len(indices) // args.verify)
+        sample = indices[::step][: args.verify]
+        mismatches = evaluate.verify_against_unbatched(h, methods, sample)
+        if any(mismatches.values()):
+            raise evaluate.EvalError(f"harness answers differ from one-at-a-time runs: {mismatches}")
+    rows = evaluate.sweep(h, methods, indices=indices, images_per_batch=args.images_per_batch, workers=args.workers)
+    meta = {
+        "title": f"easy-VQA test ({len(indices)} questions), {type(model).__name__}",
+        "command": _command(args),
+        "model_dir": str(model_dir),
+        "model": {"architecture": type(model).__name__, "config_hash": config_hash(_text(model.config))},
+        "questions": len(indices),
+        "budgets": args.budgets,
+        "calibration_layout": {"S": S_cal, "V": h.num_visual},
+        "verified_questions": args.verify,
+        "verify_mismatches": mismatches,
+        "threads": torch.get_num_threads(),
+        "workers": args.workers,
+        "seconds": round(time.time() - t0, 1),
+        "notes": evaluate.NOTES,
+    }
+    paths = evaluate.write_results(rows, out_dir, meta)
+    if args.json:
+        _print_json(rows)
+    else:
+        print(evaluate.format_table(rows))
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+# -- vskip bench ----------------------------------------------------------------------------------
+def add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="prefill timing at real layer widths: compiled full vs skip vs eager")
+    p.add_argument("--models", nargs="+", default=["qwen3-vl-8b", "llava-1.5-7b"])
+    p.add_argument("--visual", nargs="+", type=_nonneg_int, default=[576, 1024], help="visual rows per case")
+    p.add_argument("--text", type=_nonneg_int, default=64, help="text rows")
+    p.add_argument("--layers", type=_nonneg_int, default=2, help="decoder layers (random weights)")
+    p.add_argument("--repeats", type=_nonneg_int, default=5, help="interleaved rounds; medians are printed")
+    p.add_argument("--ops", nargs="+", default=None, help="plan ops, repeated over the layers")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=run_bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from .bench import DEFAULT_OPS, run
+
+    rows = run(_console(), args.models, tuple(args.visual), args.text, args.layers, args.repeats,
+               tuple(args.ops) if args.ops else DEFAULT_OPS)
+    if args.json:
+        _print_json(rows)
+    return 0
+
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_flops, add_plan, add_demo, add_calibrate, add_eval, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,271 @@
+"""Baselines the operator-level plans are compared with, in the same harness and FLOPs convention.
+
+- ShortV-like layer freeze: whole layers `skip_both`, chosen by the same calibration criterion.
+  It is just a SkipPlan (`vskip_compile.calibrate`, granularity "layer").
+- VTW-like token dropping: from layer K on, the visual rows and their K/V leave the sequence.
+- FastV-like pruning: at layer K-1 rank the visual tokens by the attention the last prompt row
+  pays them (mean over heads); from layer K on keep only the top `keep` of them (K/V included).
+
+Dropping changes the sequence, so it cannot be a row-freeze plan: `prefill` runs the HF decoder
+layers itself (eager, explicit causal mask, rotary embeddings recomputed from the kept rows'
+positions, DeepStack adds sliced alike) and fills a `KVCache` with the K/V each layer really
+saw; `decode` continues greedily on that cache (one text row per step, positions continuing
+after the prompt's largest position, as HF's M-RoPE decode does). With K = num_layers nothing is
+dropped and the result is the unmodified model.
+
+FLOPs (2 per multiply-add, full attention rectangle, as `vskip_compile.flops`): layers before K
+run S rows, layers from K on run S' = S - V + keep rows for both the attention (queries and
+keys) and the FFN. FastV's ranking reuses layer K-1's own attention probabilities (that layer
+runs with eager attention to expose them): no extra FLOPs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .archs import Adapter, PrefillInputs, adapter_for
+from .flops import S, V, TextDims, _tidy, attn_flops, ffn_flops
+
+
+# -- the two token-dropping baselines ------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenDrop:
+    """Drop visual tokens from decoder layer `layer` (K) on; keep the top `keep_ratio` of them
+    by layer K-1 attention (FastV) or none (VTW, keep_ratio 0)."""
+
+    layer: int
+    keep_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.layer < 0:
+            raise ValueError(f"drop layer must be >= 0, got {self.layer}")
+        if not 0.0 <= self.keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in [0, 1], got {self.keep_ratio}")
+        if self.keep_ratio > 0 and self.layer < 1:
+            raise ValueError("FastV ranks tokens with layer K-1's attention: it needs layer >= 1")
+
+    @property
+    def kind(self) -> str:
+        return "fastv" if self.keep_ratio > 0 else "vtw"
+
+    def keep(self, num_visual: int) -> int:
+        """Visual tokens kept from layer K on, for an image of num_visual tokens."""
+        return int(round(self.keep_ratio * num_visual))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "layer": self.layer, "keep_ratio": self.keep_ratio}
+
+
+# -- FLOPs -----------------------------------------------------------------------------------------
+def drop_flops(dims: TextDims, layer: int, rows_after: Any, S: Any = S) -> Any:
+    """Prefill FLOPs when layers < `layer` run S rows and the others run `rows_after` rows."""
+    total = 0
+    for i in range(dims.layers):
+        rows = S if i < layer else rows_after
+        total += attn_flops(dims, rows, rows) + ffn_flops(dims, rows, i)
+    return _tidy(total)
+
+
+def vtw_flops(dims: TextDims, layer: int, S: Any = S, V: Any = V) -> Any:
+    """VTW: every visual row leaves at layer K."""
+    return drop_flops(dims, layer, S - V, S)
+
+
+def fastv_flops(dims: TextDims, layer: int, keep: Any, S: Any = S, V: Any = V) -> Any:
+    """FastV: `keep` visual rows stay from layer K on (ranking is free, see module doc)."""
+    return drop_flops(dims, layer, S - V + keep, S)
+
+
+def token_drop_flops(dims: TextDims, drop: TokenDrop | None, S_value: int, V_value: int) -> int:
+    """Numeric prefill FLOPs of a drop spec (None: the full model) at one layout."""
+    if drop is None:
+        return int(drop_flops(dims, dims.layers, S_value, S_value))
+    return int(fastv_flops(dims, drop.layer, drop.keep(V_value), S_value, V_value))
+
+
+def vtw_for_budget(dims: TextDims, budget: float, S_value: int, V_value: int) -> TokenDrop:
+    """The latest drop layer K whose FLOPs cut at (S, V) is at least `budget`."""
+    full = token_drop_flops(dims, None, S_value, V_value)
+    for layer in range(dims.layers, -1, -1):
+        drop = TokenDrop(layer)
+        if 1 - token_drop_flops(dims, drop, S_value, V_value) / full >= budget:
+            return drop
+    raise ValueError(f"VTW cannot cut {budget:.0%} of prefill FLOPs at S={S_value}, V={V_value}")
+
+
+def fastv_for_budget(dims: TextDims, budget: float, S_value: int, V_value: int, layer: int = 2) -> TokenDrop:
+    """FastV at drop layer `layer` (lowered when needed) keeping the most visual tokens whose
+    FLOPs cut at (S, V) is at least `budget`."""
+    full = token_drop_flops(dims, None, S_value, V_value)
+    for k in range(min(layer, dims.layers), 0, -1):
+        for keep in range(V_value, 0, -1):
+            drop = TokenDrop(k, keep / V_value)
+            if drop.keep(V_value) == keep and 1 - token_drop_flops(dims, drop, S_value, V_value) / full >= budget:
+                return drop
+    raise ValueError(f"FastV cannot cut {budget:.0%} of prefill FLOPs at S={S_value}, V={V_value} keeping a token")
+
+
+# -- running it ------------------------------------------------------------------------------------
+class KVCache:
+    """Per-layer K/V that grows by concatenation: what HF attention's `cache.update` needs.
+
+    Layers may hold different lengths (tokens dropped from layer K on)."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv:
+            k, v = self.kv[layer_idx]
+            key_states = torch.cat([k, key_states], dim=2)  # [B, KV, S+n, E]
+            value_states = torch.cat([v, value_states], dim=2)
+        self.kv[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.kv[layer_idx][0].shape[2]) if layer_idx in self.kv else 0
+
+
+def _causal(seq_len: int, device, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[1, 1, S, S] causal mask: bool (SDPA) or additive float (eager attention)."""
+    rows = torch.arange(seq_len, device=device)
+    allowed = (rows[:, None] >= rows[None, :]).view(1, 1, seq_len, seq_len)
+    if additive_dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=additive_dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+
+
+@contextlib.contextmanager
+def _eager_attention(attn: torch.nn.Module):
+    """Run HF attention with its eager kernel inside the block (it returns the probabilities)."""
+    config = attn.config
+    before = config._attn_implementation
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _rope_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """What the rotary embedding takes: Qwen's [4, B, S] form loses its text row."""
+    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        return position_ids[1:]
+    return position_ids
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """x with the rows idx [B, S'] kept along `dim` (the sequence dim; batch is the dim before)."""
+    shape = [1] * x.ndim
+    shape[dim - 1], shape[dim] = idx.shape
+    index = idx.view(shape).expand(*x.shape[:dim], idx.shape[1], *x.shape[dim + 1 :])
+    return torch.gather(x, dim, index)
+
+
+def _kept_rows(layout_spans, seq_len: int, scores: torch.Tensor | None, keep: int, batch: int, device) -> torch.Tensor:
+    """Rows [B, S'] (ascending) that stay: every non-visual row and the `keep` best visual rows."""
+    visual = torch.zeros(seq_len, dtype=torch.bool, device=device)
+    for a, b in layout_spans:
+        visual[a:b] = True
+    text_idx = torch.nonzero(~visual).flatten()  # [T]
+    vis_idx = torch.nonzero(visual).flatten()  # [V]
+    rows = text_idx.expand(batch, -1)
+    if keep:
+        top = scores.topk(keep, dim=-1).indices  # [B, keep] into the visual rows
+        rows = torch.cat([rows, vis_idx[top]], dim=1)
+    return rows.sort(dim=1).values  # [B, S']
+
+
+def prefill(
+    model, p: PrefillInputs, drop: TokenDrop | None, cache: KVCache, adapter: Adapter | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last-row logits [B, vocab], next position [B]) of a prefill with `drop`; fills `cache`.
+
+    Needs a batch without padding whose rows share one visual layout."""
+    adapter = adapter or adapter_for(model)
+    lm = adapter.language_model(model)
+    if p.attention_mask is not None and not bool(p.attention_mask.all()):
+        raise ValueError("token-dropping prefill takes batches without padding (group by prompt length)")
+    spans = p.layout.row_spans
+    x = p.inputs_embeds  # [B, S, D]
+    batch, seq_len, _ = x.shape
+    pos = _rope_positions(p.position_ids)  # [3, B, S] or [B, S]
+    next_pos = (pos.amax(dim=(0, 2)) if pos.ndim == 3 else pos.amax(dim=1)) + 1  # [B]
+    deepstack = list(p.deepstack or ())
+    position_embeddings = lm.rotary_emb(x, pos)
+    layers = lm.layers
+    scores = None
+    for i, layer in enumerate(layers):
+        if drop is not None and i == drop.layer:
+            keep = drop.keep(p.layout.num_visual)
+            rows = _kept_rows(spans, seq_len, scores, keep, batch, x.device)  # [B, S']
+            x = _gather_rows(x, rows, 1)
+            pos = _gather_rows(pos, rows, pos.ndim - 1)
+            deepstack = [_gather_rows(d, rows, 1) for d in deepstack]
+            position_embeddings = lm.rotary_emb(x, pos)
+            seq_len = rows.shape[1]
+        rank_here = drop is not None and drop.keep_ratio > 0 and i == drop.layer - 1
+        if rank_here:
+            probs: list[torch.Tensor] = []
+            hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
+            try:
+                with _eager_attention(layer.self_attn):
+                    x = layer(x, attention_mask=_causal(seq_len, x.device, x.dtype), position_embeddings=position_embeddings,
+                              position_ids=None, cache=cache, use_cache=True)
+            finally:
+                hook.remove()
+            last = probs[0][:, :, -1, :].mean(dim=1)  # [B, S]: attention of the last prompt row
+            vis_idx = torch.tensor([r for a, b in spans for r in range(a, b)], device=x.device)
+            scores = last[:, vis_idx]  # [B, V]
+        else:
+            x = layer(x, attention_mask=_causal(seq_len, x.device), position_embeddings=position_embeddings,
+                      position_ids=None, cache=cache, use_cache=True)
+        if i < len(deepstack):
+            x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
+    h = lm.norm(x[:, -1:, :])  # [B, 1, D]
+    return adapter.lm_head(model)(h)[:, -1, :], next_pos
+
+
+def decode(model, cache: KVCache, token: torch.Tensor, position: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
+    """Logits [B, vocab] of one decode step: the unmodified model on `cache` (grows it)."""
+    adapter = adapter or adapter_for(model)
+    lm = adapter.language_model(model)
+    x = model.get_input_embeddings()(token[:, None])  # [B, 1, D]
+    pos = position[:, None]  # [B, 1]
+    if _is_mrope(model):
+        pos = pos[None].expand(3, -1, -1)  # [3, B, 1]: text rows have equal t/h/w positions
+    position_embeddings = lm.rotary_emb(x, pos)
+    for layer in lm.layers:
+        x = layer(x, attention_mask=None, position_embeddings=position_embeddings, position_ids=None,
+                  cache=cache, use_cache=True)
+    return adapter.lm_head(model)(lm.norm(x))[:, -1, :]
+
+
+def _is_mrope(model) -> bool:
+    rope = getattr(model.config.get_text_config(), "rope_parameters", None) or {}
+    return "mrope_section" in rope
+
+
+@torch.no_grad()
+def generate(
+    model, p: PrefillInputs, drop: TokenDrop | None, max_new_tokens: int, eos_token_id: int | None = None,
+    adapter: Adapter | None = None,
+) -> torch.Tensor:
+    """Greedy new tokens [B, n] (n <= max_new_tokens; stops once every row has emitted eos)."""
+    adapter = adapter or adapter_for(model)
+    cache = KVCache()
+    logits, position = prefill(model, p, drop, cache, adapter)
+    tokens = [logits.argmax(-1)]  # [B]
+    done = tokens[0] == eos_token_id if eos_token_id is not None else torch.zeros_like(tokens[0], dtype=torch.bool)
+    while len(tokens) < max_new_tokens and not bool(done.all()):
+        logits = decode(model, cache, tokens[-1], position, adapter)
+        position = position + 1
+        tokens.append(logits.argmax(-1))
+        if eos_token_id is not None:
+            done = done | (tokens[-1] == eos_token_id)
+    return torch.stack(tokens, dim=1)
