@@ -1,0 +1,256 @@
+"""Prefill benchmark: compiled full vs compiled skip vs eager reference vs eager gather.
+
+Real layer widths with few layers and random weights (a timing needs the real GEMM shapes,
+not the real depth). Variants are run interleaved, round-robin, and medians taken, so machine
+noise hits all of them alike. Printed: speed-up over compiled full, the FLOPs-ideal speed-up of
+the plan, their ratio ("realized"), and peak resident memory per variant.
+
+The eager gather variant is the authors' style (GitHub zayan-l/OpSkip): index_select the kept
+rows before the query path / FFN, index_add the updates back; K/V on every row.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .core import DecoderCore, causal_mask
+from .flops import TextDims, plan_report
+from .layout import VisualLayout
+from .plan import SkipPlan
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    family: str  # "qwen3_vl" (M-RoPE, q/k norm) or "llama"
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+
+
+MODELS = {
+    "qwen3-vl-8b": BenchModel("qwen3-vl-8b", "qwen3_vl", 4096, 12288, 32, 8),
+    "llava-1.5-7b": BenchModel("llava-1.5-7b", "llama", 4096, 11008, 32, 32),
+    # Small widths for a quick check of the benchmark itself (tests), not for figures.
+    "tiny-qwen3": BenchModel("tiny-qwen3", "qwen3_vl", 64, 128, 4, 2),
+    "tiny-llama": BenchModel("tiny-llama", "llama", 64, 128, 4, 2),
+}
+# The default plan of the benchmark: one layer each of the op mixes the paper's plans use.
+DEFAULT_OPS = ("skip_attn", "skip_both")
+
+
+def build_text_model(spec: BenchModel, layers: int, vocab: int = 256) -> tuple[nn.Module, nn.Module]:
+    """(language model, lm_head) of the spec's width, random weights, eval mode, fp32."""
+    if spec.family == "qwen3_vl":
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+        head_dim = spec.hidden // spec.heads
+        cfg = Qwen3VLTextConfig(
+            vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn, num_hidden_layers=layers,
+            num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads, head_dim=head_dim,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                             "mrope_interleaved": True},
+        )
+        lm = Qwen3VLTextModel(cfg)
+    else:
+        from transformers import LlamaConfig, LlamaModel
+
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.ffn,
+                          num_hidden_layers=layers, num_attention_heads=spec.heads,
+                          num_key_value_heads=spec.kv_heads)
+        lm = LlamaModel(cfg)
+    cfg._attn_implementation = "sdpa"
+    head = nn.Linear(spec.hidden, vocab, bias=False)
+    return lm.eval(), head.eval()
+
+
+def _position_ids(spec: BenchModel, seq_len: int) -> torch.Tensor:
+    pos = torch.arange(seq_len)[None]  # [1, S]
+    return pos.expand(3, 1, seq_len).contiguous() if spec.family == "qwen3_vl" else pos
+
+
+# -- the eager gather implementation (authors' style) ----------------------------------------
+def _gather_attention(attn: nn.Module, x: torch.Tensor, cos, sin, mask, kept: torch.Tensor | None):
+    """Attention update of the kept rows only (all rows when kept is None): [B, R, D]."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, S, _ = x.shape
+    e = attn.head_dim
+    xq = x if kept is None else x.index_select(1, kept)  # [B, R, D]
+    R = xq.shape[1]
+    q = attn.q_proj(xq).view(B, R, -1, e)  # [B, R, H, E]
+    k = attn.k_proj(x).view(B, S, -1, e)  # [B, S, KV, E]
+    v = attn.v_proj(x).view(B, S, -1, e).transpose(1, 2)  # [B, KV, S, E]
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, R, E], [B, KV, S, E]
+    cq, sq = (cos, sin) if kept is None else (cos.index_select(1, kept), sin.index_select(1, kept))
+    q, _ = apply_rotary_pos_emb(q, q, cq, sq)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    m = mask if kept is None else mask.index_select(2, kept)  # [1, 1, R, S]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=attn.scaling, enable_gqa=True)
+    return attn.o_proj(out.transpose(1, 2).reshape(B, R, -1))  # [B, R, D]
+
+
+class GatherPrefill(nn.Module):
+    """Eager prefill that runs skipped operators on the kept rows via index_select / index_add."""
+
+    def __init__(self, lm: nn.Module, head: nn.Module, plan: SkipPlan, layout: VisualLayout):
+        super().__init__()
+        self.lm, self.head, self.plan = lm, head, plan
+        kept = [r for a, b in layout.kept_spans(plan.scope) for r in range(a, b)]
+        self.register_buffer("kept", torch.tensor(kept, dtype=torch.long), persistent=False)
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        x = inputs_embeds  # [B, S, D]
+        cos, sin = self.lm.rotary_emb(x, position_ids)
+        mask = causal_mask(x.shape[1], x.device)
+        for i, layer in enumerate(self.lm.layers):
+            kept = self.kept if self.plan.skips_attn(i) else None
+            upd = _gather_attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask, kept)
+            x = x + upd if kept is None else x.index_add(1, kept, upd)
+            h = layer.post_attention_layernorm(x)
+            if self.plan.skips_ffn(i):
+                x = x.index_add(1, self.kept, layer.mlp(h.index_select(1, self.kept)))
+            else:
+                x = x + layer.mlp(h)
+        return self.head(self.lm.norm(x)[:, -1:])
+
+
+class ReferencePrefill(nn.Module):
+    """The eager oracle's cost: the full model, with skipped updates zeroed at frozen rows."""
+
+    def __init__(self, core: DecoderCore, plan: SkipPlan, layout: VisualLayout):
+        super().__init__()
+        self.core = core
+        keep = torch.ones(layout.seq_len, dtype=torch.bool)
+        for a, b in layout.frozen_spans(plan.scope):
+            keep[a:b] = False
+        self.plan, self.keep = plan, keep[None, :, None]  # [1, S, 1]
+
+    def forward(self, *args):
+        handles = []
+        zero = lambda mod, inp, out: (out[0].masked_fill(~self.keep, 0.0), *out[1:]) if isinstance(out, tuple) \
+            else out.masked_fill(~self.keep, 0.0)
+        for i, layer in enumerate(self.core.lm.layers):
+            if self.plan.skips_attn(i):
+                handles.append(layer.self_attn.register_forward_hook(zero))
+            if self.plan.skips_ffn(i):
+                handles.append(layer.mlp.register_forward_hook(zero))
+        try:
+            return self.core(*args)
+        finally:
+            for h in handles:
+                h.remove()
+
+
+# -- measurement ----------------------------------------------------------------------------
+def _rss_peak_reset() -> None:
+    """Reset the kernel's peak-RSS counter of this process (Linux: clear_refs 5)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _time_once(fn: Callable[[], object]) -> tuple[float, int]:
+    """(seconds, peak RSS above the resident set before the call, KiB)."""
+    before = _rss_kib("VmRSS")
+    _rss_peak_reset()
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return dt, max(0, _rss_kib("VmHWM") - before)
+
+
+def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: int, ops: tuple[str, ...],
+               log: Callable[[str], None] = print) -> dict:
+    """Interleaved medians of the four variants for one (model, size)."""
+    torch.manual_seed(0)
+    lm, head = build_text_model(spec, layers)
+    plan = SkipPlan.from_ops((ops * layers)[:layers], name="bench")
+    before = min(8, text - 1)  # text rows before the image (a system prompt); the rest after it
+    S = visual + text
+    layout = VisualLayout.single(S, [(before, before + visual)])
+    x = torch.randn(1, S, spec.hidden) * 0.02
+    pos = _position_ids(spec, S)
+
+    core = DecoderCore(lm, head, logits_to_keep=1)
+    variants: dict[str, Callable[[], object]] = {}
+    with torch.inference_mode():
+        full_c = torch.compile(core, backend="inductor", fullgraph=True, dynamic=False)
+        skip_c = torch.compile(DecoderCore(lm, head, logits_to_keep=1), backend="vskip", fullgraph=True, dynamic=False,
+                               options={"plan": plan, "layout": layout, "inner": "inductor"})
+        ref = ReferencePrefill(DecoderCore(lm, head, logits_to_keep=1), plan, layout)
+        gather = GatherPrefill(lm, head, plan, layout)
+        variants = {
+            "compiled full": lambda: full_c(x, pos),
+            "compiled skip": lambda: skip_c(x, pos),
+            "eager reference": lambda: ref(x, pos),
+            "eager gather": lambda: gather(x, pos),
+        }
+        log(f"  compiling {spec.name} S={S} ...")
+        outs = {name: fn() for name, fn in variants.items()}  # warm-up (compiles)
+        last = {name: (o[0] if isinstance(o, tuple) else o)[:, -1].float() for name, o in outs.items()}
+        agree = max(float((last[n] - last["eager reference"]).abs().max()) for n in last)
+        times: dict[str, list[float]] = {n: [] for n in variants}
+        peaks: dict[str, int] = {n: 0 for n in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                dt, peak = _time_once(fn)
+                times[name].append(dt)
+                peaks[name] = max(peaks[name], peak)
+
+    dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads,
+                    ffn=spec.ffn, layers=layers)
+    report = plan_report(dims, plan, S, visual)
+    ideal = report["full"] / report["plan"]
+    med = {n: statistics.median(t) for n, t in times.items()}
+    speedup = med["compiled full"] / med["compiled skip"]
+    return {
+        "model": spec.name, "layers": layers, "S": S, "V": visual, "plan": list(plan.ops),
+        "median_ms": {n: round(1e3 * t, 2) for n, t in med.items()},
+        "peak_mib": {n: round(p / 1024, 1) for n, p in peaks.items()},
+        "speedup": speedup, "ideal_speedup": ideal, "realized": speedup / ideal,
+        "skip_vs_gather": med["eager gather"] / med["compiled skip"],
+        "flops_reduction": report["reduction"], "max_abs_diff_last_logits": agree, "repeats": repeats,
+    }
+
+
+def run(console, models=("qwen3-vl-8b", "llava-1.5-7b"), visual=(576, 1024), text: int = 64, layers: int = 2,
+        repeats: int = 5, ops: tuple[str, ...] = DEFAULT_OPS) -> list[dict]:
+    """All cases, a rich table; returns the rows (for --json)."""
+    from rich.table import Table
+
+    rows = []
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"unknown benchmark model {name!r}; expected one of {', '.join(MODELS)}")
+        for v in visual:
+            rows.append(bench_case(MODELS[name], layers, v, text, repeats, ops, log=console.print))
+    table = Table(title=f"prefill, fp32, {torch.get_num_threads()} threads, {layers} layers, plan {list((ops * layers)[:layers])}")
+    for col in ("model", "S (V)", "compiled full ms", "compiled skip ms", "eager ref ms", "eager gather ms",
+                "speed-up", "FLOPs ideal", "realized", "skip vs gather", "peak MiB full/skip/gather", "max |diff|"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        m, pk = r["median_ms"], r["peak_mib"]
+        table.add_row(r["model"], f"{r['S']} ({r['V']})", f"{m['compiled full']:.0f}", f"{m['compiled skip']:.0f}",
+                      f"{m['eager reference']:.0f}", f"{m['eager gather']:.0f}", f"{r['speedup']:.3f}",
+                      f"{r['ideal_speedup']:.3f}", f"{r['realized']:.3f}", f"{r['skip_vs_gather']:.3f}",
+                      f"{pk['compiled full']:.0f}/{pk['compiled skip']:.0f}/{pk['eager gather']:.0f}",
+                      f"{r['max_abs_diff_last_logits']:.1e}")
+    console.print(table, width=max(console.width, 200))
+    return rows
