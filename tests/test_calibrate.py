@@ -129,3 +129,9 @@ def test_layer_granularity_gives_whole_layer_freezes(tiny):
     assert set(scores.exact) == {(i, "both") for i in range(4)} and not scores.first_order
     (plan,) = cal.calibrate(model, calib, [0.3], granularity="layer", scores=scores, fidelity=0.5)
     assert set(plan.ops) <= {"full", "skip_both"} and plan.name == "shortv-b30"
+
+
+def test_ablations_in_worker_processes_match(tiny):
+    model, calib, scores = tiny
+    forked = cal.exact_scores(model, calib, workers=2)
+    assert forked.exact == scores.exact and forked.agree == scores.agree

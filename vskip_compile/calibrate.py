@@ -167,25 +167,49 @@ class Scores:
 
 
 @torch.no_grad()
+def _ablate(model, calib: CalibSet, full: list[torch.Tensor], key: tuple[int, str], adapter: Adapter) -> tuple[float, float, float]:
+    """(mean |Δ log p(targets)|, mean KL(full‖ablated), agreement) with only `key` removed."""
+    plan = _plan(len(adapter.layers(model)), [key])
+    dlogp = kl = same = 0.0
+    for b, lp_full in zip(calib.batches, full):
+        lp = answer_logprobs(model, b, plan, adapter)
+        dlogp += float((_target_logp(lp, b.targets) - _target_logp(lp_full, b.targets)).abs().sum())
+        kl += float((lp_full.exp() * (lp_full - lp)).sum(-1).sum())
+        same += int((greedy(lp, calib.visual_ids) == b.targets).all(dim=1).sum())
+    return dlogp / calib.size, kl / calib.size, same / calib.size
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _ablate_in_worker(key: tuple[int, str]) -> tuple[float, float, float]:
+    torch.set_num_threads(1)
+    w = _WORKER
+    return _ablate(w["model"], w["calib"], w["full"], key, w["adapter"])
+
+
+@torch.no_grad()
 def exact_scores(model, calib: CalibSet, ops: Sequence[str] = ("attn", "ffn"), adapter: Adapter | None = None,
-                 progress: Callable[[Iterable], Iterable] | None = None) -> Scores:
-    """One forward per candidate with only its visual-row update removed."""
+                 progress: Callable[[Iterable], Iterable] | None = None, workers: int = 1) -> Scores:
+    """One forward per candidate with only its visual-row update removed (candidates split
+    over `workers` forked single-threaded processes when > 1)."""
     adapter = adapter or adapter_for(model)
     L = len(adapter.layers(model))
     full = [answer_logprobs(model, b, None, adapter) for b in calib.batches]
     keys = [(layer, op) for layer in range(L) for op in ops]
+    if workers > 1:
+        import multiprocessing
+
+        _WORKER.update(model=model, calib=calib, full=full, adapter=adapter)
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.imap(_ablate_in_worker, keys)
+            results = list(progress(results) if progress else results)
+        _WORKER.clear()
+    else:
+        results = [_ablate(model, calib, full, key, adapter) for key in (progress(keys) if progress else keys)]
     out = Scores()
-    for key in (progress(keys) if progress else keys):
-        plan = _plan(L, [key])
-        dlogp = kl = same = 0.0
-        for b, lp_full in zip(calib.batches, full):
-            lp = answer_logprobs(model, b, plan, adapter)
-            dlogp += float((_target_logp(lp, b.targets) - _target_logp(lp_full, b.targets)).abs().sum())
-            kl += float((lp_full.exp() * (lp_full - lp)).sum(-1).sum())
-            same += int((greedy(lp, calib.visual_ids) == b.targets).all(dim=1).sum())
-        out.exact[key] = dlogp / calib.size
-        out.kl[key] = kl / calib.size
-        out.agree[key] = same / calib.size
+    for key, (dlogp, kl, agree) in zip(keys, results):
+        out.exact[key], out.kl[key], out.agree[key] = dlogp, kl, agree
     return out
 
 
@@ -233,9 +257,9 @@ def first_order_scores(model, calib: CalibSet, adapter: Adapter | None = None) -
 
 
 def score_candidates(model, calib: CalibSet, granularity: str = "op", adapter: Adapter | None = None,
-                     progress: Callable[[Iterable], Iterable] | None = None) -> Scores:
+                     progress: Callable[[Iterable], Iterable] | None = None, workers: int = 1) -> Scores:
     """Exact scores for the granularity's candidates, plus first-order estimates (op level)."""
-    scores = exact_scores(model, calib, OPS_BY_GRANULARITY[granularity], adapter, progress)
+    scores = exact_scores(model, calib, OPS_BY_GRANULARITY[granularity], adapter, progress, workers)
     if granularity == "op":
         scores.first_order = first_order_scores(model, calib, adapter)
     return scores

@@ -313,6 +313,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", help="where plans go (default: <model-dir>/plans)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_nonneg_int, default=128)
+    p.add_argument("--workers", type=_nonneg_int, default=2,
+                   help="single-threaded processes for the per-candidate ablations (default 2)")
     p.add_argument("--threads", type=_nonneg_int, default=1,
                    help="torch threads (default 1: on a shared CPU several threads spin against each other)")
     p.add_argument("--json", action="store_true", help="print the plans as JSON")
@@ -351,7 +353,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     written, report = [], []
     grans = ("op", "layer") if args.granularity == "both" else (args.granularity,)
     for gran in grans:
-        scores = calibrate.score_candidates(model, calib, gran, progress=lambda xs: tqdm(xs, desc=f"ablate {gran}"))
+        scores = calibrate.score_candidates(model, calib, gran, progress=lambda xs: tqdm(xs, desc=f"ablate {gran}"),
+                                            workers=args.workers)
         plans = calibrate.calibrate(model, calib, budgets, granularity=gran, fidelity=fidelity, scores=scores,
                                     extra_provenance=extra)
         for plan in plans:
