@@ -215,6 +215,12 @@ def test_refusals(tiny_model):
         cm.generate(**inputs, do_sample=True)
     with pytest.raises(CompileError, match="temperature"):
         cm.generate(**inputs, temperature=0.7)
+    model.generation_config.repetition_penalty = 1.3
+    try:
+        with pytest.raises(CompileError, match="repetition_penalty"):
+            cm.generate(**inputs)
+    finally:
+        model.generation_config.repetition_penalty = 1.0
     padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
     padded["attention_mask"][0, 0] = 0
     with pytest.raises(CompileError, match="padded"):

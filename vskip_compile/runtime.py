@@ -54,6 +54,21 @@ _UNSUPPORTED_GENERATE = (
 )
 
 
+# generation_config fields that make HF's greedy search differ from a plain argmax loop.
+_GREEDY_CHANGING_CONFIG = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "min_length",
+    "min_new_tokens",
+    "bad_words_ids",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+)
+
+
 class CompileError(ValueError):
     """compile() or a CompiledVLM call got something it cannot serve correctly."""
 
@@ -229,6 +244,7 @@ class CompiledVLM:
             what = refused or [f"do_sample={do_sample}", f"num_beams={num_beams}", f"use_cache={use_cache}"]
             raise CompileError(f"CompiledVLM.generate is greedy decoding only; unsupported: {', '.join(map(str, what))}")
         gen = self.model.generation_config
+        _check_generation_config(gen)
         max_new_tokens = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new_tokens is None or max_new_tokens < 1:
             raise CompileError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -271,6 +287,19 @@ class CompiledVLM:
 
     def __repr__(self) -> str:
         return f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.backend!r}, {self.cache_info()})"
+
+
+def _check_generation_config(gen) -> None:
+    """Refuse a model generation_config whose logits processors HF would apply to greedy search."""
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    changed = [k for k in _GREEDY_CHANGING_CONFIG if getattr(gen, k, None) != getattr(default, k, None)]
+    if changed:
+        raise CompileError(
+            f"the model's generation_config sets {', '.join(changed)}: HF generate would apply them, "
+            "CompiledVLM.generate (plain greedy) does not"
+        )
 
 
 def compile(model, plan: SkipPlan, backend: str = "inductor", adapter=None, cache_size: int = 8) -> CompiledVLM:
