@@ -348,7 +348,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     budgets = args.budget if args.budget else [None]
     fidelity = 1 - args.tolerance if args.tolerance else args.fidelity
-    extra = {"seed": args.seed, "train_indices_sha": _sha(picked), "command": _command(args)}
+    extra = {"seed": args.seed, "train_indices_sha": _sha(picked), "command": _command(args),
+             "weights_sha256": _file_sha(model_dir / "model.safetensors")}
     console = _console()
     written, report = [], []
     grans = ("op", "layer") if args.granularity == "both" else (args.granularity,)
@@ -395,6 +396,12 @@ def _command(args: argparse.Namespace) -> str:
         else:
             parts += [flag, str(value)]
     return " ".join(parts)
+
+
+def _file_sha(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _sha(xs) -> str:
@@ -472,6 +479,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "title": f"easy-VQA test ({len(indices)} questions), {type(model).__name__}",
         "command": _command(args),
         "model_dir": str(model_dir),
+        "weights_sha256": _file_sha(model_dir / "model.safetensors"),
         "model": {"architecture": type(model).__name__, "config_hash": config_hash(_text(model.config))},
         "questions": len(indices),
         "budgets": args.budgets,
