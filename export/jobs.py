@@ -61,6 +61,7 @@ class Work:
     copies: list[tuple[str, str]]  # (role, key) copied from `reuse`
     reuse: Path | None
     runtime: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # where the model came from (kept across calls)
 
 
 def version(pkg: str) -> str | None:
@@ -161,7 +162,9 @@ def collect(
         **_text_dims(model, adapter),
         "vision": vision.host_info(model, adapter),
     }
-    return Work(out_dir, model_id, plan, text_config, graphs, jobs, copies, Path(reuse) if reuse else None, runtime)
+    source = dict(old.get("source", {})) if old else {}
+    return Work(out_dir, model_id, plan, text_config, graphs, jobs, copies, Path(reuse) if reuse else None, runtime,
+                source)
 
 
 def copy_reused(work: Work) -> None:
@@ -204,6 +207,7 @@ def manifest_body(work: Work, tensors: Mapping[str, Any], versions: Mapping[str,
         "plan_id": plan_id(work.plan),
         "runtime": {**work.runtime, "tensors": dict(tensors)},
         "graphs": work.graphs,
+        "source": work.source,
         "versions": {
             "vskip_compile": version("vskip-compile"),
             "torch": torch.__version__,

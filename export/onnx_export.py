@@ -41,6 +41,7 @@ def export_onnx(
     reuse: str | Path | None = None,
     opset: int | None = None,
     optimize: bool = True,
+    source: Mapping[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export (or extend) the engine directory out_dir for `model` under `plan`.
@@ -52,12 +53,14 @@ def export_onnx(
     reuse: an engine directory of the same model (any plan) whose plan-independent graphs
     (vision, decode at the same max_cache_len) and weights are copied instead of re-exported;
     only into a new directory. optimize: run torch.onnx's ONNX optimizer (slower export;
-    onnxruntime optimizes at load time either way).
+    onnxruntime optimizes at load time either way). source: recorded in the manifest (e.g.
+    {"model_dir": ...}, which `vskip run` uses to find the processor).
     """
     import onnx
 
     say = progress or (lambda msg: None)
     work = jb.collect(model, plan, example_inputs, out_dir, layouts, max_cache_len, reuse, say)
+    work.source.update(source or {})
     jb.copy_reused(work)
     work.out_dir.mkdir(parents=True, exist_ok=True)
     store = WeightStore(work.out_dir)

@@ -22,16 +22,18 @@ from vskip_compile.export import manifest as mf
 from vskip_compile.export.weights import read_header
 from vskip_compile.plan import config_hash
 
-PLAN = SkipPlan.from_ops(["skip_both", "full", "skip_attn", "skip_ffn"], name="manifest-test")
+# The tiny LLaVA engine of test_export_onnx (exported once per process; pytest puts tests/ on
+# sys.path, so this is the module pytest itself imports).
+from test_export_onnx import PLANS, exported_engine  # noqa: E402
+
+PLAN = PLANS[0]
 
 
 @pytest.fixture(scope="module")
 def exported(tiny_model, tmp_path_factory):
     """(model, inputs, engine dir) of tiny LLaVA under PLAN; tests work on copies."""
-    model = tiny_model("llava")
-    inputs = tiny_inputs(model, "llava")
-    out = tmp_path_factory.mktemp("llava-engine")
-    export_onnx(model, PLAN, inputs, out, optimize=False)
+    model, inputs, plan, out = exported_engine(tiny_model, tmp_path_factory, "llava", 0)
+    assert plan == PLAN
     return model, inputs, out
 
 
@@ -48,7 +50,7 @@ def test_manifest_records_plan_layouts_model_versions_and_every_file(exported):
     model, _, out = exported
     m = json.loads((out / "manifest.json").read_text())
     assert m["format"] == "vskip-engine" and m["format_version"] == 1
-    assert m["plan"]["ops"] == list(PLAN.ops) and m["plan"]["name"] == "manifest-test"
+    assert m["plan"]["ops"] == list(PLAN.ops) and m["plan"]["name"] == PLAN.name
     adapter = adapter_for(model)
     assert m["model"]["architecture"] == "LlavaForConditionalGeneration"
     assert m["model"]["config_hash"] == config_hash(adapter.text_config(model))

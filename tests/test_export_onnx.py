@@ -11,6 +11,7 @@ reports ~5e-7 for the text decoder alone). Greedy tokens must be identical.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -42,23 +43,27 @@ def random_plan(seed: int, layers: int = 4) -> SkipPlan:
 PLANS = {0: random_plan(0), 1: random_plan(1)}
 
 
+_ENGINES: dict = {}  # (arch, seed) -> (model, inputs, plan, engine dir); also used by test_engine_manifest
+
+
+def exported_engine(tiny_model, tmp_path_factory, arch: str, seed: int):
+    """(model, inputs, plan, engine dir) of arch under PLANS[seed], exported once per process.
+    The second plan of an arch reuses the first one's vision and decode graphs. Tests must
+    not modify the directory (copy it first)."""
+    if (arch, seed) not in _ENGINES:
+        model = tiny_model(arch)
+        inputs = tiny_inputs(model, arch)
+        out = tmp_path_factory.mktemp(f"{arch}-plan{seed}")
+        reuse = _ENGINES[(arch, 0)][3] if seed and (arch, 0) in _ENGINES else None
+        export_onnx(model, PLANS[seed], inputs, out, optimize=False, reuse=reuse)
+        _ENGINES[(arch, seed)] = (model, inputs, PLANS[seed], out)
+    return _ENGINES[(arch, seed)]
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_model, tmp_path_factory):
-    """engine(arch, plan_seed) -> (model, inputs, plan, engine dir), exported once per pair.
-    The second plan of an arch reuses the first one's vision and decode graphs."""
-    cache: dict = {}
-
-    def get(arch: str, seed: int):
-        if (arch, seed) not in cache:
-            model = tiny_model(arch)
-            inputs = tiny_inputs(model, arch)
-            out = tmp_path_factory.mktemp(f"{arch}-plan{seed}")
-            reuse = cache[(arch, 0)][3] if seed and (arch, 0) in cache else None
-            export_onnx(model, PLANS[seed], inputs, out, optimize=False, reuse=reuse)
-            cache[(arch, seed)] = (model, inputs, PLANS[seed], out)
-        return cache[(arch, seed)]
-
-    return get
+    """engine(arch, plan_seed) -> (model, inputs, plan, engine dir)."""
+    return functools.partial(exported_engine, tiny_model, tmp_path_factory)
 
 
 def reference_run(model, plan, inputs):
@@ -120,9 +125,10 @@ def expected_matmuls(plan: SkipPlan, layout: VisualLayout, d: int, kv: int, f: i
     return sorted(rows + [(1, d, vocab)])
 
 
+@pytest.mark.parametrize("seed", sorted(PLANS))
 @pytest.mark.parametrize("arch", ["llava", "qwen3_vl"])
-def test_prefill_graph_has_the_plans_matmul_rows(engine, arch):
-    model, inputs, plan, out = engine(arch, 0)
+def test_prefill_graph_has_the_plans_matmul_rows(engine, arch, seed):
+    model, inputs, plan, out = engine(arch, seed)
     manifest = json.loads((out / "manifest.json").read_text())
     (graph,) = manifest["graphs"]["prefill"].values()
     layout = host.layout_from_json(graph["layout"])
@@ -165,18 +171,22 @@ def test_layout_without_graph_is_refused_with_the_available_ones(engine, tiny_mo
         OnnxRunner(out).generate(**other, max_new_tokens=2)
 
 
-def test_second_layout_added_to_an_existing_export(engine, tmp_path):
+def test_layouts_added_to_an_existing_export(engine, tmp_path):
+    """layouts=[...] adds a prefill graph (same image, longer text); a second call with batch-2
+    inputs adds their prefill graph and a batch-2 decode step. No weight is stored twice."""
     model, inputs, plan, first = engine("qwen3_vl", 0)
     out = tmp_path / "engine"
     shutil.copytree(first, out)
     longer = tiny_inputs(model, "qwen3_vl", text_after=6, seed=3)
-    layout = adapter_for(model).layout(model, longer["input_ids"])
-    export_onnx(model, plan, None, out, layouts=[layout], optimize=False)
+    export_onnx(model, plan, None, out, layouts=[adapter_for(model).layout(model, longer["input_ids"])], optimize=False)
+    pair = tiny_inputs(model, "qwen3_vl", batch=2, seed=5)
+    export_onnx(model, plan, pair, out, optimize=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["graphs"]["prefill"]) == ["b1-s23-v3_19", "b1-s25-v3_19"]
+    assert sorted(manifest["graphs"]["prefill"]) == ["b1-s23-v3_19", "b1-s25-v3_19", "b2-s23-v3_19"]
+    assert sorted(manifest["graphs"]["decode"]) == ["b1", "b2"]
     assert sorted(p.name for p in out.glob("weights-*")) == ["weights-000.safetensors"]  # nothing new to store
     runner = OnnxRunner(out)
-    for case in (inputs, longer):
+    for case in (inputs, longer, pair):
         want, _ = reference_run(model, plan, case)
         np.testing.assert_array_equal(runner.generate(**case, max_new_tokens=NEW_TOKENS), want)
 
@@ -218,3 +228,58 @@ def test_layout_of_matches_the_adapter(tiny_model):
     adapter = adapter_for(model)
     got = host.layout_of(inputs["input_ids"].numpy(), adapter.visual_token_ids(model))
     assert got == adapter.layout(model, inputs["input_ids"])
+
+
+# -- vskip export / vskip run ----------------------------------------------------------------------
+def mini_model_dir(path):
+    """A local HF model directory with a processor: the zoo's Qwen3-VL layout, 2 layers, random."""
+    from PIL import Image
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from vskip_compile.zoo.easyvqa_processor import build_processor, build_vocab
+    from vskip_compile.zoo.train_easyvqa import build_config
+
+    processor = build_processor(build_vocab(["what shape is in the image ?", "circle rectangle triangle"]))
+    d = build_config(processor.tokenizer).to_dict()
+    d["text_config"].update(num_hidden_layers=2, layer_types=["full_attention"] * 2)
+    d["vision_config"].update(depth=1, deepstack_visual_indexes=[0])
+    config = Qwen3VLConfig.from_dict(d)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    rng = np.random.default_rng(0)
+    image = path / "image.png"
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    return model, processor, image
+
+
+def test_cli_export_then_run_answers_like_the_reference(tmp_path, capsys):
+    import argparse
+
+    from vskip_compile.export.cli import add_export, add_run, build_inputs
+
+    model, processor, image = mini_model_dir(tmp_path / "model")
+    plan = SkipPlan.from_ops(["skip_both", "skip_attn"], name="cli")
+    plan.save(tmp_path / "plan.json")
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    add_export(sub)
+    add_run(sub)
+    prompt = "what shape is in the image ?"
+    engine = tmp_path / "engine"
+    args = parser.parse_args(["export", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"),
+                              "--image", str(image), "--prompt", prompt, "--out", str(engine), "--no-optimize"])
+    assert args.run(args) == 0
+    capsys.readouterr()
+    args = parser.parse_args(["run", "--engine", str(engine), "--image", str(image), "--prompt", prompt,
+                              "--max-new-tokens", "4"])
+    assert args.run(args) == 0
+    answer = capsys.readouterr().out.strip()
+
+    inputs = build_inputs(processor, [str(image)], prompt, "pt")
+    with torch.no_grad(), applied(model, plan):
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    want = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    assert answer == want
