@@ -523,7 +523,11 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_flops, add_plan, add_demo, add_calibrate, add_eval, add_bench]
+from .export.cli import add_export, add_run  # noqa: E402  (vskip export / vskip run; imports only argparse)
+
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_flops, add_plan, add_demo, add_calibrate, add_eval, add_bench, add_export, add_run,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
