@@ -525,8 +525,82 @@ def run_bench(args: argparse.Namespace) -> int:
 
 from .export.cli import add_export, add_run  # noqa: E402  (vskip export / vskip run; imports only argparse)
 
+# -- vskip serve ----------------------------------------------------------------------------------
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a VLM under a skip plan: OpenAI-compatible HTTP on Ray Serve",
+        description="Deploy the model (compiled under the plan, or its ONNX engine) on Ray Serve: "
+        "POST /v1/chat/completions (base64 data-URL images + text, greedy), GET /health. Requests "
+        "of the same visual layout are batched into one prefill. Starts a local Ray instance, or "
+        "joins a cluster with --address. Needs the serve extra: pip install 'vskip-compile[serve]'.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json, weights, processor)")
+    p.add_argument("--plan", required=True, metavar="PLAN.json", help="skip plan for this model")
+    p.add_argument("--engine", choices=("inductor", "eager", "onnx"), default="inductor",
+                   help="inductor (default) or eager: vskip_compile.compile backends; onnx: an exported engine")
+    p.add_argument("--engine-dir", metavar="DIR", help="ONNX engine directory written by export_onnx (--engine onnx)")
+    p.add_argument("--replicas", type=_nonneg_int, default=1, help="model replicas (default 1)")
+    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--threads", type=_nonneg_int, default=1, help="intra-op threads per replica (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
+    p.add_argument("--port", type=_nonneg_int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--address", help="join this Ray cluster (auto, or HEAD:6379) instead of starting a local Ray")
+    p.add_argument("--max-batch-size", type=_nonneg_int, default=8, help="requests per batch (default 8)")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits to fill (default 20)")
+    p.add_argument("--max-layouts", type=_nonneg_int, default=32, help="distinct layouts a replica compiles (default 32)")
+    p.add_argument("--max-tokens", type=_nonneg_int, default=64, help="largest max_tokens a request may ask (default 64)")
+    p.add_argument("--max-image-bytes", type=_nonneg_int, default=4 * 1024 * 1024, help="largest image file (default 4 MiB)")
+    p.add_argument("--metrics-port", type=_nonneg_int, help="Prometheus port of a local Ray's metrics (not with --address)")
+    p.set_defaults(run=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import threading
+
+    try:
+        from .serve import app as serve_app
+    except ImportError as e:
+        raise UsageError(f"vskip serve needs the serve extra: pip install 'vskip-compile[serve]' ({e})") from e
+    from .serve.request import Limits
+
+    model_dir = Path(args.model)
+    config = model_dir / "config.json"
+    if not config.is_file():
+        raise UsageError(f"no model at {model_dir} (config.json missing)")
+    plan = _load_plan(args.plan)
+    text = _read_json(str(config))
+    text = text.get("text_config", text)
+    if plan.num_layers != text.get("num_hidden_layers"):
+        raise UsageError(f"{args.plan} has {plan.num_layers} layers; {model_dir} has {text.get('num_hidden_layers')}")
+    if args.engine == "onnx" and not args.engine_dir:
+        raise UsageError("--engine onnx needs --engine-dir (a directory written by export_onnx)")
+    if min(args.replicas, args.threads, args.max_batch_size, args.max_layouts, args.max_tokens) < 1:
+        raise UsageError("--replicas, --threads, --max-batch-size, --max-layouts and --max-tokens must be >= 1")
+    if args.address and args.metrics_port is not None:
+        raise UsageError("--metrics-port sets up a local Ray; with --address, the cluster's `ray start` sets it")
+    limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(16, args.max_tokens),
+                    max_image_bytes=args.max_image_bytes)
+    options = serve_app.ServeOptions(
+        model_dir=str(model_dir), plan=plan.to_dict(), engine=args.engine, engine_dir=args.engine_dir,
+        replicas=args.replicas, replica_cpus=args.replica_cpus, threads=args.threads,
+        max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000, max_layouts=args.max_layouts,
+        limits=limits,
+    )
+    url = serve_app.start(options, host=args.host, port=args.port, address=args.address, metrics_port=args.metrics_port)
+    print(f"serving {model_dir} under {plan} ({args.engine}, {args.replicas} replica(s)) at {url}/v1/chat/completions; "
+          "Ctrl-C stops", flush=True)
+    try:
+        threading.Event().wait()  # a server: runs until interrupted
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve_app.stop()
+    return 0
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_flops, add_plan, add_demo, add_calibrate, add_eval, add_bench, add_export, add_run,
+    add_flops, add_plan, add_demo, add_calibrate, add_eval, add_bench, add_export, add_run, add_serve,
 ]
 
 

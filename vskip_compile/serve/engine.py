@@ -1,0 +1,281 @@
+"""Engine: one model under one plan, answering groups of same-layout requests. No Ray here.
+
+    engine = Engine(model_dir, plan, engine="inductor")
+    prepared = engine.prepare(chat)              # processor, layout, limits (RequestError: 4xx)
+    answers = engine.run([p1, p2, p3])           # one stacked prefill; all must share a layout
+
+Why groups are padded to a bucket size: a compiled prefill is specialized to its layout,
+and the batch size is part of the layout (static shapes, constant-offset slices). Groups of
+1, 2, 4, ... max_batch_size rows (the last row repeated) bound the graphs per layout to
+log2(max_batch_size) + 1 instead of max_batch_size.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..layout import VisualLayout
+from ..plan import SkipPlan
+from ..runtime import CompiledVLM
+from .request import Chat, Limits, RequestError
+
+ENGINES = ("inductor", "eager", "onnx")
+
+
+@dataclass
+class Prepared:
+    """One request, processed: batch-1 model inputs and their layout (the batching key)."""
+
+    chat: Chat
+    inputs: dict[str, torch.Tensor]
+    layout: VisualLayout  # batch size 1
+    prompt_tokens: int
+
+
+@dataclass
+class Answer:
+    text: str
+    new_ids: list[int]
+    finish_reason: str  # "stop" (EOS) or "length" (max_tokens)
+    info: dict[str, Any] = field(default_factory=dict)  # layout, batch, prefill_s, decode_s
+
+
+def layout_name(layout: VisualLayout) -> str:
+    spans = ",".join(f"{a}:{b}" for a, b in layout.spans[0])
+    return f"S={layout.seq_len} visual=[{spans}]"
+
+
+def bucket(n: int, max_batch_size: int) -> int:
+    """Smallest power of two >= n, capped at max_batch_size."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max_batch_size)
+
+
+def load_model(model_dir: str | Path, dtype: torch.dtype | None = None):
+    """(model in eval mode, processor) from a local directory, offline.
+
+    The processor class is the one processor_config.json names: the zoo's easy-VQA class, or
+    whatever AutoProcessor resolves (any HF VLM saved with save_pretrained).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
+    config = model_dir / "processor_config.json"
+    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
+    if name == "EasyVQAQwen3VLProcessor":
+        from ..zoo.easyvqa_processor import EasyVQAQwen3VLProcessor
+
+        processor = EasyVQAQwen3VLProcessor.from_pretrained(model_dir, local_files_only=True)
+    else:
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    return model, processor
+
+
+class _TimedVLM(CompiledVLM):
+    """CompiledVLM that records, per thread, how long its last prefill took (vision tower,
+    merge and the compiled decoder prefill: everything before the first token)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timing = threading.local()
+
+    def _prefill_inputs(self, inputs):
+        self.timing.start = time.perf_counter()
+        return super()._prefill_inputs(inputs)
+
+    def _prefill(self, p, logits_to_keep):
+        out = super()._prefill(p, logits_to_keep)
+        self.timing.prefill_s = time.perf_counter() - self.timing.start
+        return out
+
+
+def _timed_onnx_runner(engine_dir: str | Path, threads: int | None):
+    from ..export.runner import OnnxRunner
+
+    class TimedOnnxRunner(OnnxRunner):
+        """OnnxRunner that records, per thread, how long its last prefill took."""
+
+        timing = threading.local()
+
+        def prefill(self, **inputs):
+            start = time.perf_counter()
+            out = super().prefill(**inputs)
+            self.timing.prefill_s = time.perf_counter() - start
+            return out
+
+    return TimedOnnxRunner(engine_dir, threads=threads)
+
+
+class Engine:
+    """A model, its processor and a compiled model (or ONNX runner) under one plan.
+
+    Thread use: `prepare` may run in any thread; `run` in at most two at once (the server's
+    run thread and compile thread). The compiled model's graph cache is shared by both.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        plan: SkipPlan,
+        engine: str = "inductor",
+        *,
+        engine_dir: str | Path | None = None,
+        limits: Limits = Limits(),
+        max_batch_size: int = 8,
+        max_layouts: int = 32,
+        threads: int | None = None,
+    ):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+        if max_batch_size < 1 or max_layouts < 1:
+            raise ValueError("max_batch_size and max_layouts must be >= 1")
+        self.model_dir = Path(model_dir)
+        self.model, self.processor = load_model(model_dir)
+        self.plan = plan
+        self.engine = engine
+        self.limits = limits
+        self.max_batch_size = max_batch_size
+        self.max_layouts = max_layouts
+        self.name = self.model_dir.name
+        self._lock = threading.Lock()
+        gen = self.model.generation_config
+        eos = gen.eos_token_id
+        self.eos_ids = set([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.buckets = sorted({bucket(n, max_batch_size) for n in range(1, max_batch_size + 1)})
+        if engine == "onnx":
+            if engine_dir is None:
+                raise ValueError("engine 'onnx' needs engine_dir (a directory written by export_onnx)")
+            self.runner = _timed_onnx_runner(engine_dir, threads)
+            have = SkipPlan.from_dict(self.runner.manifest["plan"])
+            if tuple(have.ops) != tuple(plan.ops) or have.scope != plan.scope:
+                raise ValueError(f"{engine_dir} was exported for plan {have}, not {plan}")
+            self.cm = None
+            self.max_context = int(self.runner.rt["max_cache_len"])
+        else:
+            self.runner = None
+            self.cm = _TimedVLM(self.model, plan, backend=engine, cache_size=max_layouts * len(self.buckets))
+            text = self.model.config.get_text_config()
+            self.max_context = int(getattr(text, "max_position_embeddings", 1 << 30))
+        self.adapter = self.cm.adapter if self.cm is not None else None
+        # (layout, batch) keys that ran here, least recently used first: the server sends these
+        # to its run thread and anything else to its compile thread. Bounded like the graph cache.
+        self._ready: OrderedDict[tuple[VisualLayout, int], None] = OrderedDict()
+        self._layouts: OrderedDict[VisualLayout, None] = OrderedDict()
+
+    # -- requests ---------------------------------------------------------------------------
+    def prepare(self, chat: Chat) -> Prepared:
+        """Processor outputs and layout for one request, or RequestError: too many tokens,
+        no visual tokens, a layout the ONNX engine was not exported for, too many layouts."""
+        prompt = self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
+        inputs = dict(self.processor(text=[prompt], images=chat.images, return_tensors="pt"))
+        ids = inputs["input_ids"]  # [1, S]
+        n = int(ids.shape[1])
+        if n + chat.max_tokens > self.max_context:
+            raise RequestError(400, f"too many tokens: the prompt has {n} tokens and max_tokens is {chat.max_tokens}; "
+                                    f"together they exceed the model's context of {self.max_context}")
+        layout = self._layout(ids)
+        if not layout.has_visual:
+            raise RequestError(400, "the prompt has no image tokens (does the chat template place the image?)")
+        if self.runner is not None:
+            from ..export import host
+
+            exported = {host.layout_key(x) for x in self.runner.layouts}
+            if host.layout_key(layout) not in exported:
+                raise RequestError(422, f"the ONNX engine has no prefill graph for layout {layout_name(layout)}; "
+                                        f"exported: {', '.join(sorted(exported))}. Export it (export_onnx(..., layouts=...)) "
+                                        "or use --engine inductor, which compiles new layouts")
+        with self._lock:
+            if layout not in self._layouts and len(self._layouts) >= self.max_layouts:
+                raise RequestError(422, f"layout {layout_name(layout)} would be layout number {len(self._layouts) + 1}; "
+                                        f"this server compiles at most {self.max_layouts} (--max-layouts)")
+            self._layouts[layout] = None
+        return Prepared(chat=chat, inputs=inputs, layout=layout, prompt_tokens=n)
+
+    def _layout(self, input_ids: torch.Tensor) -> VisualLayout:
+        if self.adapter is not None:
+            return self.adapter.layout(self.model, input_ids)
+        from ..export import host
+
+        return host.layout_of(input_ids.numpy(), self.runner.rt["visual_token_ids"])
+
+    # -- groups -----------------------------------------------------------------------------
+    def batch_size(self, n: int) -> int:
+        return bucket(n, self.max_batch_size)
+
+    def is_ready(self, layout: VisualLayout, n: int) -> bool:
+        """Has a group of n rows of this layout run here (its graph is compiled and cached)?"""
+        with self._lock:
+            return (layout, self.batch_size(n)) in self._ready
+
+    def _mark_ready(self, key: tuple[VisualLayout, int]) -> None:
+        with self._lock:
+            self._ready[key] = None
+            self._ready.move_to_end(key)
+            while len(self._ready) > self.max_layouts * len(self.buckets):
+                self._ready.popitem(last=False)
+
+    def run(self, group: list[Prepared]) -> list[Answer]:
+        """Greedy answers for requests of one layout: one stacked prefill, one decode loop."""
+        if not group or len(group) > self.max_batch_size:
+            raise ValueError(f"a group has 1..{self.max_batch_size} requests, got {len(group)}")
+        layout = group[0].layout
+        if any(p.layout != layout for p in group):
+            raise ValueError("a group mixes layouts")  # the server groups by layout: a bug if seen
+        size = self.batch_size(len(group))
+        if self.runner is not None and not self._onnx_has(layout, size):
+            answers = [a for p in group for a in self._run_stacked([p], 1)]
+        else:
+            answers = self._run_stacked(group, size)
+        return answers
+
+    def _onnx_has(self, layout: VisualLayout, size: int) -> bool:
+        from ..export import host
+
+        graphs = self.runner.manifest["graphs"]
+        wide = VisualLayout(layout.seq_len, layout.spans * size)
+        return host.layout_key(wide) in graphs["prefill"] and f"b{size}" in graphs["decode"]
+
+    def _run_stacked(self, group: list[Prepared], size: int) -> list[Answer]:
+        rows = group + [group[-1]] * (size - len(group))  # pad to the bucket with copies
+        inputs = {k: torch.cat([p.inputs[k] for p in rows]) for k in group[0].inputs}  # same layout: same S
+        max_new = max(p.chat.max_tokens for p in group)
+        start = time.perf_counter()
+        if self.cm is not None:
+            out = self.cm.generate(**inputs, max_new_tokens=max_new)
+            prefill_s = self.cm.timing.prefill_s
+        else:
+            out = torch.as_tensor(self.runner.generate(**inputs, max_new_tokens=max_new))
+            prefill_s = self.runner.timing.prefill_s
+        total_s = time.perf_counter() - start
+        self._mark_ready((group[0].layout, size))
+        seq_len = group[0].layout.seq_len
+        info = {"layout": layout_name(group[0].layout), "batch": len(group), "batch_padded": size,
+                "prefill_s": round(prefill_s, 6), "decode_s": round(total_s - prefill_s, 6)}
+        return [self._answer(out[r, seq_len:].tolist()[: p.chat.max_tokens], info) for r, p in enumerate(group)]
+
+    def _answer(self, new: list[int], info: dict[str, Any]) -> Answer:
+        """Tokens up to and including the first EOS; the text stops before it."""
+        for i, t in enumerate(new):
+            if t in self.eos_ids:
+                text = self.processor.tokenizer.decode(new[:i], skip_special_tokens=True).strip()
+                return Answer(text, new[: i + 1], "stop", info)
+        return Answer(self.processor.tokenizer.decode(new, skip_special_tokens=True).strip(), new, "length", info)
+
+    def cache_info(self) -> dict[str, int]:
+        """Graph cache counters (the torch engines), or ONNX sessions opened."""
+        if self.cm is not None:
+            return self.cm.cache_info()._asdict()
+        return {"layouts_exported": len(self.runner.layouts)}

@@ -1,0 +1,214 @@
+"""OpenAI chat-completion requests in, responses out: validation with clear 4xx errors.
+
+No Ray, no torch: parsing is pure so that a bad request fails here, before it reaches a
+batch, and never touches the model. Every refusal is a `RequestError` with an HTTP status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+# Top-level fields of POST /v1/chat/completions that this server understands. Anything else is
+# refused (400): silently ignoring e.g. "top_p" would return an answer the client did not ask for.
+CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "n", "user")
+MESSAGE_FIELDS = ("role", "content")
+ROLES = ("system", "user", "assistant")
+
+
+class RequestError(ValueError):
+    """A request the server refuses; `status` is the HTTP status code (4xx)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Sizes bound memory and time before any model work."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_image_bytes: int = 4 * 1024 * 1024  # one decoded image file
+    max_image_pixels: int = 2048 * 2048  # width * height, checked before the pixels are decoded
+    max_images: int = 1
+    max_text_chars: int = 4096
+    max_tokens: int = 64  # largest max_tokens a request may ask for
+    default_max_tokens: int = 16
+
+
+@dataclass
+class Chat:
+    """A validated request: messages for the chat template ({"type": "image"} placeholders),
+    the decoded images in the same order, and the number of tokens to generate."""
+
+    messages: list[dict[str, Any]]
+    images: list[Any]  # PIL RGB images
+    max_tokens: int
+    model: str | None = None
+    id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+
+
+def _error_type(status: int) -> str:
+    return "invalid_request_error" if status < 500 else "server_error"
+
+
+def error_body(status: int, message: str) -> dict[str, Any]:
+    """OpenAI-style error object."""
+    return {"error": {"message": message, "type": _error_type(status), "code": status}}
+
+
+def decode_image(url: Any, limits: Limits, where: str):
+    """A base64 `data:image/...` URL -> RGB PIL image, within the byte and pixel limits."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(url, str):
+        raise RequestError(400, f"{where}: image_url.url must be a string")
+    if not url.startswith("data:"):
+        raise RequestError(400, f"{where}: only base64 data URLs are accepted (data:image/png;base64,...); "
+                                "this server fetches nothing")
+    head, sep, payload = url.partition(",")
+    if not sep or not head.endswith(";base64") or not head[len("data:"):].startswith("image/"):
+        raise RequestError(400, f"{where}: expected data:image/<format>;base64,<data>")
+    if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
+        raise RequestError(413, f"{where}: image larger than {limits.max_image_bytes} bytes")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"{where}: invalid base64 ({e})") from e
+    if len(raw) > limits.max_image_bytes:
+        raise RequestError(413, f"{where}: image larger than {limits.max_image_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            w, h = im.size  # from the header; nothing decoded yet
+            if w * h > limits.max_image_pixels:
+                raise RequestError(413, f"{where}: image of {w}x{h} pixels exceeds the limit of "
+                                        f"{limits.max_image_pixels} pixels")
+            return im.convert("RGB")  # decodes: truncated or corrupt data fails here
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise RequestError(400, f"{where}: cannot decode the image ({type(e).__name__}: {e})") from e
+
+
+def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(400, f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise RequestError(400, f"{name} must be in {low}..{high}, got {value}")
+    return value
+
+
+def _content(content: Any, limits: Limits, where: str, images: list) -> str | list[dict[str, Any]]:
+    """One message's content for the chat template; images decoded into `images`."""
+    if isinstance(content, str):
+        if len(content) > limits.max_text_chars:
+            raise RequestError(400, f"{where}: text longer than {limits.max_text_chars} characters")
+        return content
+    if not isinstance(content, list) or not content:
+        raise RequestError(400, f"{where}: content must be a string or a non-empty list of parts")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            raise RequestError(400, f"{at}: a part must be an object")
+        kind = part.get("type")
+        if kind == "text":
+            if set(part) - {"type", "text"}:
+                raise RequestError(400, f"{at}: unknown fields {sorted(set(part) - {'type', 'text'})}")
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise RequestError(400, f"{at}: text must be a string")
+            if len(text) > limits.max_text_chars:
+                raise RequestError(400, f"{at}: text longer than {limits.max_text_chars} characters")
+            parts.append({"type": "text", "text": text})
+        elif kind == "image_url":
+            if set(part) - {"type", "image_url"}:
+                raise RequestError(400, f"{at}: unknown fields {sorted(set(part) - {'type', 'image_url'})}")
+            spec = part.get("image_url")
+            if not isinstance(spec, dict) or "url" not in spec or set(spec) - {"url", "detail"}:
+                raise RequestError(400, f"{at}: image_url must be an object {{\"url\": ...}} (optional \"detail\")")
+            if len(images) >= limits.max_images:
+                raise RequestError(400, f"{at}: more than {limits.max_images} image(s) in one request")
+            images.append(decode_image(spec["url"], limits, at))
+            parts.append({"type": "image"})
+        else:
+            raise RequestError(400, f"{at}: unsupported part type {kind!r}; expected 'text' or 'image_url'")
+    return parts
+
+
+def parse_chat(raw: bytes, limits: Limits) -> Chat:
+    """Body of POST /v1/chat/completions -> Chat, or RequestError (4xx) naming the problem."""
+    if len(raw) > limits.max_body_bytes:
+        raise RequestError(413, f"request body larger than {limits.max_body_bytes} bytes")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(400, f"body is not JSON ({e})") from e
+    if not isinstance(body, dict):
+        raise RequestError(400, "body must be a JSON object")
+    unknown = sorted(set(body) - set(CHAT_FIELDS))
+    if unknown:
+        raise RequestError(400, f"unknown fields {unknown}; this server accepts {list(CHAT_FIELDS)} "
+                                "(decoding is greedy)")
+    if body.get("stream"):
+        raise RequestError(400, "stream=true is not supported")
+    if body.get("n", 1) != 1:
+        raise RequestError(400, "n must be 1")
+    temperature = body.get("temperature")
+    if temperature not in (None, 0, 0.0):
+        raise RequestError(400, f"decoding is greedy: temperature must be 0 or absent, got {temperature!r}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, "model must be a string")
+    max_tokens = _int_field(body, "max_tokens", 1, limits.max_tokens)
+    max_completion = _int_field(body, "max_completion_tokens", 1, limits.max_tokens)
+    if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
+        raise RequestError(400, "max_tokens and max_completion_tokens differ")
+    n_tokens = max_tokens or max_completion or limits.default_max_tokens
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list")
+    images: list = []
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(400, f"{where}: a message must be an object")
+        if set(m) - set(MESSAGE_FIELDS):
+            raise RequestError(400, f"{where}: unknown fields {sorted(set(m) - set(MESSAGE_FIELDS))}")
+        if m.get("role") not in ROLES:
+            raise RequestError(400, f"{where}: role must be one of {list(ROLES)}, got {m.get('role')!r}")
+        out.append({"role": m["role"], "content": _content(m.get("content"), limits, where, images)})
+    if out[-1]["role"] != "user":
+        raise RequestError(400, "the last message must be the user's")
+    if not images:
+        raise RequestError(400, "no image: this is a vision model; send one image_url part "
+                                "(data:image/png;base64,...) with the question")
+    return Chat(messages=out, images=images, max_tokens=n_tokens, model=model)
+
+
+def completion_body(chat: Chat, model: str, text: str, prompt_tokens: int, new_ids: list[int],
+                    finish_reason: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI chat.completion object; `vskip` holds the token ids, layout and timings."""
+    return {
+        "id": chat.id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(new_ids),
+                  "total_tokens": prompt_tokens + len(new_ids)},
+        "vskip": {"token_ids": new_ids, **extra},
+    }
