@@ -127,3 +127,13 @@ def test_zoo_harness_agrees_with_one_question_at_a_time():
     assert ev.verify_against_unbatched(h, methods, list(range(0, 40, 5))) == {m.name: 0 for m in methods}
     rows = ev.sweep(h, methods, progress=False)
     assert rows[0]["accuracy"] > 0.8 and rows[0]["flops_cut"] == 0.0
+
+
+def test_cli_refuses_a_missing_model(tmp_path, capsys):
+    from vskip_compile.cli import main
+
+    assert main(["eval", "--model-dir", str(tmp_path)]) == 2
+    assert "no model" in capsys.readouterr().err
+    assert main(["calibrate", "--model-dir", str(tmp_path), "--budget", "0.4"]) == 2
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--budget", "1.5"])
