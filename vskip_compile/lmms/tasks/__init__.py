@@ -1,0 +1,1 @@
+"""lmms-eval task YAMLs shipped with vskip-compile (a folder for --include_path)."""

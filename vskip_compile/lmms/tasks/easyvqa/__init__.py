@@ -1,0 +1,1 @@
+"""The offline easy-VQA task (easyvqa.yaml) and its functions (utils.py)."""
