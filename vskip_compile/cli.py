@@ -558,6 +558,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import threading
 
+    from .serve import use_loopback
+
+    if not args.address:
+        use_loopback()  # a local Ray instance stays on 127.0.0.1
     try:
         from .serve import app as serve_app
     except ImportError as e:

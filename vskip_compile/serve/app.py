@@ -17,8 +17,8 @@ the compile finishes, and the replica keeps serving every other layout meanwhile
 a layout still compiling also go to the compile thread, behind it, and hit its cache there.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the handler annotations (Request)
+# at route registration, and string annotations do not resolve inside a Serve ingress class.
 import asyncio
 import logging
 import time

@@ -1,0 +1,252 @@
+"""Bounded load test of `vskip serve` on 127.0.0.1: throughput, latency, and that every request
+got its own right answer.
+
+    python benchmarks/serve_load.py --requests 300 --layouts 3            # zoo model, eager engine
+    python benchmarks/serve_load.py --requests 200 --kill-replica --replicas 2
+
+Starts a local Ray + the deployment itself, computes each distinct prompt's answer alone with
+`vskip_compile.compile(...).generate` (the reference), then fires rounds of concurrent requests
+over several layouts (questions of different lengths). Round 1 is cold (graphs compile as
+layouts and batch sizes first appear); later rounds are warm. With --kill-replica, one replica
+actor is ray.kill'ed during the last round: Ray Serve starts a new one; requests that fail are
+counted as failed, and a 200 whose answer differs from the reference is counted as wrong
+(must be 0). Everything is bounded: request count, per-request timeout, total time limit;
+traffic goes to 127.0.0.1 only. Prints one JSON report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_plan(num_layers: int):
+    from vskip_compile.plan import SkipPlan
+
+    cycle = ["full", "skip_attn", "skip_ffn", "skip_both"]
+    return SkipPlan.from_ops([cycle[i % 4] for i in range(num_layers)], name="serve-load-demo")
+
+
+def pick_prompts(layouts: int, per_layout: int, seed: int) -> list[tuple[str, str]]:
+    """(image path, question) pairs from the easy-VQA test split: `per_layout` distinct pairs
+    for each of the `layouts` most common question lengths (length decides the layout)."""
+    from vskip_compile.zoo import easyvqa
+
+    by_len: dict[int, list] = {}
+    for path, question, _ in easyvqa.test_set()[:3000]:
+        by_len.setdefault(len(question.split()), []).append((path, question))
+    common = sorted(by_len, key=lambda n: -len(by_len[n]))[:layouts]
+    rng = random.Random(seed)
+    return [p for n in sorted(common) for p in rng.sample(by_len[n], per_layout)]
+
+
+def references(model_dir: Path, plan, engine: str, prompts, max_tokens: int) -> list[tuple[str, list[int]]]:
+    """Each prompt alone through vskip_compile.compile(...).generate: (answer text, new token ids)."""
+    import vskip_compile
+    from vskip_compile.serve.engine import load_model
+    from vskip_compile.zoo import easyvqa
+
+    model, processor = load_model(model_dir)
+    cm = vskip_compile.compile(model, plan, backend="eager" if engine == "onnx" else engine)
+    out = []
+    for path, question in prompts:
+        inputs = easyvqa.build_inputs(processor, path, question)
+        new = cm.generate(**inputs, max_new_tokens=max_tokens)[0, inputs["input_ids"].shape[1]:]
+        out.append((easyvqa.parse_answer(processor, new), new.tolist()))
+    return out
+
+
+def _body(path: str, question: str, max_tokens: int) -> bytes:
+    b64 = base64.b64encode(Path(path).read_bytes()).decode()
+    content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},
+               {"type": "text", "text": question}]
+    return json.dumps({"max_tokens": max_tokens, "messages": [{"role": "user", "content": content}]}).encode()
+
+
+async def _one(session, url: str, body: bytes, timeout: float) -> tuple[int, dict | str, float]:
+    import aiohttp
+
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            text = await r.text()
+            try:
+                payload = json.loads(text)
+            except json.JSONDecodeError:
+                payload = text[:200]
+            return r.status, payload, time.perf_counter() - start
+    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        return 0, f"{type(e).__name__}: {e}", time.perf_counter() - start
+
+
+async def run_round(base: str, bodies: list[bytes], order: list[int], timeout: float, kill_at: float | None,
+                    kill) -> dict:
+    """All requests at once (bounded by len(order)); optionally kill a replica after kill_at s."""
+    import aiohttp
+
+    url = base + "/v1/chat/completions"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=len(order))) as session:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(_one(session, url, bodies[i], timeout)) for i in order]
+        killed = None
+        if kill_at is not None:
+            await asyncio.sleep(kill_at)
+            killed = await asyncio.to_thread(kill)
+        results = await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return {"results": results, "wall_s": wall, "killed": killed}
+
+
+def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, list[int]]]) -> dict:
+    ok = wrong = 0
+    failed: dict[str, int] = {}
+    latencies = []
+    batches = []
+    for i, (status, payload, dt) in zip(order, out["results"]):
+        if status != 200:
+            key = str(status) if status else "connection"
+            failed[key] = failed.get(key, 0) + 1
+            continue
+        text, ids = want[i]
+        got_ids = payload["vskip"]["token_ids"]
+        if payload["choices"][0]["message"]["content"] == text and got_ids == ids[: len(got_ids)]:
+            ok += 1
+            latencies.append(dt)
+            batches.append(payload["vskip"]["batch"])
+        else:
+            wrong += 1
+    latencies.sort()
+    n = len(order)
+    return {
+        "round": round_no,
+        "requests": n,
+        "ok": ok,
+        "wrong": wrong,
+        "failed": failed,
+        "wall_s": round(out["wall_s"], 2),
+        "throughput_rps": round(ok / out["wall_s"], 2),
+        "p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None,
+        "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+        "killed_replica": out["killed"],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="model directory (default: the zoo easy-VQA model)")
+    ap.add_argument("--plan", type=Path, help="plan JSON (default: a cycle of full/skip_attn/skip_ffn/skip_both)")
+    ap.add_argument("--engine", choices=("inductor", "eager", "onnx"), default="eager")
+    ap.add_argument("--engine-dir", type=Path, help="ONNX engine directory (--engine onnx)")
+    ap.add_argument("--requests", type=int, default=300, help="requests per round (all concurrent)")
+    ap.add_argument("--rounds", type=int, default=2, help="round 1 is cold (compiles); later rounds warm")
+    ap.add_argument("--layouts", type=int, default=3, help="distinct question lengths (layouts)")
+    ap.add_argument("--per-layout", type=int, default=4, help="distinct (image, question) prompts per layout")
+    ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--replicas", type=int, default=1)
+    ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--batch-wait-ms", type=float, default=50.0)
+    ap.add_argument("--kill-replica", action="store_true", help="ray.kill one replica during the last round")
+    ap.add_argument("--kill-after", type=float, default=5.0, help="seconds into the last round")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
+    ap.add_argument("--time-limit", type=float, default=1800.0, help="whole run (s); rounds stop being started after it")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, help="also write the JSON report here")
+    args = ap.parse_args(argv)
+    if not 1 <= args.requests <= 2000 or not 1 <= args.rounds <= 10:
+        ap.error("--requests must be in 1..2000 and --rounds in 1..10 (a bounded test)")
+
+    from vskip_compile.serve import use_loopback
+
+    use_loopback()  # before Ray is imported: the local Ray instance stays on 127.0.0.1
+    import ray
+    import torch
+
+    from vskip_compile.plan import SkipPlan
+    from vskip_compile.serve import app as serve_app
+    from vskip_compile.serve.request import Limits
+    from vskip_compile.zoo import easyvqa
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    model_dir = args.model or easyvqa.MODEL_DIR
+    if not (model_dir / "config.json").is_file():
+        ap.error(f"no model at {model_dir}; pass --model DIR")
+    config = json.loads((model_dir / "config.json").read_text())
+    num_layers = config.get("text_config", config)["num_hidden_layers"]
+    plan = SkipPlan.load(args.plan) if args.plan else _default_plan(num_layers)
+    prompts = pick_prompts(args.layouts, args.per_layout, args.seed)
+    bodies = [_body(p, q, args.max_tokens) for p, q in prompts]
+
+    options = serve_app.ServeOptions(
+        model_dir=str(model_dir), plan=plan.to_dict(), engine=args.engine,
+        engine_dir=str(args.engine_dir) if args.engine_dir else None, replicas=args.replicas,
+        replica_cpus=min(1.0, 2.0 / max(1, args.replicas)), max_batch_size=args.max_batch_size,
+        batch_wait_s=args.batch_wait_ms / 1000, max_ongoing_requests=max(64, args.requests),
+        limits=Limits(max_tokens=max(16, args.max_tokens)),
+    )
+    if os.environ.get("RAY_ADDRESS"):  # a Ray instance already running on this machine
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    report = {"model": str(model_dir), "plan": str(plan), "engine": args.engine, "replicas": args.replicas,
+              "layouts": args.layouts, "distinct_prompts": len(prompts), "max_batch_size": args.max_batch_size,
+              "rounds": []}
+    try:
+        base = serve_app.start(options, host="127.0.0.1", port=_free_port())
+        report["startup_s"] = round(time.perf_counter() - t0, 1)
+        t_ref = time.perf_counter()
+        want = references(model_dir, plan, args.engine, prompts, args.max_tokens)
+        report["reference_s"] = round(time.perf_counter() - t_ref, 1)
+        report["distinct_answers"] = len({tuple(ids) for _, ids in want})
+        rng = random.Random(args.seed)
+
+        def kill() -> str:
+            names = serve_app.replica_actors()
+            serve_app.kill_replica(names[0])
+            return names[0]
+
+        for r in range(1, args.rounds + 1):
+            if time.perf_counter() - t0 > args.time_limit:
+                report["stopped"] = f"time limit {args.time_limit} s reached before round {r}"
+                break
+            order = [rng.randrange(len(prompts)) for _ in range(args.requests)]
+            kill_at = args.kill_after if args.kill_replica and r == args.rounds else None
+            out = asyncio.run(run_round(base, bodies, order, args.timeout, kill_at, kill))
+            summary = summarize(r, out, order, want)
+            report["rounds"].append(summary)
+            print(json.dumps(summary), file=sys.stderr, flush=True)
+        if args.kill_replica:
+            deadline = time.perf_counter() + 120
+            while time.perf_counter() < deadline and len(serve_app.replica_actors()) < args.replicas:
+                time.sleep(2)
+            report["replicas_after_kill"] = len(serve_app.replica_actors())
+    finally:
+        serve_app.stop()
+    report["total_s"] = round(time.perf_counter() - t0, 1)
+    report["all_right"] = all(s["wrong"] == 0 for s in report["rounds"])
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if report["all_right"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
