@@ -4,9 +4,9 @@
     GET  /health                 replica status, graph cache, layouts compiled here
 
 Request path in a replica: parse and validate (4xx on bad input, nothing queued) -> the
-processor and the layout, in a worker thread -> `@serve.batch` collects up to max_batch_size
-requests -> the batch handler groups them by layout; every group is one stacked prefill ->
-one future per request.
+processor and the layout, in a worker thread -> `@serve.batch` collects up to
+collect * max_batch_size requests -> the batch handler groups them by layout, at most
+max_batch_size rows a group; every group is one stacked prefill -> one future per request.
 
 Why two threads: a group whose (layout, batch size) already ran here goes to the run thread;
 any other group goes to the compile thread, where its first call compiles the specialized
@@ -58,7 +58,8 @@ class ServeOptions:
     replicas: int = 1
     replica_cpus: float = 1.0
     threads: int = 1  # torch / onnxruntime intra-op threads per replica
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # rows of one stacked prefill
+    collect: int = 4  # one @serve.batch call takes up to collect * max_batch_size requests (several layouts)
     batch_wait_s: float = 0.02
     max_layouts: int = 32
     max_ongoing_requests: int = 64
@@ -82,7 +83,8 @@ class VLMServer:
         self.engine = Engine(opts.model_dir, SkipPlan.from_dict(opts.plan), opts.engine, engine_dir=opts.engine_dir,
                              limits=opts.limits, max_batch_size=opts.max_batch_size, max_layouts=opts.max_layouts,
                              threads=opts.threads)
-        self._batched.set_max_batch_size(opts.max_batch_size)
+        # A batch holds several layouts under load, so it collects more than one group's worth.
+        self._batched.set_max_batch_size(opts.max_batch_size * opts.collect)
         self._batched.set_batch_wait_timeout_s(opts.batch_wait_s)
         self.run_pool = ThreadPoolExecutor(1, thread_name_prefix="vskip-run")
         self.compile_pool = ThreadPoolExecutor(1, thread_name_prefix="vskip-compile")
@@ -133,14 +135,17 @@ class VLMServer:
     # -- batching ---------------------------------------------------------------------------
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def _batched(self, items: list[Prepared]) -> list[asyncio.Future]:
-        """One future per request. Groups by layout; waits for the run-thread groups only."""
+        """One future per request. Groups by layout (at most max_batch_size rows a group);
+        waits for the run-thread groups only."""
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in items]
-        groups: dict[Any, list[int]] = {}
+        by_layout: dict[Any, list[int]] = {}
         for i, p in enumerate(items):
-            groups.setdefault(p.layout, []).append(i)
+            by_layout.setdefault(p.layout, []).append(i)
+        size = self.engine.max_batch_size
+        groups = [(layout, idx[k : k + size]) for layout, idx in by_layout.items() for k in range(0, len(idx), size)]
         waits = []
-        for layout, idx in groups.items():
+        for layout, idx in groups:
             ready = self.engine.is_ready(layout, len(idx))
             pool = self.run_pool if ready else self.compile_pool
             task = loop.run_in_executor(pool, self.engine.run, [items[i] for i in idx])
