@@ -147,3 +147,12 @@ def test_console_script_and_python_m():
     done = subprocess.run([sys.executable, "-m", "vskip_compile", "flops", "--preset", "nope", "--visual", "1",
                            "--text", "1"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "unknown preset" in done.stderr
+
+
+def test_passes_lists_the_pipeline_in_order(capsys):
+    from vskip_compile.cli import main
+
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    names = ["find_regions", "skip_attention", "skip_ffn", "cleanup"]
+    assert [out.index(n) for n in names] == sorted(out.index(n) for n in names)

@@ -603,8 +603,21 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- vskip passes ---------------------------------------------------------------------------------
+def add_passes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("passes", help="the ordered list of graph passes the compiler runs")
+    p.set_defaults(run=run_passes)
+
+
+def run_passes(args: argparse.Namespace) -> int:
+    from .passes import describe_passes
+
+    print(describe_passes())
+    return 0
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_flops, add_plan, add_demo, add_calibrate, add_eval, add_bench, add_export, add_run, add_serve,
+    add_flops, add_plan, add_passes, add_demo, add_calibrate, add_eval, add_bench, add_export, add_run, add_serve,
 ]
 
 
