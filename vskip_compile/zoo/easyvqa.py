@@ -102,17 +102,18 @@ def parse_answer(processor, new_token_ids) -> str:
     return processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def load(dtype: torch.dtype = torch.float32):
-    """(model, processor) from `MODEL_DIR`, offline; the model in eval mode."""
+def load(dtype: torch.dtype = torch.float32, model_dir: str | Path | None = None):
+    """(model, processor) from `MODEL_DIR` (or `model_dir`), offline; the model in eval mode."""
     from transformers import Qwen3VLForConditionalGeneration
 
     from .easyvqa_processor import EasyVQAQwen3VLProcessor
 
-    if not (MODEL_DIR / "config.json").exists():
-        raise FileNotFoundError(f"no trained model at {MODEL_DIR}")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(MODEL_DIR, dtype=dtype, local_files_only=True)
+    model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"no trained model at {model_dir}")
+    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
     model.eval()
-    processor = EasyVQAQwen3VLProcessor.from_pretrained(MODEL_DIR, local_files_only=True)
+    processor = EasyVQAQwen3VLProcessor.from_pretrained(model_dir, local_files_only=True)
     return model, processor
 
 
@@ -203,21 +204,33 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print a JSON line")
+    ap.add_argument("--model-dir", type=Path, default=None, help="evaluate another directory than MODEL_DIR")
+    ap.add_argument("--metrics-out", type=Path, default=None,
+                    help="merge the result into this JSON file (key 'white' or 'test', with the command)")
     args = ap.parse_args(argv)
     if not args.eval:
         ap.print_help()
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, processor = load()
+    model, processor = load(model_dir=args.model_dir)
     samples = test_set()[: args.limit] if args.limit else test_set()
     t0 = time.perf_counter()
     acc = evaluate(model, processor, samples, white_images=args.white, batch_size=args.batch_size, progress=True)
     dt = time.perf_counter() - t0
+    result = {"accuracy": round(acc, 6), "n": len(samples), "white_images": args.white, "seconds": round(dt, 1),
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "command": "python -m vskip_compile.zoo.easyvqa " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:
-        print(json.dumps({"accuracy": acc, "n": len(samples), "white_images": args.white, "seconds": round(dt, 1)}))
+        print(json.dumps(result))
     else:
         print(f"accuracy {acc:.4f} on {len(samples)} test questions (white_images={args.white}, {dt:.0f} s)")
+    if args.metrics_out is not None:
+        metrics = json.loads(args.metrics_out.read_text()) if args.metrics_out.exists() else {}
+        metrics["white" if args.white else "test"] = result
+        if "test" in metrics and "white" in metrics:
+            metrics["drop_points"] = round(100 * (metrics["test"]["accuracy"] - metrics["white"]["accuracy"]), 2)
+        args.metrics_out.write_text(json.dumps(metrics, indent=1) + "\n")
     return 0
 
 

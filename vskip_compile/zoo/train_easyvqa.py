@@ -326,15 +326,17 @@ def main(argv=None) -> int:
                     help="length of the run in training minutes (summed over resumes): the LR schedule follows "
                          "elapsed training time, so a slow or shared CPU still ends with a decayed LR")
     ap.add_argument("--epochs", type=float, default=8.0, help="length of the run in epochs when --minutes is not given")
-    ap.add_argument("--images-per-step", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
-    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--images-per-step", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--eval-images", type=int, default=100)
-    ap.add_argument("--ckpt-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-every", type=int, default=150)
+    ap.add_argument("--eval-images", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2,
+                    help="torch threads; on a CPU shared with other busy processes 1 thread was several times "
+                         "faster than 2 (OpenMP barriers wait on descheduled threads)")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args(argv)
 
