@@ -179,8 +179,11 @@ class Engine:
     def prepare(self, chat: Chat) -> Prepared:
         """Processor outputs and layout for one request, or RequestError: too many tokens,
         no visual tokens, a layout the ONNX engine was not exported for, too many layouts."""
-        prompt = self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
-        inputs = dict(self.processor(text=[prompt], images=chat.images, return_tensors="pt"))
+        try:
+            prompt = self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
+            inputs = dict(self.processor(text=[prompt], images=chat.images, return_tensors="pt"))
+        except (ValueError, TypeError) as e:  # e.g. an image too small for the patch grid
+            raise RequestError(400, f"the processor refused this input: {e}") from e
         ids = inputs["input_ids"]  # [1, S]
         n = int(ids.shape[1])
         if n + chat.max_tokens > self.max_context:
@@ -236,9 +239,10 @@ class Engine:
             raise ValueError("a group mixes layouts")  # the server groups by layout: a bug if seen
         size = self.batch_size(len(group))
         if self.runner is not None and not self._onnx_has(layout, size):
-            answers = [a for p in group for a in self._run_stacked([p], 1)]
+            answers = [a for p in group for a in self._run_stacked([p], 1)]  # no graph for this batch size
         else:
             answers = self._run_stacked(group, size)
+        self._mark_ready((layout, size))
         return answers
 
     def _onnx_has(self, layout: VisualLayout, size: int) -> bool:
@@ -260,7 +264,6 @@ class Engine:
             out = torch.as_tensor(self.runner.generate(**inputs, max_new_tokens=max_new))
             prefill_s = self.runner.timing.prefill_s
         total_s = time.perf_counter() - start
-        self._mark_ready((group[0].layout, size))
         seq_len = group[0].layout.seq_len
         info = {"layout": layout_name(group[0].layout), "batch": len(group), "batch_padded": size,
                 "prefill_s": round(prefill_s, 6), "decode_s": round(total_s - prefill_s, 6)}
