@@ -1,8 +1,14 @@
-"""Engines: skip-shaped graphs lowered to files, and the runners that load them.
+"""Engines: skip-shaped graphs lowered to files, and the runner that loads them.
 
     from vskip_compile.export import export_onnx, OnnxRunner
-    export_onnx(model, plan, processor_outputs, "engine/")        # torch + transformers
-    OnnxRunner("engine/").generate(**processor_outputs, max_new_tokens=32)   # onnxruntime + numpy
+    export_onnx(model, plan, processor_outputs, "engine/")                  # torch + transformers
+    OnnxRunner("engine/").generate(**processor_outputs, max_new_tokens=32)  # onnxruntime + numpy
+
+An engine directory holds, as ONNX with shared safetensors weights: a vision graph per image
+shape, the plan's skip-shaped prefill per layout, a fixed-cache decode step per batch size,
+and manifest.json (checked before anything loads). `export_tensorrt` compiles the same graphs
+to TensorRT engines. Modules: jobs (what to export), vision / prefill / decode (the torch
+modules), onnx_export / tensorrt (lowering), weights, manifest, host (numpy glue), runner, cli.
 
 Importing this package imports neither torch nor onnx: the exporters load lazily, so a
 deployment with only onnxruntime and numpy can use the runner.

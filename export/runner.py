@@ -17,6 +17,7 @@ preallocated K/V buffers of max_cache_len slots. Greedy by default. Batches must
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -58,12 +59,14 @@ class OnnxRunner:
         *,
         expect_model: Mapping[str, Any] | None = None,
         threads: int | None = None,
+        max_prefill_sessions: int = 4,
     ):
         import onnxruntime as ort
 
         self.dir = Path(engine_dir)
         self.manifest = mf.verify(self.dir, expect_model)
         self.rt = self.manifest["runtime"]
+        self._check_references()
         formats = {g.get("format", "onnx") for role in self.manifest["graphs"].values() for g in role.values()}
         if formats - {"onnx"}:
             raise mf.EngineError(f"{self.dir}: holds {', '.join(sorted(formats - {'onnx'}))} graphs; OnnxRunner loads ONNX engines")
@@ -80,11 +83,23 @@ class OnnxRunner:
         self.options.log_severity_level = 3  # errors only: constant-folding notes are noise here
         if threads:
             self.options.intra_op_num_threads = threads
-        self._sessions: dict[tuple[str, str], Any] = {}
+        # Each onnxruntime session holds its own (prepacked) copy of the weights in memory: keep
+        # at most max_prefill_sessions prefill graphs loaded, least recently used evicted.
+        self.max_prefill_sessions = max_prefill_sessions
+        self._sessions: OrderedDict[tuple[str, str], Any] = OrderedDict()
         tensors = self.rt["tensors"]
         self.embed = read_tensor(self.dir / tensors["embed_tokens"]["file"], tensors["embed_tokens"]["key"])  # [V, D]
         nl = tensors.get("image_newline")
         self.image_newline = None if nl is None else np.asarray(read_tensor(self.dir / nl["file"], nl["key"]))
+
+    def _check_references(self) -> None:
+        """Every file the manifest points to is one whose hash it lists (and so was verified)."""
+        listed = self.manifest["files"]
+        refs = [g["file"] for role in self.manifest["graphs"].values() for g in role.values()]
+        refs += [t["file"] for t in self.rt["tensors"].values()]
+        for ref in refs:
+            if ref not in listed:
+                raise mf.ManifestError(f"{self.dir / mf.MANIFEST}: corrupt, it points to {ref!r} but lists no hash for it")
 
     # -- graphs ---------------------------------------------------------------------------------
     @property
@@ -100,6 +115,7 @@ class OnnxRunner:
             have = ", ".join(sorted(graphs)) or "none"
             raise MissingGraphError(f"{self.dir}: no {role} graph for {what} ({key}); exported: {have}")
         if (role, key) in self._sessions:
+            self._sessions.move_to_end((role, key))
             return self._sessions[(role, key)]
         path = self.dir / graphs[key]["file"]
         try:
@@ -112,6 +128,9 @@ class OnnxRunner:
             if meta.get(k) != v:
                 raise mf.ManifestError(f"{path}: graph metadata {k}={meta.get(k)!r}, manifest says {v!r} (swapped file?)")
         self._sessions[(role, key)] = session
+        loaded = [k for k in self._sessions if k[0] == "prefill"]
+        for evict in loaded[: max(0, len(loaded) - self.max_prefill_sessions)]:
+            del self._sessions[evict]
         return session
 
     @staticmethod

@@ -83,11 +83,14 @@ def test_generate_matches_reference(engine, arch, seed):
     np.testing.assert_array_equal(runner.generate(**inputs, max_new_tokens=NEW_TOKENS), want_tokens)
 
 
-def test_numpy_and_torch_inputs_agree(engine):
+def test_numpy_and_torch_inputs_agree_and_sampling_is_seeded(engine):
     _, inputs, _, out = engine("qwen3_vl", 0)
-    runner = OnnxRunner(out)
+    runner = OnnxRunner(out, threads=1)
     as_numpy = {k: v.numpy() for k, v in inputs.items()}
     np.testing.assert_array_equal(runner.generate(**as_numpy, max_new_tokens=3), runner.generate(**inputs, max_new_tokens=3))
+    sampled = [runner.generate(**inputs, max_new_tokens=5, do_sample=True, seed=7) for _ in range(2)]
+    np.testing.assert_array_equal(sampled[0], sampled[1])
+    assert sampled[0].shape[1] <= inputs["input_ids"].shape[1] + 5
 
 
 # -- the graph is skip-shaped ---------------------------------------------------------------------
@@ -172,23 +175,23 @@ def test_layout_without_graph_is_refused_with_the_available_ones(engine, tiny_mo
 
 
 def test_layouts_added_to_an_existing_export(engine, tmp_path):
-    """layouts=[...] adds a prefill graph (same image, longer text); a second call with batch-2
-    inputs adds their prefill graph and a batch-2 decode step. No weight is stored twice."""
+    """A second call with layouts=[...] adds a prefill graph per layout, and a decode step for
+    a new batch size; no weight is stored twice; generate then serves old and new layouts."""
     model, inputs, plan, first = engine("qwen3_vl", 0)
     out = tmp_path / "engine"
     shutil.copytree(first, out)
-    longer = tiny_inputs(model, "qwen3_vl", text_after=6, seed=3)
-    export_onnx(model, plan, None, out, layouts=[adapter_for(model).layout(model, longer["input_ids"])], optimize=False)
-    pair = tiny_inputs(model, "qwen3_vl", batch=2, seed=5)
-    export_onnx(model, plan, pair, out, optimize=False)
+    pair = tiny_inputs(model, "qwen3_vl", batch=2, seed=5)  # same image size, 2 rows
+    export_onnx(model, plan, None, out, layouts=[adapter_for(model).layout(model, pair["input_ids"])], optimize=False)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert sorted(manifest["graphs"]["prefill"]) == ["b1-s23-v3_19", "b1-s25-v3_19", "b2-s23-v3_19"]
+    assert sorted(manifest["graphs"]["prefill"]) == ["b1-s23-v3_19", "b2-s23-v3_19"]
     assert sorted(manifest["graphs"]["decode"]) == ["b1", "b2"]
     assert sorted(p.name for p in out.glob("weights-*")) == ["weights-000.safetensors"]  # nothing new to store
-    runner = OnnxRunner(out)
-    for case in (inputs, longer, pair):
+    runner = OnnxRunner(out, max_prefill_sessions=1)
+    assert sorted(map(str, runner.layouts)) == [str(VisualLayout.single(23, [(3, 19)], b)) for b in (1, 2)]
+    for case in (inputs, pair):
         want, _ = reference_run(model, plan, case)
         np.testing.assert_array_equal(runner.generate(**case, max_new_tokens=NEW_TOKENS), want)
+    assert [key for key in runner._sessions if key[0] == "prefill"] == [("prefill", "b2-s23-v3_19")]  # LRU of 1
 
 
 # -- host glue == transformers --------------------------------------------------------------------
@@ -256,26 +259,17 @@ def mini_model_dir(path):
 
 
 def test_cli_export_then_run_answers_like_the_reference(tmp_path, capsys):
-    import argparse
-
-    from vskip_compile.export.cli import add_export, add_run, build_inputs
+    from vskip_compile.cli import main
+    from vskip_compile.export.cli import build_inputs
 
     model, processor, image = mini_model_dir(tmp_path / "model")
     plan = SkipPlan.from_ops(["skip_both", "skip_attn"], name="cli")
     plan.save(tmp_path / "plan.json")
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    add_export(sub)
-    add_run(sub)
-    prompt = "what shape is in the image ?"
-    engine = tmp_path / "engine"
-    args = parser.parse_args(["export", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"),
-                              "--image", str(image), "--prompt", prompt, "--out", str(engine), "--no-optimize"])
-    assert args.run(args) == 0
+    prompt, engine = "what shape is in the image ?", tmp_path / "engine"
+    assert main(["export", "--model", str(tmp_path / "model"), "--plan", str(tmp_path / "plan.json"),
+                 "--image", str(image), "--prompt", prompt, "--out", str(engine)]) == 0  # optimizer on
     capsys.readouterr()
-    args = parser.parse_args(["run", "--engine", str(engine), "--image", str(image), "--prompt", prompt,
-                              "--max-new-tokens", "4"])
-    assert args.run(args) == 0
+    assert main(["run", "--engine", str(engine), "--image", str(image), "--prompt", prompt, "--max-new-tokens", "4"]) == 0
     answer = capsys.readouterr().out.strip()
 
     inputs = build_inputs(processor, [str(image)], prompt, "pt")
@@ -283,3 +277,7 @@ def test_cli_export_then_run_answers_like_the_reference(tmp_path, capsys):
         ids = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     want = processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
     assert answer == want
+
+    # A prompt of another length has no prefill graph: exit code 2, naming the exported layout.
+    assert main(["run", "--engine", str(engine), "--image", str(image), "--prompt", "what shape ?"]) == 2
+    assert "exported: b1-s" in capsys.readouterr().err
