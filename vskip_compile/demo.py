@@ -27,7 +27,7 @@ def _zoo_setup(n: int):
     from .zoo import easyvqa
 
     model, processor = easyvqa.load()
-    plan = easyvqa.default_plan()
+    plan = _zoo_plan(easyvqa, model.config.text_config.num_hidden_layers)
     cases = [DemoCase(f"{q} [{image.split('/')[-1]}]", easyvqa.build_inputs(processor, image, q), a)
              for image, q, a in easyvqa.test_set()[:n]]
 
@@ -38,17 +38,28 @@ def _zoo_setup(n: int):
     return "easy-VQA Qwen3-VL (vskip_compile/zoo/easyvqa-qwen3vl)", model, plan, cases, decode, gen_kw
 
 
-def _tiny_setup(n: int):
-    from .archs.tiny import build_tiny, tiny_inputs
-
-    model = build_tiny("qwen3_vl", seed=0)
-    layers = model.config.text_config.num_hidden_layers
-    # A hand-made plan: attention skipped in the middle, both operators in the last layers.
+def _hand_plan(layers: int, name: str) -> SkipPlan:
+    """Attention skipped in one early-middle layer, both operators in the second half."""
     ops = ["full"] * layers
     ops[layers // 4] = "skip_attn"
     for i in range(layers // 2, layers):
         ops[i] = "skip_both"
-    plan = SkipPlan.from_ops(ops, name="demo-hand-plan")
+    return SkipPlan.from_ops(ops, name=name)
+
+
+def _zoo_plan(easyvqa, layers: int) -> SkipPlan:
+    """The calibrated plan shipped with the model, or a hand-made one while none is shipped."""
+    default_plan = getattr(easyvqa, "default_plan", None)
+    if default_plan is not None and any((easyvqa.MODEL_DIR / "plans").glob("*.json")):
+        return default_plan()
+    return _hand_plan(layers, "demo-hand-plan (no calibrated plan shipped yet)")
+
+
+def _tiny_setup(n: int):
+    from .archs.tiny import build_tiny, tiny_inputs
+
+    model = build_tiny("qwen3_vl", seed=0)
+    plan = _hand_plan(model.config.text_config.num_hidden_layers, "demo-hand-plan")
     cases = [DemoCase("random prompt", tiny_inputs(model, "qwen3_vl", text_before=2 + i, text_after=3 + i, seed=i), None)
              for i in range(n)]
 
@@ -116,6 +127,6 @@ def run(console, n: int = 4, backend: str = "inductor", max_new_tokens: int = 4)
         agree += bool(torch.equal(ref, comp))
         table.add_row(case.label, case.expected or "-", decode(full), decode(ref), decode(comp),
                       f"{full_ms:.1f} / {comp_ms:.1f}")
-    console.print(table)
+    console.print(table, width=max(console.width, 150))
     console.print(f"compiled == eager reference on {agree}/{len(cases)} inputs; graph cache: {compiled.cache_info()}")
     return 0 if agree == len(cases) else 1
