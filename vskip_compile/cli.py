@@ -94,7 +94,7 @@ def add_flops(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--visual", type=_nonneg_int, help="visual rows (image tokens)")
     p.add_argument("--text", type=_nonneg_int, help="text rows")
     p.add_argument("--prefix", type=_nonneg_int, default=0,
-                   help="text rows before the image (frozen too under plan scope prefix_through_visual)")
+                   help="text rows before the last image (frozen too under plan scope prefix_through_visual)")
     p.add_argument("--plan", metavar="plan.json", help="a skip plan; without it, the full model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--list-presets", action="store_true", help="list the known presets and exit")

@@ -15,7 +15,8 @@ Convention (the one every FLOPs figure of this project uses):
 Skipping: a skipped attention operator saves its frozen rows' q and o projections and their
 rows of the scores and softmax·V, never K/V (visual K/V are always computed). A skipped FFN
 saves its frozen rows' FFN. Frozen rows are the V visual rows, or V + P with plan scope
-"prefix_through_visual" (P = text rows before the image).
+"prefix_through_visual" (P = the text rows before the last image: before the first image
+and between images).
 
 Functions take plain ints or sympy expressions for S, V, P and the dims; with ints the result
 is an int, with symbols a sympy expression (`evaluate` substitutes numbers).
