@@ -196,6 +196,20 @@ def evaluate(model, processor, samples, white_images: bool = False, batch_size: 
     return correct / len(samples)
 
 
+def default_plan(min_kept: float = 0.995):
+    """The recommended shipped skip plan: of the operator-level plans in `MODEL_DIR/plans`, the
+    one with the largest measured prefill-FLOPs cut that keeps >= `min_kept` of the full model's
+    test accuracy, read from the committed evaluation (`MODEL_DIR/eval/results.json`)."""
+    from ..plan import SkipPlan
+
+    rows = json.loads((MODEL_DIR / "eval" / "results.json").read_text())["rows"]
+    ok = [r for r in rows if r["family"] == "opskip" and r["accuracy_kept"] >= min_kept]
+    if not ok:
+        raise LookupError(f"no shipped operator-level plan keeps {min_kept:.1%} of the test accuracy")
+    best = max(ok, key=lambda r: r["flops_cut"])
+    return SkipPlan.load(MODEL_DIR / "plans" / f"{best['method']}.json")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="easy-VQA Qwen3-VL from the zoo")
     ap.add_argument("--eval", action="store_true", help="accuracy on the easy-VQA test split")
