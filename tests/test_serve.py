@@ -1,11 +1,11 @@
 """`vskip serve` end to end: Ray Serve on 127.0.0.1, requests over HTTP, answers compared with
 the same request run alone through `vskip_compile.compile(...).generate`.
 
-The model is a 2-layer random Qwen3-VL with the easy-VQA processor (saved with
-save_pretrained), not the shipped 8-layer one: each (layout, batch size) is a Dynamo compile,
-tens of seconds on 2 shared cores, and this file must stay under 2 minutes. Engine "eager" (the
-vskip backend with the eager inner compiler) for the same reason; the inductor engine is the
-same server code with another backend name.
+The model is the shipped easy-VQA Qwen3-VL under its calibrated plan; before the weights are
+shipped, a 2-layer random Qwen3-VL with the easy-VQA processor (saved with save_pretrained).
+Engine "eager" (the vskip backend with the eager inner compiler): each (layout, batch size) is
+a Dynamo compile, seconds to tens of seconds on 2 shared cores, and this file must stay short;
+the inductor engine is the same server code with another backend name.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from vskip_compile.plan import SkipPlan  # noqa: E402
 from vskip_compile.zoo import easyvqa  # noqa: E402
 
 MAX_TOKENS = 4
-PLAN = SkipPlan.from_ops(["skip_attn", "skip_both"])
+SHIPPED_PLAN = easyvqa.MODEL_DIR / "plans" / "opskip-b40.json"
+SHIPPED = (easyvqa.MODEL_DIR / "model.safetensors").is_file() and SHIPPED_PLAN.is_file()
+PLAN = SkipPlan.load(SHIPPED_PLAN) if SHIPPED else SkipPlan.from_ops(["skip_attn", "skip_both"])
 
 
 def _free_port() -> int:
@@ -78,6 +80,8 @@ def _get(url: str, path: str) -> dict:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    if SHIPPED:
+        return easyvqa.MODEL_DIR
     from transformers import Qwen3VLForConditionalGeneration
 
     from vskip_compile.zoo.train_easyvqa import build_config, make_processor
