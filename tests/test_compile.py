@@ -215,12 +215,13 @@ def test_refusals(tiny_model):
         cm.generate(**inputs, do_sample=True)
     with pytest.raises(CompileError, match="temperature"):
         cm.generate(**inputs, temperature=0.7)
+    original = model.generation_config.repetition_penalty
     model.generation_config.repetition_penalty = 1.3
     try:
         with pytest.raises(CompileError, match="repetition_penalty"):
             cm.generate(**inputs)
     finally:
-        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.repetition_penalty = original  # the cached model is shared
     padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
     padded["attention_mask"][0, 0] = 0
     with pytest.raises(CompileError, match="padded"):
