@@ -509,6 +509,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layers", type=_nonneg_int, default=2, help="decoder layers (random weights)")
     p.add_argument("--repeats", type=_nonneg_int, default=5, help="interleaved rounds; medians are printed")
     p.add_argument("--ops", nargs="+", default=None, help="plan ops, repeated over the layers")
+    p.add_argument("--threads", type=_nonneg_int, default=None,
+                   help="torch intra-op threads (default: torch's own choice, one per core)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run_bench)
 
@@ -516,6 +518,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from .bench import DEFAULT_OPS, run
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = run(_console(), args.models, tuple(args.visual), args.text, args.layers, args.repeats,
                tuple(args.ops) if args.ops else DEFAULT_OPS)
     if args.json:

@@ -338,6 +338,9 @@ def main(argv=None) -> int:
                     help="torch threads; on a CPU shared with other busy processes 1 thread was several times "
                          "faster than 2 (OpenMP barriers wait on descheduled threads)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from the weights of a saved model directory (e.g. the shipped "
+                         "vskip_compile/zoo/easyvqa-qwen3vl) with a fresh optimizer and LR schedule: fine-tuning")
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
@@ -351,6 +354,12 @@ def main(argv=None) -> int:
     processor = make_processor()
     config = build_config(processor.tokenizer)
     model = Qwen3VLForConditionalGeneration(config)
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        # strict: a directory saved from another config is refused, naming the mismatched keys
+        model.load_state_dict(load_file(str(args.init / "model.safetensors")), strict=True)
+        print(f"initialized from {args.init}", flush=True)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"params {n_params / 1e6:.2f} M", flush=True)
 
@@ -376,7 +385,8 @@ def main(argv=None) -> int:
         state = load_ckpt(ckdir, model, opt)
         print(f"resumed at step {state['step']}", flush=True)
     state.update(seed=args.seed, minutes=args.minutes, epochs=None if args.minutes else args.epochs,
-                 images_per_step=args.images_per_step, lr=args.lr, warmup=args.warmup)
+                 images_per_step=args.images_per_step, lr=args.lr, warmup=args.warmup,
+                 init=str(args.init) if args.init else state.get("init"))
 
     def progress(step):
         if budget_s is not None:
