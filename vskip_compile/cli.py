@@ -72,10 +72,10 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console()
+    return Console(stderr=stderr)
 
 
 def _print_json(obj: Any) -> None:
@@ -522,7 +522,7 @@ def run_bench(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    rows = run(_console(), args.models, tuple(args.visual), args.text, args.layers, args.repeats,
+    rows = run(_console(stderr=args.json), args.models, tuple(args.visual), args.text, args.layers, args.repeats,
                tuple(args.ops) if args.ops else DEFAULT_OPS)
     if args.json:
         _print_json(rows)
