@@ -391,6 +391,60 @@ def _one_hot(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     return Restriction([(node.args[0], out)], _same_op(node))
 
 
+@rule(aten.repeat_interleave.self_int)
+def _repeat_interleave(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
+    """Each element repeated r times along `dim` (MoE: a token copied once per routed expert):
+    along the sequence axis, r repeats of one row are r times the row's inner block."""
+    x, repeats = node.args[:2]
+    dim = _arg(node, "dim")
+    if dim is None:
+        raise NotRowwise("repeat_interleave without dim flattens the tensor")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise NotRowwise(f"repeats {repeats!r} is not a positive constant")
+    if _norm(dim, len(shape(x))) != out.axis:
+        return Restriction([(x, out)], _same_op(node))
+    if out.inner % repeats:
+        raise NotRowwise(f"{repeats} repeats of a row do not fill the inner block of {out.inner}")
+    size = _arg(node, "output_size")
+
+    def rebuild(new: NewArg, b: Builder, geo: Geometry) -> fx.Node:
+        args, kwargs = _mapped(node, new)
+        if size is not None:
+            args, kwargs = _with_arg(node, args, kwargs, "output_size", geo.scaled(size))
+        return b.call(node.target, args, kwargs, like=node)
+
+    return Restriction([(x, Rows(out.axis, out.inner // repeats))], rebuild)
+
+
+@rule(aten.index.Tensor)
+def _index(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
+    """x[i0, i1, ..] with integer index tensors (MoE: expert weights gathered per routed row).
+
+    The output holds the indices' broadcast dims (where the first index was when the indexed
+    dims are adjacent, else in front) and x's other dims. On an index dim, output row r reads
+    x at the indices' row r only: the indices are restricted, x is used as is. On one of x's
+    other dims, the rows are x's own: x is restricted, the indices used as is.
+    """
+    x, indices = node.args[:2]
+    pos = [i for i, t in enumerate(indices) if t is not None]
+    if not pos:
+        raise NotRowwise("index without index tensors")
+    for i in pos:
+        if tensor_val(indices[i]).dtype in (torch.bool, torch.uint8):
+            raise NotRowwise(f"boolean-mask index {indices[i].name} (data-dependent shape)")
+    idx_shape = tuple(torch.broadcast_shapes(*(shape(indices[i]) for i in pos)))
+    r = len(idx_shape)
+    first = pos[0] if pos == list(range(pos[0], pos[-1] + 1)) else 0
+    if first <= out.axis < first + r:
+        at = Rows(out.axis - first, out.inner)
+        demands = [(x, FULL)] + [(indices[i], _broadcast(indices[i], idx_shape, at)) for i in pos]
+        return Restriction(demands, _same_op(node))
+    others = [d for d in range(len(shape(x))) if d not in pos]  # x's dims the output keeps, in order
+    axis = others[out.axis if out.axis < first else out.axis - r]  # the index block sits at `first`
+    demands = [(x, Rows(axis, out.inner))] + [(indices[i], FULL) for i in pos]
+    return Restriction(demands, _same_op(node))
+
+
 # -- matrix products ----------------------------------------------------------------------------
 
 

@@ -10,12 +10,16 @@ It calls the model's own decoder layers (same modules, same weights), with an ex
 mask built from the static sequence length, so the graph has the shape the passes expect
 (`layers.<i>.self_attn`, `layers.<i>.mlp`, SDPA with an explicit mask). K/V of every layer,
 full rows, come out as graph outputs: the decode steps run the unmodified model on them.
+MoE experts run with the row-wise "batched_mm" implementation while the core is traced
+(vskip_compile.experts).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .experts import experts_configs, restore_experts, use_traceable_experts
 
 
 class _KVRecorder:
@@ -65,6 +69,7 @@ class DecoderCore(nn.Module):
         self.lm_head = lm_head
         self.logits_to_keep = logits_to_keep
         self.num_deepstack = num_deepstack
+        self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
 
     @classmethod
     def from_model(cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0) -> "DecoderCore":
@@ -85,17 +90,22 @@ class DecoderCore(nn.Module):
 
         x = inputs_embeds  # [B, S, D]
         position_embeddings = self.lm.rotary_emb(x, position_ids)
-        for i, layer in enumerate(self.lm.layers):
-            x = layer(
-                x,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=None,
-                cache=recorder,
-                use_cache=True,
-            )
-            if i < len(deepstack):
-                x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
+        switch = self.experts_configs if torch.compiler.is_compiling() else ()
+        saved = use_traceable_experts(switch)
+        try:
+            for i, layer in enumerate(self.lm.layers):
+                x = layer(
+                    x,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=None,
+                    cache=recorder,
+                    use_cache=True,
+                )
+                if i < len(deepstack):
+                    x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
+        finally:
+            restore_experts(switch, saved)
         x = self.lm.norm(x)
         if self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]

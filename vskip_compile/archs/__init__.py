@@ -3,7 +3,7 @@
 from .base import Adapter, AdapterError, PrefillInputs
 from .generic import GenericAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
-from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
+from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter
 from .registry import ADAPTERS, adapter_for, register
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "PrefillInputs",
     "Qwen2_5_VLAdapter",
     "Qwen3VLAdapter",
+    "Qwen3VLMoeAdapter",
     "adapter_for",
     "register",
 ]

@@ -1,4 +1,4 @@
-"""Qwen2.5-VL and Qwen3-VL: M-RoPE position ids, video tokens, Qwen3-VL DeepStack."""
+"""Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE position ids, video tokens, DeepStack."""
 
 from __future__ import annotations
 
@@ -41,3 +41,11 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
         zeros = torch.zeros_like(inputs_embeds)  # [B, S, D]
         # masked_scatter fills the masked rows in row-major order, as HF's h[mask, :] += e does.
         return tuple(zeros.masked_scatter(mask, e.to(inputs_embeds.device, inputs_embeds.dtype)) for e in embeds)
+
+
+class Qwen3VLMoeAdapter(Qwen3VLAdapter):
+    """Qwen3-VL-MoE: Qwen3-VL's inputs (M-RoPE, DeepStack); sparse-MoE FFNs in the decoder,
+    which the traced core runs with the row-wise experts implementation (vskip_compile.experts)."""
+
+    name = "qwen3_vl_moe"
+    model_types = ("qwen3_vl_moe",)

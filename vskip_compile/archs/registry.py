@@ -5,7 +5,7 @@ from __future__ import annotations
 from .base import Adapter
 from .generic import GenericAdapter
 from .llava import LlavaAdapter, LlavaNextAdapter
-from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter
+from .qwen import Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter
 
 ADAPTERS: dict[str, type[Adapter]] = {}
 
@@ -19,7 +19,7 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (Qwen2_5_VLAdapter, Qwen3VLAdapter, LlavaAdapter, LlavaNextAdapter):
+for _cls in (Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter, LlavaAdapter, LlavaNextAdapter):
     register(_cls)
 
 

@@ -4,9 +4,12 @@ Every architecture the project supports has one here, so tests run the real HF m
 (vision tower, merge, M-RoPE, DeepStack, GQA) on a model small enough for 2 CPU cores.
 
 Shared text shape: 4 decoder layers, hidden 64, 4 heads of 16, 2 KV heads (GQA), FFN 128,
-vocabulary 128. Ids 0..3 are special (0 pad, 1 bos, 2 eos); text tokens are drawn from
-4..99; image/video/vision-start/end ids live in 100..127 (Qwen's defaults would be in a
-151k vocabulary).
+vocabulary 128. The MoE model (Qwen3-VL-MoE, in MOE_TINY_ARCHS, not in TINY_ARCHS: it is
+slower to trace and the tests parametrized over TINY_ARCHS need not pay for it) has 8 experts
+of width 32, top-2 routing, in layers 0-2; layer 3 keeps a dense MLP (`mlp_only_layers`).
+Ids 0..3 are special (0 pad, 1 bos, 2 eos); text tokens are drawn from 4..99;
+image/video/vision-start/end ids live in 100..127 (Qwen's defaults would be in a 151k
+vocabulary).
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from __future__ import annotations
 import torch
 
 TINY_ARCHS = ("qwen2_5_vl", "qwen3_vl", "llava", "llava_next")
+MOE_TINY_ARCHS = ("qwen3_vl_moe",)
+ALL_TINY_ARCHS = TINY_ARCHS + MOE_TINY_ARCHS
+_QWEN_ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 VOCAB = 128
 IMAGE_TOKEN_ID = 120
@@ -67,6 +73,7 @@ def _config(arch: str):
         LlavaNextConfig,
         Qwen2_5_VLConfig,
         Qwen3VLConfig,
+        Qwen3VLMoeConfig,
     )
 
     if arch == "qwen2_5_vl":
@@ -84,7 +91,7 @@ def _config(arch: str):
             out_hidden_size=64,
         )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
-    if arch == "qwen3_vl":
+    if arch in ("qwen3_vl", "qwen3_vl_moe"):
         text = dict(
             _TEXT,
             rope_parameters={
@@ -106,7 +113,12 @@ def _config(arch: str):
             num_position_embeddings=64,  # a perfect square
             deepstack_visual_indexes=[0, 1],  # DeepStack adds after text layers 0 and 1
         )
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
+        if arch == "qwen3_vl":
+            return Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
+        moe = dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[3]
+        )
+        return Qwen3VLMoeConfig(text_config=dict(text, **moe), vision_config=vision, **_QWEN_IDS)
     text = LlamaConfig(**_TEXT)
     vision = CLIPVisionConfig(**_CLIP)
     common = dict(
@@ -120,16 +132,18 @@ def _config(arch: str):
         return LlavaConfig(image_seq_length=16, **common)
     if arch == "llava_next":
         return LlavaNextConfig(image_grid_pinpoints=_NEXT_PINPOINTS, **common)
-    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
+    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(ALL_TINY_ARCHS)}")
 
 
 def build_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A tiny random `*ForConditionalGeneration` of `arch` in eval mode, SDPA attention."""
+    """A tiny random `*ForConditionalGeneration` of `arch` in eval mode, SDPA attention (MoE:
+    transformers' default experts implementation, "grouped_mm" where it can dispatch)."""
     import transformers
 
     classes = {
         "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
         "qwen3_vl": "Qwen3VLForConditionalGeneration",
+        "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
         "llava": "LlavaForConditionalGeneration",
         "llava_next": "LlavaNextForConditionalGeneration",
     }
@@ -148,7 +162,7 @@ def _pixels(model, arch: str, n_images: int, gen: torch.Generator) -> tuple[dict
     dtype = next(model.parameters()).dtype
     if n_images == 0:
         return {}, []
-    if arch in ("qwen2_5_vl", "qwen3_vl"):
+    if arch in _QWEN_ARCHS:
         patch_dim = 3 * _QWEN_TPATCH * _QWEN_PATCH * _QWEN_PATCH
         n_patches = _QWEN_GRID * _QWEN_GRID
         pixel_values = torch.randn(n_images * n_patches, patch_dim, generator=gen)  # [N*P, C*T*p*p]
@@ -170,7 +184,7 @@ def _pixels(model, arch: str, n_images: int, gen: torch.Generator) -> tuple[dict
         with torch.no_grad():  # the packed length (unpadding, newlines) is the model's own rule
             feats = model.model.get_image_features(**kw, return_dict=True).pooler_output
         return kw, [int(f.shape[0]) for f in feats]
-    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(TINY_ARCHS)}")
+    raise ValueError(f"unknown tiny arch {arch!r}; expected one of {', '.join(ALL_TINY_ARCHS)}")
 
 
 def tiny_inputs(
@@ -190,7 +204,7 @@ def tiny_inputs(
     image token rows are exactly the visual spans. Qwen needs text_between >= 1 with several
     images (its M-RoPE groups adjacent image tokens into one image).
     """
-    if n_images > 1 and text_between < 1 and arch in ("qwen2_5_vl", "qwen3_vl"):
+    if n_images > 1 and text_between < 1 and arch in _QWEN_ARCHS:
         raise ValueError("Qwen M-RoPE needs text_between >= 1 to tell adjacent images apart")
     gen = torch.Generator().manual_seed(seed)
     pixel_kw, counts = _pixels(model, arch, n_images * batch, gen)
@@ -213,6 +227,6 @@ def tiny_inputs(
         raise ValueError("empty sequence: ask for some text or an image")
     out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     out.update(pixel_kw)
-    if arch in ("qwen2_5_vl", "qwen3_vl"):
+    if arch in _QWEN_ARCHS:
         out["mm_token_type_ids"] = (input_ids == IMAGE_TOKEN_ID).to(torch.int32)
     return out
