@@ -96,7 +96,79 @@ def test_table_schema(tmp_path):
         table = list(csv.DictReader(f))
     assert list(table[0]) == list(ev.TABLE_COLUMNS) and len(table) == 3
     assert paths["png"].stat().st_size > 1000
-    assert "opskip-b40" in ev.format_table(rows)
+    assert "opskip-b40" in ev.format_table(rows) and "not timed" in ev.format_table(rows)
+    rows[1].update(prefill_speedup=1.3, timed_by=ev.compiled_timed_by("eager"))
+    paths = ev.write_results(rows, tmp_path, {"command": "vskip eval --limit 10"})
+    with paths["csv"].open() as f:
+        table = list(csv.DictReader(f))
+    assert table[1]["timed_by"] == ev.compiled_timed_by("eager") and table[0]["timed_by"] == ""
+    assert "1.300x" in ev.format_table(rows)
+
+
+# -- prefill timing: each method on its real implementation ------------------------------------------
+def test_time_prefill_runs_plans_compiled_and_drops_on_the_dropping_loop(tiny_batch):
+    model, base, batch = tiny_batch
+    inputs = [_one_question(base, batch, q) for q in (0, 2, 0)]  # two distinct prompts (layouts)
+    full = ev.Method("full", "full", None, plan=SkipPlan.full(4))
+    ops = ev.Method("opskip-x", "opskip", 0.4, plan=SkipPlan.from_ops(["full", "skip_attn", "skip_ffn", "skip_both"]))
+    vtw = ev.Method("vtw-x", "vtw", 0.4, drop=bl.TokenDrop(2))
+    fastv = ev.Method("fastv-x", "fastv", 0.4, drop=bl.TokenDrop(2, 0.5))
+    methods = [full, ops, vtw, fastv]
+    repeats = 2
+    timings = ev.time_prefill(model, methods, inputs, backend="eager", repeats=repeats, progress=False)
+    assert set(timings) == {m.name for m in methods} | {ev.FULL_ON_BASELINES, ev.INPUT_PREP}
+    calls = len(inputs) * (1 + repeats)  # warm-up, then the timed rounds
+    for m in (full, ops):  # through CompiledVLM: one graph per distinct layout, every other call a cache hit
+        t = timings[m.name]
+        assert t.timed_by == ev.compiled_timed_by("eager")
+        assert t.cache_info.misses == 2 and t.cache_info.hits == calls - 2
+        assert t.max_abs_diff is not None and t.max_abs_diff <= 1e-3
+    for name in ("vtw-x", "fastv-x", ev.FULL_ON_BASELINES):
+        assert timings[name].timed_by == ev.BASELINE_TIMED_BY and timings[name].cache_info is None
+    assert all(len(t.ms) == len(inputs) and all(ms > 0 for ms in t.ms) for t in timings.values())
+
+    rows = [{"method": m.name, "family": m.family, "prefill_ms_per_question": None} for m in methods]
+    meta = ev.add_timings(rows, timings)
+    for r in rows:
+        t = timings[r["method"]]
+        assert r["timed_by"] == t.timed_by and r["prefill_ms_per_question"] == t.median_ms
+        assert r["timed_questions"] == len(inputs)
+    # speed-up against the full model on the same implementation
+    assert rows[0]["prefill_speedup"] == 1.0
+    assert rows[1]["prefill_speedup"] == timings["full"].median_ms / timings["opskip-x"].median_ms
+    assert rows[2]["prefill_speedup"] == timings[ev.FULL_ON_BASELINES].median_ms / timings["vtw-x"].median_ms
+    assert rows[1]["compiled_graphs"] == 2 and "compiled_graphs" not in rows[2]
+    assert set(meta["full_model_prefill_ms_by_implementation"]) == {ev.compiled_timed_by("eager"), ev.BASELINE_TIMED_BY}
+    assert meta["input_prep_ms"] == timings[ev.INPUT_PREP].median_ms
+
+
+@pytest.mark.parametrize("drop", [bl.TokenDrop(2), bl.TokenDrop(2, 0.5), bl.TokenDrop(4)])
+def test_timed_drop_path_shortens_the_sequence(tiny_batch, drop):
+    """The timed baseline removes the rows (later layers see fewer rows), it does not mask them."""
+    model, base, batch = tiny_batch
+    x = _one_question(base, batch, 1)
+    S, V = x["input_ids"].shape[1], 16
+    run, timed_by, compiled = ev.prefill_runner(model, ev.Method("d", drop.kind, None, drop=drop))
+    assert compiled is None and timed_by == ev.BASELINE_TIMED_BY
+    seen = {}
+    layers = adapter_for(model).layers(model)
+    handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0].shape[1] if a else
+                                               kw["hidden_states"].shape[1]), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    try:
+        logits = run(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert logits.shape == (1, model.config.text_config.vocab_size)
+    expect = [S if i < drop.layer else S - V + drop.keep(V) for i in range(len(layers))]
+    assert [seen[i] for i in range(len(layers))] == expect
+
+
+def test_time_prefill_refuses_an_unknown_backend(tiny_batch):
+    model, _, _ = tiny_batch
+    with pytest.raises(ValueError, match="backend"):
+        ev.time_prefill(model, [ev.Method("full", "full", None, plan=SkipPlan.full(4))], [{}], backend="tensorrt")
 
 
 def test_methods_need_the_full_model_first():
@@ -134,6 +206,10 @@ def test_cli_refuses_a_missing_model(tmp_path, capsys):
 
     assert main(["eval", "--model-dir", str(tmp_path)]) == 2
     assert "no model" in capsys.readouterr().err
+    timing = ["--time-samples", "4", "--time-backend", "inductor", "--time-repeats", "1"]
+    assert main(["eval", "--model-dir", str(tmp_path), *timing]) == 2
+    with pytest.raises(SystemExit):
+        main(["eval", "--time-backend", "tensorrt"])
     assert main(["calibrate", "--model-dir", str(tmp_path), "--budget", "0.4"]) == 2
     with pytest.raises(SystemExit):
         main(["calibrate", "--budget", "1.5"])

@@ -434,6 +434,14 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fastv-layer", type=_nonneg_int, default=2, help="FastV drop layer K (lowered if a budget needs)")
     p.add_argument("--threads", type=_nonneg_int, default=1,
                    help="torch threads (default 1: on a shared CPU several threads spin against each other)")
+    p.add_argument("--time-samples", type=_nonneg_int, default=32,
+                   help="questions (of the most common prompt length) whose prefill is timed on each method's "
+                   "real implementation; the median is reported (default 32; 0: no timing)")
+    p.add_argument("--time-backend", choices=["eager", "inductor"], default="eager",
+                   help="vskip_compile.compile backend timing the full model and the opskip/shortv plans "
+                   "(default eager: like the baselines, which run eager HF layers whatever this says)")
+    p.add_argument("--time-repeats", type=_nonneg_int, default=3,
+                   help="interleaved timing rounds; per question the fastest counts (default 3)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(run=run_eval)
 
@@ -475,6 +483,20 @@ def run_eval(args: argparse.Namespace) -> int:
         if any(mismatches.values()):
             raise evaluate.EvalError(f"harness answers differ from one-at-a-time runs: {mismatches}")
     rows = evaluate.sweep(h, methods, indices=indices, images_per_batch=args.images_per_batch, workers=args.workers)
+    timed = evaluate.timing_subset(h, indices, args.time_samples)
+    timing: dict = {"questions": 0}
+    if timed:
+        timings = evaluate.time_prefill(model, methods, [h.full_inputs(q) for q in timed], backend=args.time_backend,
+                                        repeats=max(1, args.time_repeats), adapter=h.adapter)
+        timing = {
+            "questions": len(timed),
+            "question_indices": timed,
+            "layout": {"S": h.prompt_len(timed[0]), "V": h.num_visual},
+            "backend": args.time_backend,
+            "repeats": max(1, args.time_repeats),
+            **evaluate.add_timings(rows, timings),
+            "implementations": evaluate.timing_implementations(args.time_backend),
+        }
     meta = {
         "title": f"easy-VQA test ({len(indices)} questions), {type(model).__name__}",
         "command": _command(args),
@@ -488,6 +510,7 @@ def run_eval(args: argparse.Namespace) -> int:
         "verify_mismatches": mismatches,
         "threads": torch.get_num_threads(),
         "workers": args.workers,
+        "timing": timing,
         "seconds": round(time.time() - t0, 1),
         "notes": evaluate.NOTES,
     }

@@ -108,11 +108,24 @@ def applied(model, plan: SkipPlan, adapter: Adapter | None = None) -> Iterator[N
         model.register_forward_hook(top_post_hook, with_kwargs=True, always_call=True),
     ]
     try:
-        for i, layer in enumerate(adapter.layers(model)):
+        with hooked(adapter.layers(model), plan, freeze_hook):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def hooked(layers, plan: SkipPlan, hook) -> Iterator[None]:
+    """Inside the block, `hook` is a forward hook of every operator `plan` skips: the `self_attn`
+    module of a layer that skips attention, the `mlp` module of one that skips its FFN."""
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
             if plan.skips_attn(i):
-                handles.append(layer.self_attn.register_forward_hook(freeze_hook))
+                handles.append(layer.self_attn.register_forward_hook(hook))
             if plan.skips_ffn(i):
-                handles.append(layer.mlp.register_forward_hook(freeze_hook))
+                handles.append(layer.mlp.register_forward_hook(hook))
         yield
     finally:
         for handle in handles:
