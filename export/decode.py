@@ -11,63 +11,19 @@ past_mask says which cache slots hold tokens (the runner fills slots 0..n-1 in o
 token attends to those slots and to itself. Only the new K/V rows come out: the runner writes
 them into its preallocated buffers at slot n, so a step moves O(1) rows instead of copying the
 cache (static shapes suit TensorRT; the cost is attention over all T slots, masked).
+
+The module lives in vskip_compile.core (CompiledVLM.generate compiles the same step with
+torch.compile; the runtime must not import the exporters); this module re-exports it and
+builds the export's example inputs.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ..core import DecodeStep
 
-class _AppendCache:
-    """Stands in for a HF Cache for one step: attention sees [past slots, new row]; the new
-    rows are recorded as graph outputs. 5.24 attention calls
-    `cache.update(key_states, value_states, layer_idx, kwargs=...)` with K after RoPE."""
-
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
-        self.past = past
-        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.new[layer_idx] = (key_states, value_states)  # [B, KV, 1, E]
-        past_k, past_v = self.past[layer_idx]  # [B, KV, T, E]
-        return torch.cat([past_k, key_states], dim=2), torch.cat([past_v, value_states], dim=2)  # [B, KV, T+1, E]
-
-
-class DecodeStep(nn.Module):
-    """The decoder layers of a HF text model for one token over a masked fixed-size cache."""
-
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
-        super().__init__()
-        self.lm = language_model
-        self.lm_head = lm_head
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.lm.layers)
-
-    def forward(self, inputs_embeds, position_ids, past_mask, *past_kv):
-        if len(past_kv) != 2 * self.num_layers:
-            raise ValueError(f"expected {2 * self.num_layers} past K/V tensors, got {len(past_kv)}")
-        cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
-        self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
-        mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
-        x = inputs_embeds  # [B, 1, D]
-        position_embeddings = self.lm.rotary_emb(x, position_ids)
-        for layer in self.lm.layers:
-            x = layer(
-                x,
-                attention_mask=mask,
-                position_embeddings=position_embeddings,
-                position_ids=None,
-                cache=cache,
-                use_cache=True,
-            )
-        logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
-        new_kv: list[torch.Tensor] = []
-        for i in range(self.num_layers):
-            new_kv.extend(cache.new[i])  # k_new_i, v_new_i: [B, KV, 1, E]
-        return (logits, *new_kv)
+__all__ = ["DecodeStep", "example_inputs"]
 
 
 def example_inputs(model, adapter, batch: int, max_cache_len: int, mrope: bool) -> tuple[torch.Tensor, ...]:

@@ -9,9 +9,17 @@ needs, with everything data-dependent computed outside by the adapter:
 It calls the model's own decoder layers (same modules, same weights), with an explicit causal
 mask built from the static sequence length, so the graph has the shape the passes expect
 (`layers.<i>.self_attn`, `layers.<i>.mlp`, SDPA with an explicit mask). K/V of every layer,
-full rows, come out as graph outputs: the decode steps run the unmodified model on them.
-MoE experts run with the row-wise "batched_mm" implementation while the core is traced
-(vskip_compile.experts).
+full rows, come out as graph outputs. MoE experts run with the row-wise "batched_mm"
+implementation while the core (or DecodeStep) is traced (vskip_compile.experts).
+
+DecodeStep is its decode counterpart: one new token over a fixed-size, masked KV cache,
+
+    forward(inputs_embeds [B, 1, D], position_ids [B, 1] or [3, B, 1], past_mask [B, T] bool,
+            k_0, v_0, ... [B, KV, T, E]) -> (logits [B, 1, V], k_new_0, v_new_0, ... [B, KV, 1, E])
+
+the same graph for every plan (decoding is the unmodified model). CompiledVLM.generate compiles
+it with the prefill's inner backend; the ONNX / TensorRT exporters (vskip_compile.export.decode)
+lower it to files.
 """
 
 from __future__ import annotations
@@ -115,3 +123,60 @@ class DecoderCore(nn.Module):
         for i in range(self.num_layers):
             kv.extend(recorder.kv[i])  # k_i, v_i: [B, KV, S, E]
         return (logits, *kv)
+
+
+class _AppendCache:
+    """Stands in for a HF Cache for one step: attention sees [past slots, new row]; the new
+    rows are recorded as graph outputs. 5.24 attention calls
+    `cache.update(key_states, value_states, layer_idx, kwargs=...)` with K after RoPE."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.new[layer_idx] = (key_states, value_states)  # [B, KV, 1, E]
+        past_k, past_v = self.past[layer_idx]  # [B, KV, T, E]
+        return torch.cat([past_k, key_states], dim=2), torch.cat([past_v, value_states], dim=2)  # [B, KV, T+1, E]
+
+
+class DecodeStep(nn.Module):
+    """The decoder layers of a HF text model for one token over a masked fixed-size cache."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.lm = language_model
+        self.lm_head = lm_head
+        self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.lm.layers)
+
+    def forward(self, inputs_embeds, position_ids, past_mask, *past_kv):
+        if len(past_kv) != 2 * self.num_layers:
+            raise ValueError(f"expected {2 * self.num_layers} past K/V tensors, got {len(past_kv)}")
+        cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
+        self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
+        mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
+        x = inputs_embeds  # [B, 1, D]
+        position_embeddings = self.lm.rotary_emb(x, position_ids)
+        switch = self.experts_configs if torch.compiler.is_compiling() else ()
+        saved = use_traceable_experts(switch)
+        try:
+            for layer in self.lm.layers:
+                x = layer(
+                    x,
+                    attention_mask=mask,
+                    position_embeddings=position_embeddings,
+                    position_ids=None,
+                    cache=cache,
+                    use_cache=True,
+                )
+        finally:
+            restore_experts(switch, saved)
+        logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
+        new_kv: list[torch.Tensor] = []
+        for i in range(self.num_layers):
+            new_kv.extend(cache.new[i])  # k_new_i, v_new_i: [B, KV, 1, E]
+        return (logits, *new_kv)

@@ -6,9 +6,16 @@
 
 Prefill: the adapter computes the language model's inputs outside any graph (vision tower,
 merge, M-RoPE ids, DeepStack) and the layout; the DecoderCore is compiled with the `vskip`
-backend, specialized to (layout, plan, dtype, device), and cached in a bounded LRU. Decode:
-the unmodified model, one token at a time, on a DynamicCache filled with the prefill's K/V
-(every row, visual rows included), so decoding is exactly the model's own.
+backend, specialized to (layout, plan, dtype, device), and cached in a bounded LRU.
+
+Decode: the unmodified model's decoder layers, one token at a time, as core.DecodeStep
+compiled with the same inner backend (inductor; eager runs AOT autograd's graph as is;
+tensorrt) and no skip passes: decoding does not depend on the plan. The step runs over
+preallocated K/V buffers of T slots, T = prompt + new tokens rounded up to `decode_bucket`,
+so one static graph serves every prompt of a similar length; the prefill's K/V (every row,
+visual rows included) fill slots 0..S-1, each step's new K/V is written at the next slot
+outside the graph, and past_mask marks the filled slots. Decode graphs are cached in their
+own bounded LRU keyed by (T, batch, dtype, device): `decode_cache_info()`.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .archs import PrefillInputs, adapter_for
-from .core import DecoderCore
+from .core import DecodeStep, DecoderCore
 from .layout import VisualLayout
 from .plan import SkipPlan
 
 BACKENDS = ("inductor", "eager", "tensorrt")
+DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
 
 # Generation options of HF generate() that this greedy loop does not implement: refused, not ignored.
 _UNSUPPORTED_GENERATE = (
@@ -89,13 +97,109 @@ class _GraphKey:
     logits_to_keep: int
 
 
+@dataclass(frozen=True)
+class _DecodeKey:
+    capacity: int  # T, the K/V slots of the decode graph
+    batch: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class _LRU:
+    """A bounded map of compiled graphs with hit/miss counters."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self.graphs: OrderedDict[Any, Any] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key, build):
+        if key in self.graphs:
+            self.hits += 1
+            self.graphs.move_to_end(key)
+            return self.graphs[key]
+        self.misses += 1
+        graph = self.graphs[key] = build()
+        if len(self.graphs) > self.maxsize:
+            self.graphs.popitem(last=False)
+        return graph
+
+    def info(self) -> CacheInfo:
+        return CacheInfo(self.hits, self.misses, self.maxsize, len(self.graphs))
+
+    def clear(self) -> None:
+        self.graphs.clear()
+        self.hits = self.misses = 0
+
+
+def _decode_backend(inner: str):
+    """The torch.compile backend of the decode step for an inner backend name: the same
+    compiler as the prefill's, without the skip passes (decoding is the unmodified model)."""
+    if inner == "inductor":
+        return "inductor"
+    if inner == "eager":
+        return "aot_eager"  # AOT autograd's aten graph run as is, as the vskip backend's eager inner
+    from torch._dynamo.backends.common import aot_autograd
+
+    from .backend import _tensorrt_compiler
+
+    return aot_autograd(fw_compiler=_tensorrt_compiler)
+
+
+class _DecodeRun:
+    """One generate call's decode state: K/V buffers of the graph's T slots, the filled-slot
+    mask, the next slot and the last position ids.
+
+    step(embeds [B, 1, D]) runs the compiled DecodeStep, writes the new K/V at slot n (outside
+    the graph: the graph stays free of in-place updates) and returns logits [B, 1, V].
+    """
+
+    def __init__(self, graph, kv: list[tuple[torch.Tensor, torch.Tensor]], last_position: torch.Tensor, capacity: int):
+        batch, kv_heads, seq_len, head_dim = kv[0][0].shape  # [B, KV, S, E]
+        if seq_len >= capacity:
+            raise CompileError(f"a prefill of {seq_len} rows leaves no decode slot in a cache of {capacity}")
+        self.graph = graph
+        self.capacity = capacity
+        self.buffers: list[torch.Tensor] = []
+        for k, v in kv:
+            for x in (k, v):
+                buf = x.new_zeros(batch, kv_heads, capacity, head_dim)  # [B, KV, T, E]
+                buf[:, :, :seq_len] = x
+                self.buffers.append(buf)
+        self.past_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=kv[0][0].device)  # [B, T]
+        self.past_mask[:, :seq_len] = True
+        self.n = seq_len
+        self.position = last_position  # [B, 1] or [3, B, 1]
+
+    def step(self, embeds: torch.Tensor) -> torch.Tensor:
+        if self.n >= self.capacity:
+            raise CompileError(f"decode cache of {self.capacity} slots is full")
+        self.position = self.position + 1
+        logits, *new_kv = self.graph(embeds, self.position, self.past_mask, *self.buffers)
+        for buf, new in zip(self.buffers, new_kv):
+            buf[:, :, self.n] = new[:, :, 0]  # [B, KV, E] into slot n
+        self.past_mask[:, self.n] = True
+        self.n += 1
+        return logits  # [B, 1, V]
+
+
 class CompiledVLM:
     """A HF VLM whose prefill runs through specialized skip-shaped graphs.
 
     Holds the model (not a copy): weights are shared, and the model itself stays unmodified.
+    cache_size bounds each graph cache (prefill and decode separately); decode_bucket rounds
+    the decode K/V capacity up, trading masked attention slots for fewer decode graphs.
     """
 
-    def __init__(self, model, plan: SkipPlan, backend: str = "inductor", adapter=None, cache_size: int = 8):
+    def __init__(
+        self,
+        model,
+        plan: SkipPlan,
+        backend: str = "inductor",
+        adapter=None,
+        cache_size: int = 8,
+        decode_bucket: int = DECODE_BUCKET,
+    ):
         if backend not in BACKENDS:
             raise CompileError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         if backend == "tensorrt":
@@ -104,25 +208,34 @@ class CompiledVLM:
             _check_tensorrt()
         if cache_size < 1:
             raise CompileError(f"cache_size must be >= 1, got {cache_size}")
+        if decode_bucket < 1:
+            raise CompileError(f"decode_bucket must be >= 1, got {decode_bucket}")
         self.model = model
         self.plan = plan
         self.backend = backend
         self.adapter = adapter or adapter_for(model)
         self.adapter.check_plan(model, plan)
         self.cache_size = cache_size
-        self._graphs: OrderedDict[_GraphKey, Any] = OrderedDict()
+        self.decode_bucket = decode_bucket
+        self._graphs = _LRU(cache_size)  # _GraphKey -> compiled prefill
+        self._decode_graphs = _LRU(cache_size)  # _DecodeKey -> compiled decode step
         self._cores: dict[tuple[int, int], DecoderCore] = {}
-        self._hits = 0
-        self._misses = 0
+        self._decode_step: DecodeStep | None = None
 
-    # -- graph cache ----------------------------------------------------------------------
+    # -- graph caches ---------------------------------------------------------------------
     def cache_info(self) -> CacheInfo:
-        return CacheInfo(self._hits, self._misses, self.cache_size, len(self._graphs))
+        """The prefill graphs' cache."""
+        return self._graphs.info()
+
+    def decode_cache_info(self) -> CacheInfo:
+        """The decode graphs' cache (one graph per K/V capacity, batch size, dtype, device)."""
+        return self._decode_graphs.info()
 
     def cache_clear(self) -> None:
-        """Drops this object's graphs. Dynamo keeps its compiled entries until torch._dynamo.reset()."""
+        """Drops this object's graphs, prefill and decode. Dynamo keeps its compiled entries
+        until torch._dynamo.reset()."""
         self._graphs.clear()
-        self._hits = self._misses = 0
+        self._decode_graphs.clear()
 
     def _core(self, logits_to_keep: int, num_deepstack: int) -> DecoderCore:
         key = (logits_to_keep, num_deepstack)
@@ -132,28 +245,53 @@ class CompiledVLM:
 
     def _graph(self, key: _GraphKey, num_deepstack: int):
         """The compiled prefill for key: LRU hit, or a new torch.compile (compiled on first call)."""
-        if key in self._graphs:
-            self._hits += 1
-            self._graphs.move_to_end(key)
-            return self._graphs[key]
-        self._misses += 1
         options = {"plan": self.plan, "layout": key.layout, "inner": self.backend}
         # isolate_recompiles: each specialization owns its Dynamo cache entry instead of sharing
         # DecoderCore.forward's 8-entry limit; recompile_limit=1 with fullgraph turns a guard
         # failure (inputs that do not match the key) into an error, never an unskipped run.
-        graph = torch.compile(
-            self._core(key.logits_to_keep, num_deepstack),
-            backend="vskip",
-            options=options,
-            fullgraph=True,
-            dynamic=False,
-            isolate_recompiles=True,
-            recompile_limit=1,
+        return self._graphs.get(
+            key,
+            lambda: torch.compile(
+                self._core(key.logits_to_keep, num_deepstack),
+                backend="vskip",
+                options=options,
+                fullgraph=True,
+                dynamic=False,
+                isolate_recompiles=True,
+                recompile_limit=1,
+            ),
         )
-        self._graphs[key] = graph
-        if len(self._graphs) > self.cache_size:
-            self._graphs.popitem(last=False)
-        return graph
+
+    def _decode_graph(self, key: _DecodeKey):
+        """The compiled decode step for key (one module, one compiled graph per key). Static
+        shapes and recompile_limit=1, as for the prefill: other shapes are an error, not a
+        silent recompile."""
+        if self._decode_step is None:
+            self._decode_step = DecodeStep(self.adapter.language_model(self.model), self.adapter.lm_head(self.model))
+        return self._decode_graphs.get(
+            key,
+            lambda: torch.compile(
+                self._decode_step,
+                backend=_decode_backend(self.backend),
+                fullgraph=True,
+                dynamic=False,
+                isolate_recompiles=True,
+                recompile_limit=1,
+            ),
+        )
+
+    def _decode_run(self, kv, position_ids: torch.Tensor, max_new_tokens: int) -> _DecodeRun:
+        """Decode state after a prefill of kv (per layer [B, KV, S, E]) for max_new_tokens
+        tokens: the last prefill token's K/V is in the cache, so max_new_tokens - 1 steps each
+        add one row; capacity is that rounded up to decode_bucket."""
+        k0 = kv[0][0]  # [B, KV, S, E]
+        batch, _, seq_len, _ = k0.shape
+        needed = seq_len + max_new_tokens - 1
+        capacity = -(-needed // self.decode_bucket) * self.decode_bucket
+        graph = self._decode_graph(_DecodeKey(capacity, batch, k0.dtype, k0.device))
+        if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]  # Qwen's [text; t; h; w] form, as DecoderCore reads it
+        return _DecodeRun(graph, kv, position_ids[..., -1:], capacity)  # last prompt position: [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any]) -> PrefillInputs:
@@ -261,21 +399,17 @@ class CompiledVLM:
 
         p = self._prefill_inputs(inputs)
         logits, kv = self._prefill(p, logits_to_keep=1)
-        cache = self._cache(kv)
+        # Step t sits at the last prompt position + t (the last prompt token is text; M-RoPE
+        # ids [3, B, 1] move on together, as HF's decode does).
+        decode = self._decode_run(kv, p.position_ids, max_new_tokens) if max_new_tokens > 1 else None
+        embed = self.model.get_input_embeddings()
         input_ids = inputs["input_ids"]
         eos = eos.to(input_ids.device)
-        last_position = p.position_ids[..., -1:]  # [B, 1] or [3, B, 1]: the last prompt token is text
         tokens = []
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for t in range(max_new_tokens):
             if t:
-                step = self.model(
-                    input_ids=tokens[-1][:, None],  # [B, 1]
-                    cache=cache,
-                    position_ids=last_position + t,
-                    use_cache=True,
-                )
-                logits = step.logits
+                logits = decode.step(embed(tokens[-1][:, None]))  # [B, 1, D] -> [B, 1, V]
             next_token = logits[:, -1, :].argmax(dim=-1)  # [B]
             if pad_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
@@ -286,7 +420,10 @@ class CompiledVLM:
         return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)  # [B, S + n]
 
     def __repr__(self) -> str:
-        return f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.backend!r}, {self.cache_info()})"
+        return (
+            f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.backend!r}, "
+            f"prefill {self.cache_info()}, decode {self.decode_cache_info()})"
+        )
 
 
 def _check_generation_config(gen) -> None:
@@ -302,10 +439,19 @@ def _check_generation_config(gen) -> None:
         )
 
 
-def compile(model, plan: SkipPlan, backend: str = "inductor", adapter=None, cache_size: int = 8) -> CompiledVLM:
-    """Compile `model`'s prefill under `plan` (backend: "inductor", "eager" or "tensorrt").
+def compile(
+    model,
+    plan: SkipPlan,
+    backend: str = "inductor",
+    adapter=None,
+    cache_size: int = 8,
+    decode_bucket: int = DECODE_BUCKET,
+) -> CompiledVLM:
+    """Compile `model` under `plan` (backend: "inductor", "eager" or "tensorrt"): the prefill
+    skip-shaped, the decode step unmodified, both with that backend.
 
     Refuses a plan made for another model and an unknown backend here, before any input.
-    Graphs are specialized and compiled lazily, one per input layout.
+    Graphs are specialized and compiled lazily: prefill per input layout, decode per K/V
+    capacity (prompt + new tokens, rounded up to decode_bucket) and batch size.
     """
-    return CompiledVLM(model, plan, backend=backend, adapter=adapter, cache_size=cache_size)
+    return CompiledVLM(model, plan, backend=backend, adapter=adapter, cache_size=cache_size, decode_bucket=decode_bucket)
