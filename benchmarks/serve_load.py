@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     if os.environ.get("RAY_ADDRESS"):  # a Ray instance already running on this machine
         ray.init(log_to_driver=False)
     else:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve_app.init_local_ray(num_cpus=2, log_to_driver=False)  # retried: see its docstring
     report = {"model": str(model_dir), "plan": str(plan), "engine": args.engine, "replicas": args.replicas,
               "layouts": args.layouts, "distinct_prompts": len(prompts), "max_batch_size": args.max_batch_size,
               "rounds": []}

@@ -187,6 +187,43 @@ def application(options: ServeOptions):
     ).bind({**asdict(options), "limits": asdict(options.limits)})
 
 
+def init_local_ray(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> None:
+    """Start a local Ray instance (`ray.init`), retried when its node does not come up.
+
+    Why: Ray 2.60's raylet waits a fixed 15-20 s (RAY_agent_register_timeout_ms does not change
+    it) for its dashboard agent to write its port files and aborts when the agent is late; the
+    driver then raises "The current node timed out during startup". On a small saturated machine
+    (2 cores, other jobs) that happened to 2 starts in 5 here; the next attempt usually makes it
+    (the agent's imports are in the page cache by then). Processes a failed attempt left behind
+    (GCS server, log monitor, ...: children of this process that were not there before it) are
+    ended, by pid, before the next one. The last attempt's exception is raised.
+    """
+    import psutil  # vendored by Ray (ray/thirdparty_files)
+
+    me = psutil.Process()
+    for attempt in range(1, attempts + 1):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a plain Exception when its node does not come up
+            if attempt == attempts:
+                raise
+            logger.warning("local Ray did not start (attempt %d of %d): %s: %s", attempt, attempts, type(e).__name__, e)
+            ray.shutdown()
+            left = [p for p in me.children(recursive=True) if p.pid not in before]
+            for p in left:
+                try:
+                    p.terminate()
+                except psutil.NoSuchProcess:
+                    pass
+            for p in psutil.wait_procs(left, timeout=10)[1]:
+                try:
+                    p.kill()
+                except psutil.NoSuchProcess:
+                    pass
+
+
 def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           num_cpus: int | None = None, metrics_port: int | None = None) -> str:
     """Start (or join, with address) a Ray instance, deploy, and return the base URL.
@@ -201,7 +238,7 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
             ray.init(address=address)
         else:
             extra = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
-            ray.init(num_cpus=num_cpus, include_dashboard=False, **extra)
+            init_local_ray(num_cpus=num_cpus, **extra)
     serve.start(http_options={"host": host, "port": port})
     serve.run(application(options), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
