@@ -3,9 +3,13 @@ the same request run alone through `vskip_compile.compile(...).generate`.
 
 The model is the shipped easy-VQA Qwen3-VL under its calibrated plan; before the weights are
 shipped, a 2-layer random Qwen3-VL with the easy-VQA processor (saved with save_pretrained).
-Engine "eager" (the vskip backend with the eager inner compiler): each (layout, batch size) is
-a Dynamo compile, seconds to tens of seconds on 2 shared cores, and this file must stay short;
-the inductor engine is the same server code with another backend name.
+One local Ray instance for the module; each engine is deployed in turn under the same
+application name (Ray Serve replaces the replica): "eager" (the vskip backend with the eager
+inner compiler: each (layout, batch size) is a Dynamo compile, seconds to tens of seconds on
+2 shared cores), "onnx" (an engine directory exported here for one layout: another layout is
+a 422), and "inductor" (one layout, marked slow: inductor's C++ compile is the longest step).
+The 4xx refusals are also checked without Ray (parse_chat, then Engine.prepare), so they run
+even where a local Ray does not start.
 """
 
 from __future__ import annotations
@@ -24,16 +28,17 @@ import pytest
 from vskip_compile.serve import use_loopback
 
 use_loopback()  # before Ray is imported: the local Ray instance stays on 127.0.0.1
-pytest.importorskip("ray")
-pytest.importorskip("ray.serve")
 
 import torch  # noqa: E402
 
 import vskip_compile  # noqa: E402
 from vskip_compile.plan import SkipPlan  # noqa: E402
+from vskip_compile.serve.request import Limits, RequestError, parse_chat  # noqa: E402  (no Ray, no torch)
 from vskip_compile.zoo import easyvqa  # noqa: E402
 
 MAX_TOKENS = 4
+LIMITS = Limits(max_body_bytes=256 * 1024, max_image_bytes=64 * 1024, max_image_pixels=256 * 256, max_tokens=8,
+                default_max_tokens=MAX_TOKENS)
 SHIPPED_PLAN = easyvqa.MODEL_DIR / "plans" / "opskip-b40.json"
 SHIPPED = (easyvqa.MODEL_DIR / "model.safetensors").is_file() and SHIPPED_PLAN.is_file()
 PLAN = SkipPlan.load(SHIPPED_PLAN) if SHIPPED else SkipPlan.from_ops(["skip_attn", "skip_both"])
@@ -99,29 +104,116 @@ def model_dir(tmp_path_factory):
     return out
 
 
+class _Service:
+    """One local Ray instance and one Serve HTTP proxy on a fixed loopback port; `deploy`
+    replaces the application when another engine (or engine directory) is asked for."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.deployed = None
+
+    def deploy(self, model_dir, engine: str, engine_dir=None) -> str:
+        from vskip_compile.serve.app import ServeOptions, start
+
+        key = (engine, str(engine_dir))
+        url = f"http://127.0.0.1:{self.port}"
+        if self.deployed != key:
+            options = ServeOptions(model_dir=str(model_dir), plan=PLAN.to_dict(), engine=engine,
+                                   engine_dir=None if engine_dir is None else str(engine_dir), max_batch_size=4,
+                                   batch_wait_s=3.0, replica_cpus=1, limits=LIMITS)
+            self.deployed = None
+            start(options, host="127.0.0.1", port=self.port)
+            self.deployed = key
+        return url
+
+
 @pytest.fixture(scope="module")
-def server(model_dir):
+def service():
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.serve")
     import ray
 
-    from vskip_compile.serve.app import ServeOptions, start, stop
-    from vskip_compile.serve.request import Limits
+    from vskip_compile.serve.app import init_local_ray, stop
 
-    limits = Limits(max_image_bytes=64 * 1024, max_image_pixels=256 * 256, max_tokens=8, default_max_tokens=MAX_TOKENS)
-    options = ServeOptions(model_dir=str(model_dir), plan=PLAN.to_dict(), engine="eager", max_batch_size=4,
-                           batch_wait_s=3.0, replica_cpus=1, limits=limits)
     try:
         if os.environ.get("RAY_ADDRESS"):  # a Ray instance already running on this machine
             ray.init(log_to_driver=False)
         else:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            init_local_ray(num_cpus=2, log_to_driver=False)
     except Exception as e:  # noqa: BLE001 - Ray raises plain Exception when its node does not come up
-        # Seen on a 2-core machine under heavy load: the raylet aborts when its dashboard agent
-        # takes more than 15 s to start. That is the machine, not this code: skip, saying so.
+        # Seen on a 2-core machine under heavy load (other jobs on both cores), even with
+        # init_local_ray's retries: the raylet aborts when its dashboard agent takes more than
+        # ~15 s to start. That is the machine, not this code: skip, saying so.
         pytest.skip(f"a local Ray instance did not start here: {type(e).__name__}: {e}")
     try:
-        yield start(options, host="127.0.0.1", port=_free_port())
+        yield _Service(_free_port())
     finally:
         stop()
+
+
+@pytest.fixture
+def server(service, model_dir):
+    """Base URL of the service running engine "eager"."""
+    return service.deploy(model_dir, "eager")
+
+
+class _Reference:
+    """Each sample alone through vskip_compile.compile(model, PLAN, backend).generate, computed
+    once per backend: (answer text, new token ids)."""
+
+    def __init__(self, model_dir):
+        self.model_dir = model_dir
+        self.answers = {}
+        self.loaded = None
+
+    def __call__(self, samples, backend: str = "eager"):
+        from vskip_compile.serve.engine import load_model
+
+        if self.loaded is None:
+            self.loaded = load_model(self.model_dir)
+        model, processor = self.loaded
+        cm = None
+        out = []
+        for path, question in samples:
+            key = (backend, path, question)
+            if key not in self.answers:
+                cm = cm or vskip_compile.compile(model, PLAN, backend=backend)
+                inputs = easyvqa.build_inputs(processor, path, question)
+                new = cm.generate(**inputs, max_new_tokens=MAX_TOKENS)[0, inputs["input_ids"].shape[1]:]
+                self.answers[key] = (easyvqa.parse_answer(processor, new), new.tolist())
+            out.append(self.answers[key])
+        return out
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return _Reference(model_dir)
+
+
+def _send_all(url: str, samples) -> tuple[list[threading.Thread], dict]:
+    """Start one request per sample, concurrently; results[i] = (status, body) once joined."""
+    results: dict[int, tuple[int, dict]] = {}
+
+    def send(i, path, question):
+        results[i] = _post(url, _chat(_data_url(path), question))
+
+    threads = [threading.Thread(target=send, args=(i, p, q)) for i, (p, q) in enumerate(samples)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
+def _join(threads) -> None:
+    for t in threads:
+        t.join(timeout=600)
+
+
+def _check_answer(status: int, body: dict, want: tuple[str, list[int]]) -> None:
+    text, ids = want
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == text
+    assert body["vskip"]["token_ids"] == ids[: len(body["vskip"]["token_ids"])]
+    assert body["usage"]["completion_tokens"] == len(body["vskip"]["token_ids"])
 
 
 @pytest.fixture(scope="module")
@@ -135,79 +227,143 @@ def samples():
     return [a[0], a[1], b[0]]
 
 
-def test_bad_requests_get_4xx_and_the_replica_stays(server):
+def _bad_requests() -> dict[str, tuple[int, object]]:
+    """name -> (HTTP status, body): every refusal the issue lists (no image, undecodable image,
+    too large an image, too many tokens, unknown fields) and a few more."""
     from PIL import Image
 
-    test = easyvqa.test_set()
-    url = _data_url(test[0][0])
-    cases = {
+    url = _data_url(easyvqa.test_set()[0][0])
+    text_part = {"type": "text", "text": "what shape is it?"}
+    return {
         "no image": (400, {"messages": [{"role": "user", "content": "what shape is it?"}]}),
         "text-only parts": (400, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}),
         "undecodable image": (400, _chat("data:image/png;base64," + base64.b64encode(b"not a png").decode(), "what?")),
+        "truncated image": (400, _chat("data:image/png;base64," + url.partition(",")[2][:400], "what?")),
         "bad base64": (400, _chat("data:image/png;base64,@@@", "what?")),
         "remote url": (400, _chat("http://127.0.0.1/x.png", "what?")),
         "image bytes over the limit": (413, _chat("data:image/png;base64," + base64.b64encode(bytes(70_000)).decode(), "what?")),
         "image pixels over the limit": (413, _chat(_data_url(Image.new("RGB", (300, 300), (9, 9, 9))), "what?")),
+        "body over the limit": (413, _chat(url, "what shape is it?", user="x" * 300_000)),
+        "two images": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "image_url", "image_url": {"url": url}}, text_part]}]}),
         "max_tokens over the limit": (400, _chat(url, "what shape is it?", max_tokens=9)),
+        "max_tokens not an integer": (400, _chat(url, "what shape is it?", max_tokens="4")),
         "prompt too long": (400, _chat(url, " ".join(["shape"] * 300))),
         "unknown field": (400, _chat(url, "what shape is it?", top_p=0.5)),
         "unknown message field": (400, {"messages": [{"role": "user", "content": "hi", "name": "x"}]}),
+        "unknown part field": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {**text_part, "cache_control": {}}]}]}),
+        "unknown image_url field": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url, "format": "png"}}, text_part]}]}),
+        "unknown part type": (400, {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "input_audio", "input_audio": {}}]}]}),
         "sampling": (400, _chat(url, "what shape is it?", temperature=0.7)),
+        "stream": (400, _chat(url, "what shape is it?", stream=True)),
         "not json": (400, b"{not json"),
+        "not an object": (400, b"[1, 2]"),
     }
+
+
+def test_bad_requests_are_refused_without_ray(model_dir):
+    """The same refusals without Ray: parse_chat, then Engine.prepare (processor, token count)
+    for those that parse (the prompt too long for the model's context)."""
+    from vskip_compile.serve.engine import Engine
+
+    engine = None
+    for name, (status, body) in _bad_requests().items():
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        with pytest.raises(RequestError) as e:
+            chat = parse_chat(raw, LIMITS)
+            engine = engine or Engine(model_dir, PLAN, "eager", limits=LIMITS, max_batch_size=4)
+            engine.prepare(chat)
+        assert e.value.status == status and e.value.message, name
+        if name == "prompt too long":
+            assert e.value.message.startswith("too many tokens"), e.value.message
+    assert engine is not None  # "prompt too long" reached the engine
+
+
+def test_bad_requests_get_4xx_and_the_replica_stays(server, samples):
+    cases = _bad_requests()
     for name, (status, body) in cases.items():
         got, answer = _post(server, body)
         assert got == status, (name, answer)
         assert answer["error"]["message"], name
+        assert answer["error"]["code"] == status and answer["error"]["type"] == "invalid_request_error", name
     health = _get(server, "/health")
     assert health["status"] == "ok"
     assert sum(health["requests"].values()) >= len(cases)
 
 
-def test_answers_equal_solo_compiled_generate(server, model_dir, samples):
+def test_answers_equal_solo_compiled_generate(server, reference, samples):
     """Concurrent requests (two share a layout, one does not) answer exactly what each request
     alone answers through vskip_compile.compile(...).generate; the pair shares one prefill."""
-    results: dict[int, tuple[int, dict]] = {}
-
-    def send(i, path, question):
-        results[i] = _post(server, _chat(_data_url(path), question))
-
-    threads = [threading.Thread(target=send, args=(i, p, q)) for i, (p, q) in enumerate(samples)]
-    for t in threads:
-        t.start()
-    # the solo references compile here while the server compiles in its replica
-    from vskip_compile.serve.engine import load_model
-
-    model, processor = load_model(model_dir)
-    cm = vskip_compile.compile(model, PLAN, backend="eager")
-    want = []
-    for path, question in samples:
-        inputs = easyvqa.build_inputs(processor, path, question)
-        new = cm.generate(**inputs, max_new_tokens=MAX_TOKENS)[0, inputs["input_ids"].shape[1]:]
-        want.append((easyvqa.parse_answer(processor, new), new.tolist()))
-    for t in threads:
-        t.join(timeout=300)
-    for i, (text, ids) in enumerate(want):
-        status, body = results[i]
-        assert status == 200, body
-        assert body["choices"][0]["message"]["content"] == text
-        assert body["vskip"]["token_ids"] == ids[: len(body["vskip"]["token_ids"])]
-        assert body["usage"]["completion_tokens"] == len(body["vskip"]["token_ids"])
+    threads, results = _send_all(server, samples)
+    want = reference(samples)  # the solo references compile here while the server compiles in its replica
+    _join(threads)
+    for i in range(len(samples)):
+        _check_answer(*results[i], want[i])
     pair, other = [results[i][1]["vskip"] for i in (0, 1)], results[2][1]["vskip"]
     assert pair[0]["layout"] == pair[1]["layout"] != other["layout"]
     assert pair[0]["batch"] == pair[1]["batch"] == 2 and other["batch"] == 1
 
     # the same pair again: its (layout, batch 2) graph is cached and reused
     before = _get(server, "/health")["graph_cache"]
-    again = {}
-    threads = [threading.Thread(target=lambda i=i: again.__setitem__(i, _post(server, _chat(_data_url(samples[i][0]),
-                                                                                             samples[i][1]))))
-               for i in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    threads, again = _send_all(server, samples[:2])
+    _join(threads)
     for i in (0, 1):
-        assert again[i][0] == 200 and again[i][1]["choices"][0]["message"]["content"] == want[i][0]
+        _check_answer(*again[i], want[i])
     after = _get(server, "/health")["graph_cache"]
     assert after["misses"] == before["misses"] and after["hits"] > before["hits"]
+
+
+# -- engine "onnx" --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_engine_dir(model_dir, samples, tmp_path_factory):
+    """An ONNX engine of the model under PLAN, exported for the layout of samples[0] (and
+    samples[1], same layout) only: batch-1 prefill and decode graphs."""
+    pytest.importorskip("onnxruntime")
+    from vskip_compile.export import export_onnx
+    from vskip_compile.serve.engine import load_model
+
+    model, processor = load_model(model_dir)
+    path, question = samples[0]
+    out = tmp_path_factory.mktemp("onnx-engine")
+    export_onnx(model, PLAN, easyvqa.build_inputs(processor, path, question), out, optimize=False,
+                source={"model_dir": str(model_dir)})
+    return out
+
+
+def test_onnx_engine_over_http(service, model_dir, onnx_engine_dir, reference, samples):
+    """Engine "onnx": the exported layout answers what compile(...).generate answers (the pair
+    of that layout runs row by row: the engine has no batch-2 graphs); the other layout is
+    refused with 422 naming the exported layouts, and the replica keeps serving."""
+    url = service.deploy(model_dir, "onnx", onnx_engine_dir)
+    health = _get(url, "/health")
+    assert health["engine"] == "onnx" and health["graph_cache"] == {"layouts_exported": 1}
+    threads, results = _send_all(url, samples)
+    want = reference(samples[:2])
+    _join(threads)
+    for i in (0, 1):
+        _check_answer(*results[i], want[i])
+    assert [results[i][1]["vskip"]["batch_padded"] for i in (0, 1)] == [1, 1]  # batch-1 graphs only
+    status, body = results[2]
+    assert status == 422, body
+    assert "no prefill graph for layout" in body["error"]["message"] and "exported:" in body["error"]["message"]
+    status, body = _post(url, _chat(_data_url(samples[0][0]), samples[0][1]))  # still serving
+    _check_answer(status, body, want[0])
+    assert _get(url, "/health")["requests"] == {"200": 3, "422": 1}
+
+
+# -- engine "inductor" ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_inductor_engine_over_http(service, model_dir, reference, samples):
+    """Engine "inductor" (the `vskip serve` default): one request end to end answers what
+    compile(..., backend="inductor").generate answers for it alone."""
+    url = service.deploy(model_dir, "inductor")
+    assert _get(url, "/health")["engine"] == "inductor"
+    threads, results = _send_all(url, samples[:1])
+    want = reference(samples[:1], backend="inductor")
+    _join(threads)
+    _check_answer(*results[0], want[0])
+    assert results[0][1]["vskip"]["batch"] == 1
+    assert _get(url, "/health")["graph_cache"]["misses"] >= 1
