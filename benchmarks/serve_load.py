@@ -3,15 +3,18 @@ got its own right answer.
 
     python benchmarks/serve_load.py --requests 300 --layouts 3            # zoo model, eager engine
     python benchmarks/serve_load.py --requests 200 --kill-replica --replicas 2
+    python benchmarks/serve_load.py --requests 200 --rounds 4 --kill-replica --kill-round 3 --replicas 2
 
 Starts a local Ray + the deployment itself, computes each distinct prompt's answer alone with
 `vskip_compile.compile(...).generate` (the reference), then fires rounds of concurrent requests
 over several layouts (questions of different lengths). Round 1 is cold (graphs compile as
 layouts and batch sizes first appear); later rounds are warm. With --kill-replica, one replica
-actor is ray.kill'ed during the last round: Ray Serve starts a new one; requests that fail are
-counted as failed, and a 200 whose answer differs from the reference is counted as wrong
-(must be 0). Everything is bounded: request count, per-request timeout, total time limit;
-traffic goes to 127.0.0.1 only. Prints one JSON report.
+actor is ray.kill'ed during round --kill-round (default: the last): Ray Serve starts a new one
+(the run waits until it is RUNNING, and records how long that took, before any later round,
+which then also exercises the new, cold replica); requests that fail are counted as failed,
+and a 200 whose answer differs from the reference is counted as wrong (must be 0).
+Everything is bounded: request count, per-request timeout, total time limit; traffic goes to
+127.0.0.1 only. Prints one JSON report.
 """
 
 from __future__ import annotations
@@ -163,7 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch-size", type=int, default=8)
     ap.add_argument("--batch-wait-ms", type=float, default=50.0)
     ap.add_argument("--kill-replica", action="store_true", help="ray.kill one replica during the last round")
-    ap.add_argument("--kill-after", type=float, default=5.0, help="seconds into the last round")
+    ap.add_argument("--kill-after", type=float, default=5.0, help="seconds into the kill round")
+    ap.add_argument("--kill-round", type=int, help="round in which a replica is killed (default: the last)")
     ap.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     ap.add_argument("--time-limit", type=float, default=1800.0, help="whole run (s); rounds stop being started after it")
     ap.add_argument("--seed", type=int, default=0)
@@ -171,6 +175,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if not 1 <= args.requests <= 2000 or not 1 <= args.rounds <= 10:
         ap.error("--requests must be in 1..2000 and --rounds in 1..10 (a bounded test)")
+    kill_round = args.rounds if args.kill_round is None else args.kill_round
+    if args.kill_replica and not 1 <= kill_round <= args.rounds:
+        ap.error(f"--kill-round must be in 1..{args.rounds}")
 
     from vskip_compile.serve import use_loopback
 
@@ -227,16 +234,19 @@ def main(argv=None) -> int:
                 report["stopped"] = f"time limit {args.time_limit} s reached before round {r}"
                 break
             order = [rng.randrange(len(prompts)) for _ in range(args.requests)]
-            kill_at = args.kill_after if args.kill_replica and r == args.rounds else None
+            kill_at = args.kill_after if args.kill_replica and r == kill_round else None
             out = asyncio.run(run_round(base, bodies, order, args.timeout, kill_at, kill))
             summary = summarize(r, out, order, want)
             report["rounds"].append(summary)
             print(json.dumps(summary), file=sys.stderr, flush=True)
-        if args.kill_replica:
-            deadline = time.perf_counter() + 120
-            while time.perf_counter() < deadline and len(serve_app.replica_actors()) < args.replicas:
-                time.sleep(2)
-            report["replicas_after_kill"] = len(serve_app.replica_actors())
+            if kill_at is not None:  # wait for Ray Serve to replace the killed replica
+                t_kill = time.perf_counter()
+                deadline = t_kill + 300
+                while time.perf_counter() < deadline and serve_app.running_replicas() < args.replicas:
+                    time.sleep(1)
+                report["replicas_running_after_kill"] = serve_app.running_replicas()
+                report["replica_back_s_after_round"] = round(time.perf_counter() - t_kill, 1)
+                report["replicas_after_kill"] = serve_app.replica_actors()
     finally:
         serve_app.stop()
     report["total_s"] = round(time.perf_counter() - t0, 1)

@@ -257,6 +257,14 @@ def replica_actors() -> list[str]:
             and f"{APP_NAME}#" in a["name"]]
 
 
+def running_replicas() -> int:
+    """Replicas of this application that Ray Serve reports RUNNING (0 while it has none)."""
+    app = serve.status().applications.get(APP_NAME)
+    if app is None:
+        return 0
+    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+
 def kill_replica(name: str) -> None:
     """ray.kill one replica actor; Ray Serve's controller notices and starts a new one."""
     ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
