@@ -123,14 +123,29 @@ def test_metrics_recorded():
 
 
 @needs_weights
-def test_metrics_meet_targets():
-    """Targets: >= 97% on the whole test split, >= 30 points lower with white images."""
+def test_metrics_meet_targets_and_belong_to_the_shipped_weights():
+    """Targets: >= 97% on the whole test split, >= 30 points lower with white images, measured
+    on exactly the weights that ship (sha256), so the figures cannot go stale."""
+    import hashlib
+
     metrics = _metrics()
-    met = metrics["test"]["accuracy"] >= 0.97 and metrics["drop_points"] >= 30
-    if not met:
-        pytest.xfail(f"shipped model misses the targets: test {metrics['test']['accuracy']:.4f}, "
-                     f"white drop {metrics['drop_points']} points (see metrics.json note)")
-    assert met
+    shipped = hashlib.sha256((easyvqa.MODEL_DIR / "model.safetensors").read_bytes()).hexdigest()
+    assert metrics["weights_sha256"] == shipped
+    assert metrics["test"]["accuracy"] >= 0.97
+    assert metrics["drop_points"] >= 30
+
+
+@needs_weights
+def test_accuracy_and_white_drop_on_a_test_subset(loaded):
+    """Re-measured here on the first 240 test questions (the whole split takes minutes): the
+    shipped model answers >= 95% (whole split: 99.2%) and loses >= 25 points on white images
+    (whole split: 39.2). Margins leave room for a 240-question sample, not for a broken model."""
+    model, processor = loaded
+    samples = easyvqa.test_set()[:240]
+    acc = easyvqa.evaluate(model, processor, samples, batch_size=120)
+    white = easyvqa.evaluate(model, processor, samples, white_images=True, batch_size=120)
+    assert acc >= 0.95
+    assert acc - white >= 0.25
 
 
 def test_parse_answer_stops_at_eos():
