@@ -190,12 +190,12 @@ def reference(model_dir):
     return _Reference(model_dir)
 
 
-def _send_all(url: str, samples) -> tuple[list[threading.Thread], dict]:
+def _send_all(url: str, samples, timeout: float = 240) -> tuple[list[threading.Thread], dict]:
     """Start one request per sample, concurrently; results[i] = (status, body) once joined."""
     results: dict[int, tuple[int, dict]] = {}
 
     def send(i, path, question):
-        results[i] = _post(url, _chat(_data_url(path), question))
+        results[i] = _post(url, _chat(_data_url(path), question), timeout=timeout)
 
     threads = [threading.Thread(target=send, args=(i, p, q)) for i, (p, q) in enumerate(samples)]
     for t in threads:
@@ -361,9 +361,10 @@ def test_inductor_engine_over_http(service, model_dir, reference, samples):
     compile(..., backend="inductor").generate answers for it alone."""
     url = service.deploy(model_dir, "inductor")
     assert _get(url, "/health")["engine"] == "inductor"
-    threads, results = _send_all(url, samples[:1])
-    want = reference(samples[:1], backend="inductor")
-    _join(threads)
-    _check_answer(*results[0], want[0])
-    assert results[0][1]["vskip"]["batch"] == 1
+    # Not overlapped with the reference: two cold inductor compiles at once on 2 cores took
+    # more than 240 s here; one after the other, the reference mostly hits the FX graph cache
+    # the replica just filled (same machine, same cache directory).
+    status, body = _post(url, _chat(_data_url(samples[0][0]), samples[0][1]), timeout=900)
+    _check_answer(status, body, reference(samples[:1], backend="inductor")[0])
+    assert body["vskip"]["batch"] == 1
     assert _get(url, "/health")["graph_cache"]["misses"] >= 1
