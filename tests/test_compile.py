@@ -227,3 +227,33 @@ def test_refusals(tiny_model):
     with pytest.raises(CompileError, match="padded"):
         cm(**padded)
     assert cm.cache_info().misses == 0
+
+
+def test_graph_cache_bookkeeping_is_thread_safe():
+    """vskip serve calls one CompiledVLM from two threads: concurrent lookups, inserts and
+    evictions must keep the counters exact and never raise (an unlocked move_to_end after a
+    concurrent eviction raises KeyError)."""
+    import threading
+
+    from vskip_compile.runtime import _LRU
+
+    lru = _LRU(maxsize=3)
+    calls_per_thread, errors = 2000, []
+
+    def hammer(seed: int):
+        try:
+            for i in range(calls_per_thread):
+                key = (seed * 7 + i) % 5
+                assert lru.get(key, lambda: object()) is not None
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    info = lru.info()
+    assert not errors
+    assert info.hits + info.misses == 4 * calls_per_thread
+    assert info.currsize <= 3

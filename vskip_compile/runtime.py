@@ -20,6 +20,7 @@ own bounded LRU keyed by (T, batch, dtype, device): `decode_cache_info()`.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -106,30 +107,40 @@ class _DecodeKey:
 
 
 class _LRU:
-    """A bounded map of compiled graphs with hit/miss counters."""
+    """A bounded map of compiled graphs with hit/miss counters.
+
+    Locked: a server calls one CompiledVLM from several threads (vskip serve runs one thread
+    for known layouts and one that compiles new ones), and a lookup-then-evict sequence must
+    not interleave. `build` only wraps torch.compile (compiling happens on the first call,
+    outside the lock), so the lock is held for microseconds.
+    """
 
     def __init__(self, maxsize: int):
         self.maxsize = maxsize
         self.graphs: OrderedDict[Any, Any] = OrderedDict()
         self.hits = self.misses = 0
+        self._lock = threading.Lock()
 
     def get(self, key, build):
-        if key in self.graphs:
-            self.hits += 1
-            self.graphs.move_to_end(key)
-            return self.graphs[key]
-        self.misses += 1
-        graph = self.graphs[key] = build()
-        if len(self.graphs) > self.maxsize:
-            self.graphs.popitem(last=False)
-        return graph
+        with self._lock:
+            if key in self.graphs:
+                self.hits += 1
+                self.graphs.move_to_end(key)
+                return self.graphs[key]
+            self.misses += 1
+            graph = self.graphs[key] = build()
+            if len(self.graphs) > self.maxsize:
+                self.graphs.popitem(last=False)
+            return graph
 
     def info(self) -> CacheInfo:
-        return CacheInfo(self.hits, self.misses, self.maxsize, len(self.graphs))
+        with self._lock:
+            return CacheInfo(self.hits, self.misses, self.maxsize, len(self.graphs))
 
     def clear(self) -> None:
-        self.graphs.clear()
-        self.hits = self.misses = 0
+        with self._lock:
+            self.graphs.clear()
+            self.hits = self.misses = 0
 
 
 def _decode_backend(inner: str):
@@ -239,9 +250,10 @@ class CompiledVLM:
 
     def _core(self, logits_to_keep: int, num_deepstack: int) -> DecoderCore:
         key = (logits_to_keep, num_deepstack)
-        if key not in self._cores:
-            self._cores[key] = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack)
-        return self._cores[key]
+        core = self._cores.get(key)
+        if core is None:  # setdefault is atomic: two threads racing here end up sharing one core
+            core = self._cores.setdefault(key, DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack))
+        return core
 
     def _graph(self, key: _GraphKey, num_deepstack: int):
         """The compiled prefill for key: LRU hit, or a new torch.compile (compiled on first call)."""
