@@ -191,12 +191,14 @@ def init_local_ray(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any
     """Start a local Ray instance (`ray.init`), retried when its node does not come up.
 
     Why: Ray 2.60's raylet waits a fixed 15-20 s (RAY_agent_register_timeout_ms does not change
-    it) for its dashboard agent to write its port files and aborts when the agent is late; the
-    driver then raises "The current node timed out during startup". On a small saturated machine
-    (2 cores, other jobs) that happened to 4 starts in 12 here; a later attempt usually makes it
-    (the agent's imports are in the page cache by then; once it took the third). Processes a failed attempt left behind
-    (GCS server, log monitor, ...: children of this process that were not there before it) are
-    ended, by pid, before the next one. The last attempt's exception is raised.
+    it; upstream issue ray-project/ray#65983) for its dashboard agent to write its port files and
+    aborts when the agent is late; the driver then raises "The current node timed out during
+    startup". On a small saturated machine (2 cores, other jobs) that happened to 7 starts in 15
+    here; a later attempt usually makes it (the agent's imports are in the page cache by then),
+    once only the third, and once at load 10 all three failed (about 2 minutes each). Processes
+    a failed attempt left behind (GCS server, log monitor, ...: children of this process that
+    were not there before it) are ended, by pid, before the next one. The last attempt's
+    exception is raised.
     """
     import psutil  # vendored by Ray (ray/thirdparty_files)
 
