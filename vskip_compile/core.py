@@ -55,6 +55,38 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     return (rows[:, None] >= rows[None, :]).view(1, 1, seq_len, seq_len)  # [1, 1, S, S]
 
 
+def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids as the rotary embedding reads them: Qwen's 4-row [text; t; h; w] form
+    ([4, B, S]) keeps its last 3 rows; [3, B, S] and [B, S] pass as they are."""
+    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        return position_ids[1:]
+    return position_ids
+
+
+def run_layers(language_model: nn.Module, x: torch.Tensor, mask: torch.Tensor, position_embeddings, cache,
+               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+    """The decoder layers over x [B, S, D] with an explicit mask and a cache stand-in, DeepStack
+    added after layers 0..n-1. MoE experts run their traceable implementation while traced
+    (restored after), so the prefill and the decode step trace alike."""
+    switch = experts_configs if torch.compiler.is_compiling() else ()
+    saved = use_traceable_experts(switch)
+    try:
+        for i, layer in enumerate(language_model.layers):
+            x = layer(
+                x,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                position_ids=None,
+                cache=cache,
+                use_cache=True,
+            )
+            if i < len(deepstack):
+                x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
+    finally:
+        restore_experts(switch, saved)
+    return x
+
+
 class DecoderCore(nn.Module):
     """Prefill of a HF text decoder: embeddings in, logits and per-layer K/V out.
 
@@ -90,30 +122,11 @@ class DecoderCore(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *deepstack: torch.Tensor):
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
-        if position_ids.ndim == 3 and position_ids.shape[0] == 4:
-            position_ids = position_ids[1:]  # Qwen's [text; t; h; w] form: RoPE reads the last 3
         seq_len = inputs_embeds.shape[1]
         mask = causal_mask(seq_len, inputs_embeds.device)  # [1, 1, S, S]
         recorder = _KVRecorder()
-
-        x = inputs_embeds  # [B, S, D]
-        position_embeddings = self.lm.rotary_emb(x, position_ids)
-        switch = self.experts_configs if torch.compiler.is_compiling() else ()
-        saved = use_traceable_experts(switch)
-        try:
-            for i, layer in enumerate(self.lm.layers):
-                x = layer(
-                    x,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=None,
-                    cache=recorder,
-                    use_cache=True,
-                )
-                if i < len(deepstack):
-                    x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
-        finally:
-            restore_experts(switch, saved)
+        position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
+        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack)
         x = self.lm.norm(x)
         if self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
@@ -159,22 +172,8 @@ class DecodeStep(nn.Module):
         cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
         self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
         mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
-        x = inputs_embeds  # [B, 1, D]
-        position_embeddings = self.lm.rotary_emb(x, position_ids)
-        switch = self.experts_configs if torch.compiler.is_compiling() else ()
-        saved = use_traceable_experts(switch)
-        try:
-            for layer in self.lm.layers:
-                x = layer(
-                    x,
-                    attention_mask=mask,
-                    position_embeddings=position_embeddings,
-                    position_ids=None,
-                    cache=cache,
-                    use_cache=True,
-                )
-        finally:
-            restore_experts(switch, saved)
+        position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
+        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, cache, self.experts_configs)  # [B, 1, D]
         logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .archs import PrefillInputs, adapter_for
-from .core import DecodeStep, DecoderCore
+from .core import DecodeStep, DecoderCore, rope_position_ids
 from .layout import VisualLayout
 from .plan import SkipPlan
 
@@ -301,9 +301,7 @@ class CompiledVLM:
         needed = seq_len + max_new_tokens - 1
         capacity = -(-needed // self.decode_bucket) * self.decode_bucket
         graph = self._decode_graph(_DecodeKey(capacity, batch, k0.dtype, k0.device))
-        if position_ids.ndim == 3 and position_ids.shape[0] == 4:
-            position_ids = position_ids[1:]  # Qwen's [text; t; h; w] form, as DecoderCore reads it
-        return _DecodeRun(graph, kv, position_ids[..., -1:], capacity)  # last prompt position: [B, 1] or [3, B, 1]
+        return _DecodeRun(graph, kv, rope_position_ids(position_ids)[..., -1:], capacity)  # last prompt position: [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any]) -> PrefillInputs:
