@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import reference
 from .core import DecoderCore, causal_mask
 from .flops import TextDims, plan_report
 from .layout import VisualLayout
@@ -127,30 +128,18 @@ class GatherPrefill(nn.Module):
 
 
 class ReferencePrefill(nn.Module):
-    """The eager oracle's cost: the full model, with skipped updates zeroed at frozen rows."""
+    """The eager oracle's cost: the full model, with skipped updates zeroed at frozen rows
+    (the reference semantics of `vskip_compile.reference`, through its own hooks)."""
 
     def __init__(self, core: DecoderCore, plan: SkipPlan, layout: VisualLayout):
         super().__init__()
-        self.core = core
-        keep = torch.ones(layout.seq_len, dtype=torch.bool)
-        for a, b in layout.frozen_spans(plan.scope):
-            keep[a:b] = False
-        self.plan, self.keep = plan, keep[None, :, None]  # [1, S, 1]
+        self.core, self.plan = core, plan
+        self.frozen = layout.frozen_spans(plan.scope)
 
     def forward(self, *args):
-        handles = []
-        zero = lambda mod, inp, out: (out[0].masked_fill(~self.keep, 0.0), *out[1:]) if isinstance(out, tuple) \
-            else out.masked_fill(~self.keep, 0.0)
-        for i, layer in enumerate(self.core.lm.layers):
-            if self.plan.skips_attn(i):
-                handles.append(layer.self_attn.register_forward_hook(zero))
-            if self.plan.skips_ffn(i):
-                handles.append(layer.mlp.register_forward_hook(zero))
-        try:
+        zero = lambda module, inputs, output: reference._zero_rows(output, self.frozen)  # noqa: E731
+        with reference.hooked(self.core.lm.layers, self.plan, zero):
             return self.core(*args)
-        finally:
-            for h in handles:
-                h.remove()
 
 
 # -- measurement ----------------------------------------------------------------------------
