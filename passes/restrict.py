@@ -123,22 +123,20 @@ def plan_rewrite(region: Region, geo: Geometry) -> RewritePlan:
 
 def apply_rewrite(p: RewritePlan, geo: Geometry, b: Builder) -> int:
     """Emit the kept-row computation before `close`, merge in the frozen rows, replace `close`.
-    Returns the number of re-emitted nodes."""
+    Returns the number of re-emitted nodes. Needs kept rows (skip_common.drop_regions
+    handles a layout with none)."""
     graph = p.region.close.graph
     close, residual = p.region.close, p.region.residual
     order = {n: i for i, n in enumerate(graph.nodes)}
     with graph.inserting_before(close):
-        if not geo.kept:  # every row frozen: the operator is skipped outright
-            merged = residual
-        else:
-            new: dict[fx.Node, fx.Node] = {}
-            for node in sorted(p.demand, key=order.__getitem__):
-                if node in p.sliced:
-                    new[node] = b.slice_rows(node, p.demand[node], geo)
-                else:
-                    wanted = {a for a, need in p.rules[node].demands if need is not None}
-                    new[node] = p.rules[node].rebuild(lambda a, w=wanted: new[a] if a in w else a, b, geo)
-            merged = b.merge_rows(new[close], residual, p.rows, geo, like=close)  # [B, S, D]
+        new: dict[fx.Node, fx.Node] = {}
+        for node in sorted(p.demand, key=order.__getitem__):
+            if node in p.sliced:
+                new[node] = b.slice_rows(node, p.demand[node], geo)
+            else:
+                wanted = {a for a, need in p.rules[node].demands if need is not None}
+                new[node] = p.rules[node].rebuild(lambda a, w=wanted: new[a] if a in w else a, b, geo)
+        merged = b.merge_rows(new[close], residual, p.rows, geo, like=close)  # [B, S, D]
     close.replace_all_uses_with(merged)
     # Erase the replaced computation explicitly: DCE keeps ops it deems impure (SDPA is
     # tagged nondeterministic_seeded) and the dtype asserts hanging off dead nodes.
@@ -148,4 +146,4 @@ def apply_rewrite(p: RewritePlan, geo: Geometry, b: Builder) -> int:
                 graph.erase_node(user)
         if not node.users:
             graph.erase_node(node)
-    return len(p.rules) if geo.kept else 0
+    return len(p.rules)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import PassContext, SkipPassError
-from .find_regions import regions_for
-from .restrict import apply_rewrite, plan_rewrite
+from .base import ASSERT_OPS, PassContext, SkipPassError
+from .find_regions import Region, regions_for
+from .restrict import apply_rewrite, plan_rewrite, residual_rows
 from .rows import Builder, Geometry
 
 
@@ -24,6 +24,8 @@ def skip_regions(graph: fx.Graph, ctx: PassContext, kind: str) -> dict[str, int]
     regions = regions_for(graph, ctx, kind)
     if not regions:
         return zero
+    if not geo.kept:
+        return {f"{kind}_rewritten": drop_regions(regions, geo), f"{kind}_nodes_restricted": 0}
     plans = [plan_rewrite(r, geo) for r in regions]
     closes = {r.close for r in regions}
     for r in regions:
@@ -32,3 +34,30 @@ def skip_regions(graph: fx.Graph, ctx: PassContext, kind: str) -> dict[str, int]
     b = Builder.for_graph(graph)
     restricted = sum(apply_rewrite(p, geo, b) for p in plans)
     return {f"{kind}_rewritten": len(plans), f"{kind}_nodes_restricted": restricted}
+
+
+def drop_regions(regions: list[Region], geo: Geometry) -> int:
+    """Every row frozen: each skipped operator's update is dropped outright (close -> residual).
+
+    Regions may chain here: when the other kind's pass dropped the operator between two of
+    them, one region's residual is the previous one's close. Dropping in graph order and
+    following the replacements handles that; nothing is restricted, so no row rule is needed.
+    """
+    for r in regions:
+        residual_rows(r, geo)  # the layout is for this graph's sequence length
+    replaced: dict = {}
+    for r in regions:  # graph order
+        residual = r.residual
+        while residual in replaced:
+            residual = replaced[residual]
+        r.close.replace_all_uses_with(residual)
+        replaced[r.close] = residual
+        graph = r.close.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for node in sorted(r.nodes | {r.close}, key=order.__getitem__, reverse=True):
+            for user in list(node.users):
+                if user.target in ASSERT_OPS:
+                    graph.erase_node(user)
+            if not node.users:
+                graph.erase_node(node)
+    return len(regions)

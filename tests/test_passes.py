@@ -296,6 +296,23 @@ def test_every_row_frozen_skips_the_operator_outright():
     assert res.counters["attn_nodes_restricted"] == res.counters["ffn_nodes_restricted"] == 0
 
 
+@pytest.mark.parametrize("form", ["export", "aot"])
+@pytest.mark.parametrize("ops", [("skip_ffn", "skip_both"), ("skip_both", "skip_both"), ("skip_both", "skip_attn")])
+def test_every_row_frozen_with_chained_regions(form, ops):
+    """No text row: a dropped operator between two skipped ones makes the second's residual the
+    first's close (layer 1's FFN reads layer 0's FFN output once layer 1's attention is gone)."""
+    plan, layout = SkipPlan(ops), VisualLayout.single(S, [(0, S)], B)
+    if form == "export":
+        gm, inputs = exported("qwen2")
+        res = rewrite_and_check(gm, inputs, stack_for("qwen2"), plan, layout)
+    else:
+        gm, args, inputs = aot_cached("qwen2")
+        res = rewrite_and_check(gm, inputs, stack_for("qwen2"), plan, layout, run_args=args)
+    assert (res.counters["attn_rewritten"], res.counters["ffn_rewritten"]) == counts(plan)
+    n_sdpa = sum("scaled_dot_product" in str(n.target) for n in res.gm.graph.nodes)
+    assert n_sdpa == plan.num_layers - counts(plan)[0]  # a dropped attention leaves no SDPA behind
+
+
 def test_batch_of_one():
     gm, inputs = exported("qwen3", batch=1)
     rewrite_and_check(gm, inputs, stack_for("qwen3"), SkipPlan(("skip_ffn", "skip_both")), VisualLayout.single(S, [(4, 12)], 1))
