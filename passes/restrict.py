@@ -138,12 +138,21 @@ def apply_rewrite(p: RewritePlan, geo: Geometry, b: Builder) -> int:
                 new[node] = p.rules[node].rebuild(lambda a, w=wanted: new[a] if a in w else a, b, geo)
         merged = b.merge_rows(new[close], residual, p.rows, geo, like=close)  # [B, S, D]
     close.replace_all_uses_with(merged)
-    # Erase the replaced computation explicitly: DCE keeps ops it deems impure (SDPA is
-    # tagged nondeterministic_seeded) and the dtype asserts hanging off dead nodes.
-    for node in sorted(p.dead | {close}, key=order.__getitem__, reverse=True):
+    erase_unused(p.dead | {close})
+    return len(p.rules)
+
+
+def erase_unused(nodes: set[fx.Node]) -> None:
+    """Erase the nodes left without users (latest first), with the dtype asserts hanging off
+    them. Explicit, because DCE keeps ops it deems impure (SDPA is tagged
+    nondeterministic_seeded) and those asserts."""
+    if not nodes:
+        return
+    graph = next(iter(nodes)).graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in sorted(nodes, key=order.__getitem__, reverse=True):
         for user in list(node.users):
             if user.target in ASSERT_OPS:
                 graph.erase_node(user)
         if not node.users:
             graph.erase_node(node)
-    return len(p.rules)

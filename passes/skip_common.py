@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import ASSERT_OPS, PassContext, SkipPassError
+from .base import PassContext, SkipPassError
 from .find_regions import Region, regions_for
-from .restrict import apply_rewrite, plan_rewrite, residual_rows
+from .restrict import apply_rewrite, erase_unused, plan_rewrite, residual_rows
 from .rows import Builder, Geometry
 
 
@@ -45,19 +45,12 @@ def drop_regions(regions: list[Region], geo: Geometry) -> int:
     """
     for r in regions:
         residual_rows(r, geo)  # the layout is for this graph's sequence length
-    replaced: dict = {}
+    replaced: dict[fx.Node, fx.Node] = {}
     for r in regions:  # graph order
         residual = r.residual
         while residual in replaced:
             residual = replaced[residual]
         r.close.replace_all_uses_with(residual)
         replaced[r.close] = residual
-        graph = r.close.graph
-        order = {n: i for i, n in enumerate(graph.nodes)}
-        for node in sorted(r.nodes | {r.close}, key=order.__getitem__, reverse=True):
-            for user in list(node.users):
-                if user.target in ASSERT_OPS:
-                    graph.erase_node(user)
-            if not node.users:
-                graph.erase_node(node)
+        erase_unused(r.nodes | {r.close})
     return len(regions)
