@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 
 import pytest
 import torch
@@ -106,6 +107,17 @@ def test_table_schema(tmp_path):
 
 
 # -- prefill timing: each method on its real implementation ------------------------------------------
+
+def test_results_without_matplotlib_keep_json_and_csv(tmp_path, monkeypatch, capsys):
+    """No eval extra: the plot is left out with a message naming the package; nothing else is lost."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ModuleNotFoundError
+    rows = [{"method": "full", "family": "full", "budget": None, "params": "", "accuracy": 0.9, "accuracy_kept": 1.0,
+             "agreement_with_full": 1.0, "flops_cut": 0.0, "prefill_ms_per_question": 1.0, "n": 10}]
+    paths = ev.write_results(rows, tmp_path, {"command": "vskip eval"})
+    assert set(paths) == {"json", "csv"} and not (tmp_path / "pareto.png").exists()
+    assert json.loads(paths["json"].read_text())["rows"] == rows
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
 def test_time_prefill_runs_plans_compiled_and_drops_on_the_dropping_loop(tiny_batch):
     model, base, batch = tiny_batch
     inputs = [_one_question(base, batch, q) for q in (0, 2, 0)]  # two distinct prompts (layouts)
