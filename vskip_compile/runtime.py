@@ -304,18 +304,33 @@ class CompiledVLM:
         return _DecodeRun(graph, kv, rope_position_ids(position_ids)[..., -1:], capacity)  # last prompt position: [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
-    def _prefill_inputs(self, inputs: dict[str, Any]) -> PrefillInputs:
+    def _prefill_inputs(self, inputs: dict[str, Any], left_padded: bool = False) -> PrefillInputs:
         if "input_ids" not in inputs:
             raise CompileError("CompiledVLM needs input_ids (it finds the visual rows from them)")
         if self.model.training:
             raise CompileError("CompiledVLM runs inference only: call model.eval() first")
         mask = inputs.get("attention_mask")
-        if mask is not None and not bool(mask.all()):
+        if not left_padded and mask is not None and not bool(mask.all()):
             raise CompileError(
-                "padded batches (attention_mask with zeros) are not supported: the compiled prefill uses "
-                "a plain causal mask; run rows of different lengths separately"
+                "padded batches (attention_mask with zeros) are not supported by a forward call: its "
+                "logits and cache would have one length per padding; generate() takes left-padded "
+                "batches, or run rows of different lengths separately"
             )
         return self.adapter.prefill_inputs(self.model, **inputs)
+
+    def _prefill_groups(self, inputs: dict[str, Any]) -> list[tuple[list[int], PrefillInputs]]:
+        """The batch as (rows, prefill inputs) groups of equal left padding, padding removed:
+        each row runs as it would alone (its own layout, positions from 0). One group for an
+        unpadded batch. The vision tower runs once, on the whole batch; M-RoPE ids are the
+        model's own, computed with the padding mask."""
+        pads = left_padding(inputs.get("attention_mask"))
+        if pads is None:
+            return [(list(range(inputs["input_ids"].shape[0])), self._prefill_inputs(inputs))]
+        p = self._prefill_inputs(inputs, left_padded=True)
+        groups: dict[int, list[int]] = {}
+        for row, pad in enumerate(pads):
+            groups.setdefault(pad, []).append(row)
+        return [(rows, strip_left_padding(p, rows, pad)) for pad, rows in groups.items()]
 
     def _prefill(self, p: PrefillInputs, logits_to_keep: int):
         """Logits [B, n, V] and per-layer (k, v) [B, KV, S, E] for the whole batch.
@@ -386,7 +401,9 @@ class CompiledVLM:
         **inputs,
     ) -> torch.Tensor:
         """Greedy decoding, HF-style: returns [B, S + n] token ids (prompt included); rows that
-        reached an EOS are filled with pad_token_id until every row has finished."""
+        reached an EOS are filled with pad_token_id until every row has finished. A left-padded
+        batch (attention_mask zeros, then ones) runs each padding group without its padding,
+        so every row gets the tokens it would get alone."""
         refused = sorted(k for k in inputs if k in _UNSUPPORTED_GENERATE)
         if do_sample or num_beams != 1 or not use_cache or refused:
             what = refused or [f"do_sample={do_sample}", f"num_beams={num_beams}", f"use_cache={use_cache}"]
@@ -407,16 +424,27 @@ class CompiledVLM:
             kw = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
             return self.model.generate(**inputs, **kw)
 
-        p = self._prefill_inputs(inputs)
+        input_ids = inputs["input_ids"]
+        eos = eos.to(input_ids.device)
+        parts = [(rows, self._greedy(p, max_new_tokens, eos, pad_token_id)) for rows, p in self._prefill_groups(inputs)]
+        if len(parts) == 1:
+            new = parts[0][1]
+        else:  # groups that stopped early are filled with pad_token_id (set whenever an EOS is)
+            n = max(t.shape[1] for _, t in parts)
+            new = input_ids.new_full((input_ids.shape[0], n), pad_token_id if pad_token_id is not None else 0)
+            for rows, t in parts:
+                new[rows, : t.shape[1]] = t
+        return torch.cat([input_ids, new], dim=1)  # [B, S + n]
+
+    def _greedy(self, p: PrefillInputs, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+        """New tokens [B, n] of an unpadded batch: prefill skip-shaped, decode compiled."""
         logits, kv = self._prefill(p, logits_to_keep=1)
         # Step t sits at the last prompt position + t (the last prompt token is text; M-RoPE
         # ids [3, B, 1] move on together, as HF's decode does).
         decode = self._decode_run(kv, p.position_ids, max_new_tokens) if max_new_tokens > 1 else None
         embed = self.model.get_input_embeddings()
-        input_ids = inputs["input_ids"]
-        eos = eos.to(input_ids.device)
         tokens = []
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        finished = torch.zeros(p.inputs_embeds.shape[0], dtype=torch.bool, device=eos.device)
         for t in range(max_new_tokens):
             if t:
                 logits = decode.step(embed(tokens[-1][:, None]))  # [B, 1, D] -> [B, 1, V]
@@ -427,13 +455,46 @@ class CompiledVLM:
             finished |= torch.isin(next_token, eos)
             if bool(finished.all()):
                 break
-        return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)  # [B, S + n]
+        return torch.stack(tokens, dim=1)  # [B, n]
 
     def __repr__(self) -> str:
         return (
             f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.backend!r}, "
             f"prefill {self.cache_info()}, decode {self.decode_cache_info()})"
         )
+
+
+def left_padding(mask: torch.Tensor | None) -> list[int] | None:
+    """Per batch row, how many leading positions a 2D attention mask pads; None when no row is
+    padded. Anything but left padding (zeros, then ones to the end) is refused."""
+    if mask is None or bool(mask.all()):
+        return None
+    keep = mask.bool()  # [B, S]
+    pads = (~keep).long().cumprod(dim=1).sum(dim=1).tolist()  # leading zeros per row
+    for row, pad in enumerate(pads):
+        if pad == keep.shape[1] or not bool(keep[row, pad:].all()):
+            raise CompileError(
+                f"batch row {row}: attention_mask is not left padding (zeros, then ones to the end); "
+                "pad decoder prompts on the left (processor padding_side='left')"
+            )
+    return pads
+
+
+def strip_left_padding(p: PrefillInputs, rows: list[int], pad: int) -> PrefillInputs:
+    """The prefill inputs of `rows` (all padded by `pad`) as if they had come unpadded: the
+    first `pad` positions dropped, positions re-based to start at 0, spans shifted."""
+    index = torch.tensor(rows, device=p.inputs_embeds.device)
+    pos = p.position_ids.index_select(p.position_ids.ndim - 2, index)[..., pad:]  # [b, S'] or [3|4, b, S']
+    layout = VisualLayout(
+        p.layout.seq_len - pad, tuple(tuple((a - pad, b - pad) for a, b in p.layout.spans[r]) for r in rows)
+    )
+    return PrefillInputs(
+        inputs_embeds=p.inputs_embeds.index_select(0, index)[:, pad:],  # [b, S', D]
+        position_ids=pos - pos[..., :1],  # the first real token at 0, as in an unpadded prompt
+        deepstack=None if p.deepstack is None else tuple(d.index_select(0, index)[:, pad:] for d in p.deepstack),
+        attention_mask=None,
+        layout=layout,
+    )
 
 
 def _check_generation_config(gen) -> None:
