@@ -21,7 +21,7 @@ import torch
 import vskip_compile
 from vskip_compile import OPS, PlanError, SkipPlan, reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import TINY_ARCHS, build_tiny, tiny_inputs
+from vskip_compile.archs.tiny import TINY_ARCHS, build_tiny, left_padded_batch, tiny_inputs
 from vskip_compile.core import DecoderCore
 from vskip_compile.runtime import CompileError
 
@@ -229,17 +229,6 @@ def test_refusals(tiny_model):
     assert cm.cache_info().misses == 0
 
 
-def _left_padded(rows: list[dict]) -> dict:
-    """Single-row HF input dicts of different lengths as one left-padded batch (pad id 0)."""
-    width = max(r["input_ids"].shape[1] for r in rows)
-    seq_keys = ("input_ids", "attention_mask", "mm_token_type_ids")
-
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t.new_zeros(1, width - t.shape[1]), t], dim=1)  # [1, width]
-
-    return {k: torch.cat([pad(r[k]) if k in seq_keys else r[k] for r in rows]) for k in rows[0]}
-
-
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_left_padded_batch_generates_each_row_as_alone(tiny_model, arch):
     """Rows of different lengths, left-padded: every row's new tokens equal that row's own
@@ -248,7 +237,7 @@ def test_left_padded_batch_generates_each_row_as_alone(tiny_model, arch):
     plan = SkipPlan.from_ops(["skip_both", "skip_attn", "skip_ffn", "full"])
     rows = [tiny_inputs(model, arch, text_before=b, text_after=a, seed=i)
             for i, (b, a) in enumerate([(1, 3), (4, 3), (1, 3)])]  # pads 3, 0, 3
-    batch = _left_padded(rows)
+    batch = left_padded_batch(rows)
     assert batch["attention_mask"][:, :3].tolist() == [[0] * 3, [1] * 3, [0] * 3]
     cm = vskip_compile.compile(model, plan, backend="eager")
     got = cm.generate(**batch, max_new_tokens=4)
@@ -264,7 +253,7 @@ def test_padding_that_is_not_left_padding_is_refused(tiny_model):
     model = tiny_model("llava")
     cm = vskip_compile.compile(model, SkipPlan.full(4), backend="eager")
     rows = [tiny_inputs(model, "llava", text_before=1, seed=0), tiny_inputs(model, "llava", text_before=3, seed=1)]
-    batch = _left_padded(rows)
+    batch = left_padded_batch(rows)
     right = dict(batch, attention_mask=batch["attention_mask"].flip(1))
     with pytest.raises(CompileError, match="batch row 0: attention_mask is not left padding"):
         cm.generate(**right, max_new_tokens=2)

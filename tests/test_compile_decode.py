@@ -23,7 +23,7 @@ import torch
 
 import vskip_compile
 from vskip_compile import OPS, SkipPlan, reference, runtime
-from vskip_compile.archs.tiny import TINY_ARCHS, tiny_inputs
+from vskip_compile.archs.tiny import TINY_ARCHS, left_padded_batch, tiny_inputs
 
 FP32_ATOL = 1e-5
 NEW_TOKENS = 6
@@ -134,6 +134,26 @@ def test_decode_graph_cache_buckets_and_bound(tiny_model):
     assert tuple(cm.cache_info()) == (1, 3, 1, 1)  # prefill: its own cache, same bound
     cm.cache_clear()
     assert tuple(cm.decode_cache_info()) == (0, 0, 1, 0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "llava"])
+def test_left_padded_rows_stopping_at_eos_equal_hf_padded_generate(tiny_model, arch):
+    """Two padding groups, one stops at EOS early: the same tokens as HF generate on the
+    left-padded batch under the plan (HF masks the padding; we cut it off)."""
+    model = tiny_model(arch)
+    plan = _random_plan(5)
+    rows = [tiny_inputs(model, arch, text_before=1, text_after=3, seed=2),
+            tiny_inputs(model, arch, text_before=4, text_after=3, seed=3)]
+    batch = left_padded_batch(rows)
+    seq_len = batch["input_ids"].shape[1]
+    free = _reference_tokens(model, plan, batch, max_new_tokens=NEW_TOKENS, eos_token_id=[], pad_token_id=0)
+    row0, row1 = free[0, seq_len:].tolist(), free[1, seq_len:].tolist()
+    eos = next(tok for tok in row0[:3] if tok not in row1 and tok != 0)  # row 0 stops within 3 tokens
+    kw = dict(max_new_tokens=NEW_TOKENS, eos_token_id=eos, pad_token_id=0)
+    got = vskip_compile.compile(model, plan, backend="eager").generate(**batch, **kw)
+    assert torch.equal(got, _reference_tokens(model, plan, batch, **kw))
+    stop = row0.index(eos)
+    assert got.shape[1] == seq_len + NEW_TOKENS and (got[0, seq_len + stop + 1 :] == 0).all()
 
 
 def test_batch_of_two_row_reaching_eos_is_padded(tiny_model):
