@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -339,25 +339,16 @@ class CompiledVLM:
         grouped, results put back in the original order); rows without visual tokens run the
         uncompiled core, which is the unmodified model.
         """
-        layout = p.layout
         groups: dict[tuple, list[int]] = {}
-        for row, spans in enumerate(layout.spans):
+        for row, spans in enumerate(p.layout.spans):
             groups.setdefault(spans, []).append(row)
         deepstack = p.deepstack or ()
         outputs: list[tuple[list[int], tuple[torch.Tensor, ...]]] = []
         for spans, rows in groups.items():
-            if len(groups) == 1:
-                args = (p.inputs_embeds, p.position_ids, *deepstack)
-            else:
-                index = torch.tensor(rows, device=p.inputs_embeds.device)
-                args = (
-                    p.inputs_embeds.index_select(0, index),  # [b, S, D]
-                    p.position_ids.index_select(p.position_ids.ndim - 2, index),  # [b, S] or [3, b, S]
-                    *(d.index_select(0, index) for d in deepstack),  # [b, S, D]
-                )
+            sub = p if len(groups) == 1 else select_rows(p, rows)
+            args = (sub.inputs_embeds, sub.position_ids, *(sub.deepstack or ()))
             if spans:
-                sub = VisualLayout(layout.seq_len, (spans,) * len(rows))
-                key = _GraphKey(sub, self.plan, p.inputs_embeds.dtype, p.inputs_embeds.device, logits_to_keep)
+                key = _GraphKey(sub.layout, self.plan, p.inputs_embeds.dtype, p.inputs_embeds.device, logits_to_keep)
                 run = self._graph(key, len(deepstack))
             else:
                 run = self._core(logits_to_keep, len(deepstack))
@@ -480,21 +471,28 @@ def left_padding(mask: torch.Tensor | None) -> list[int] | None:
     return pads
 
 
+def select_rows(p: PrefillInputs, rows: list[int], start: int = 0) -> PrefillInputs:
+    """The prefill inputs of batch `rows`, from sequence position `start` on (spans shifted
+    to match; positions and mask as they were)."""
+    index = torch.tensor(rows, device=p.inputs_embeds.device)
+    layout = VisualLayout(
+        p.layout.seq_len - start, tuple(tuple((a - start, b - start) for a, b in p.layout.spans[r]) for r in rows)
+    )
+    return PrefillInputs(
+        inputs_embeds=p.inputs_embeds.index_select(0, index)[:, start:],  # [b, S', D]
+        position_ids=p.position_ids.index_select(p.position_ids.ndim - 2, index)[..., start:],  # [b, S'] or [3|4, b, S']
+        deepstack=None if p.deepstack is None else tuple(d.index_select(0, index)[:, start:] for d in p.deepstack),
+        attention_mask=None if p.attention_mask is None else p.attention_mask.index_select(0, index)[:, start:],
+        layout=layout,
+    )
+
+
 def strip_left_padding(p: PrefillInputs, rows: list[int], pad: int) -> PrefillInputs:
     """The prefill inputs of `rows` (all padded by `pad`) as if they had come unpadded: the
     first `pad` positions dropped, positions re-based to start at 0, spans shifted."""
-    index = torch.tensor(rows, device=p.inputs_embeds.device)
-    pos = p.position_ids.index_select(p.position_ids.ndim - 2, index)[..., pad:]  # [b, S'] or [3|4, b, S']
-    layout = VisualLayout(
-        p.layout.seq_len - pad, tuple(tuple((a - pad, b - pad) for a, b in p.layout.spans[r]) for r in rows)
-    )
-    return PrefillInputs(
-        inputs_embeds=p.inputs_embeds.index_select(0, index)[:, pad:],  # [b, S', D]
-        position_ids=pos - pos[..., :1],  # the first real token at 0, as in an unpadded prompt
-        deepstack=None if p.deepstack is None else tuple(d.index_select(0, index)[:, pad:] for d in p.deepstack),
-        attention_mask=None,
-        layout=layout,
-    )
+    sub = select_rows(p, rows, pad)
+    pos = sub.position_ids
+    return replace(sub, position_ids=pos - pos[..., :1], attention_mask=None)  # first real token at 0
 
 
 def _check_generation_config(gen) -> None:
