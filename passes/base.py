@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import operator
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
+
+import sympy
 
 import torch
 from torch import fx
@@ -33,10 +35,15 @@ class SkipPassError(ValueError):
 
 @dataclass(frozen=True)
 class PassContext:
-    """Plan, layout and the names of the adapter's modules (`layers.<i>.<attn_module>` ...)."""
+    """Plan, layout and the names of the adapter's modules (`layers.<i>.<attn_module>` ...).
+
+    layout None (the default): the layout is data, read from the graph's
+    `vskip.kept_rows` marker (vskip_compile.kept_rows); one rewritten graph serves every
+    layout. A VisualLayout: the constant-offset specialization to that one layout.
+    """
 
     plan: SkipPlan
-    layout: VisualLayout
+    layout: VisualLayout | None = None
     attn_module: str = "self_attn"
     ffn_module: str = "mlp"
     layer_pattern: str = r"layers\.(\d+)\."
@@ -44,8 +51,8 @@ class PassContext:
     def __post_init__(self) -> None:
         if not isinstance(self.plan, SkipPlan):
             raise TypeError(f"plan must be a SkipPlan, got {type(self.plan).__name__}")
-        if not isinstance(self.layout, VisualLayout):
-            raise TypeError(f"layout must be a VisualLayout, got {type(self.layout).__name__}")
+        if self.layout is not None and not isinstance(self.layout, VisualLayout):
+            raise TypeError(f"layout must be a VisualLayout or None (layout as data), got {type(self.layout).__name__}")
 
 
 @dataclass
@@ -85,7 +92,7 @@ class GraphPass:
 
 # Counters whose non-zero value means the graph changed.
 MODIFYING_COUNTERS = frozenset(
-    {"attn_rewritten", "ffn_rewritten", "slices_folded", "cats_folded", "nodes_removed"}
+    {"attn_rewritten", "ffn_rewritten", "slices_folded", "cats_folded", "markers_removed", "nodes_removed"}
 )
 
 
@@ -122,12 +129,43 @@ def tensor_val(node: fx.Node) -> torch.Tensor:
     return v
 
 
-def shape(node: fx.Node) -> tuple[int, ...]:
-    """Static shape of a node's value; refuses symbolic sizes (graphs are layout-specialized)."""
-    s = tensor_val(node).shape
-    if not all(isinstance(d, int) for d in s):
-        raise SkipPassError(f"node {node.name} has symbolic shape {tuple(s)}: trace with static shapes (dynamic=False)")
-    return tuple(s)
+Size = Union[int, sympy.Expr]  # a static size, or a symbolic one (layout-polymorphic graphs)
+
+
+def size_of(d) -> Size:
+    """An int for a static size (a SymInt that torch specialized included), else its sympy expression."""
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr
+    return int(expr) if expr.is_Integer else expr
+
+
+def shape(node: fx.Node) -> tuple[Size, ...]:
+    """Shape of a node's value: ints, and sympy expressions where the size is symbolic."""
+    return tuple(size_of(d) for d in tensor_val(node).shape)
+
+
+def divides(a: Size, b: Size) -> bool:
+    """Whether b is provably an integer multiple of a (sympy: b / a an integer for every
+    value of the size symbols, which torch declares positive integers)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return b % a == 0
+    return sympy.cancel(sympy.Integer(b) / a if isinstance(b, int) else b / a).is_integer is True
+
+
+def quotient(b: Size, a: Size) -> Size:
+    """b / a where `divides(a, b)`: an int when it is a number."""
+    if isinstance(a, int) and isinstance(b, int):
+        return b // a
+    q = sympy.cancel(sympy.sympify(b) / a)
+    return int(q) if q.is_Integer else q
+
+
+def is_kept_rows_marker(node: fx.Node) -> bool:
+    """The `vskip.kept_rows` marker op (vskip_compile.kept_rows), found by name: passes/ does
+    not import the model side."""
+    t = node.target
+    return isinstance(t, torch._ops.OpOverload) and t.namespace == "vskip" and t.__name__.startswith("kept_rows")
 
 
 def op_name(node: fx.Node) -> str:

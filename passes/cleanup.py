@@ -7,14 +7,15 @@ and cats stay as traced. Folds, to a fixed point:
 - cat(.., slice(x, d, a, b), slice(x, d, b, c), .., d) -> cat(.., slice(x, d, a, c), ..);
 - a slice over a whole axis -> its input, a cat of one piece -> the piece.
 With skip_both, the FFN's kept input (a slice of the attention's merged residual) folds back
-to the attention's kept rows.
+to the attention's kept rows. The `vskip.kept_rows` layout marker, read by the skip passes,
+is replaced by its input (also in graphs nothing else touched).
 """
 
 from __future__ import annotations
 
 from torch import fx
 
-from .base import GraphPass, PassContext, aten, shape
+from .base import GraphPass, PassContext, aten, is_kept_rows_marker, shape
 from .rows import Builder
 
 
@@ -78,7 +79,7 @@ def _breaks_a_view(node: fx.Node, new: fx.Node) -> bool:
 
 def _cleanup(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
     b = Builder.for_graph(graph)
-    counters = {"slices_folded": 0, "cats_folded": 0, "nodes_removed": 0}
+    counters = {"slices_folded": 0, "cats_folded": 0, "markers_removed": 0, "nodes_removed": 0}
     changed = True
     while changed:
         changed = False
@@ -91,6 +92,11 @@ def _cleanup(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
                     node.replace_all_uses_with(new)
                     counters["slices_folded" if slice_ else "cats_folded"] += 1
                     changed = True
+    for node in list(graph.nodes):  # the layout marker has been read: it becomes its input again
+        if is_kept_rows_marker(node):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            counters["markers_removed"] += 1
     before = len(graph.nodes)
     graph.eliminate_dead_code()
     counters["nodes_removed"] = before - len(graph.nodes)
@@ -99,7 +105,7 @@ def _cleanup(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
 
 CLEANUP = GraphPass(
     "cleanup",
-    "fold the inserted slice/cat chains (slice of cat, adjacent slices), dead-code elimination",
+    "fold the inserted slice/cat chains (slice of cat, adjacent slices), drop the layout marker, dead-code elimination",
     _cleanup,
 )
 cleanup = CLEANUP

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import MODIFYING_COUNTERS, GraphPass, PassContext, PassResult, copy_graph_module, finish
+from .base import MODIFYING_COUNTERS, GraphPass, PassContext, PassResult, copy_graph_module, finish, is_kept_rows_marker
 from .cleanup import CLEANUP
 from .find_regions import FIND_REGIONS
 from .skip_attention import SKIP_ATTENTION
@@ -28,7 +28,7 @@ def _run_all(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
     counters: dict[str, int] = {}
     modified = False
     for p in PASSES:
-        if p is CLEANUP and not modified:
+        if p is CLEANUP and not modified and not any(is_kept_rows_marker(n) for n in graph.nodes):
             continue  # nothing was rewritten: the graph stays exactly as traced
         out = p.on_graph(graph, ctx)
         modified = modified or any(v for k, v in out.items() if k in MODIFYING_COUNTERS)

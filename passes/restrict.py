@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import fx
 
-from .base import ASSERT_OPS, SkipPassError, op_name, shape
+from .base import ASSERT_OPS, SkipPassError, op_name, shape, size_of
 from .find_regions import Region
 from .rows import Builder, Geometry, Rows
 from .rules import NotRowwise, Restriction, restriction_for
@@ -115,7 +115,7 @@ def plan_rewrite(region: Region, geo: Geometry) -> RewritePlan:
         v = node.meta.get("val")
         v = v[0] if isinstance(v, (tuple, list)) else v
         try:
-            geo.outer(int(v.shape[need.axis]), need, node.name)
+            geo.outer(size_of(v.shape[need.axis]), need, node.name)
         except SkipPassError as e:
             raise _refuse(region, node, str(e)) from None
     return RewritePlan(region, rows, demand, rules, sliced, dead)

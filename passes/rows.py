@@ -1,21 +1,28 @@
-"""Where the sequence lives in a tensor, and constant-offset slicing of the kept rows.
+"""Where the sequence lives in a tensor, and how the kept rows are cut out and merged back.
 
 `Rows(axis, inner)`: dim `axis` of the tensor has size outer·S·inner, sequence index s at
 flat position (o·S + s)·inner + i. A [B, S, D] hidden state is Rows(1); after a view to
 [B*S, D] for mm it is Rows(0) with outer = B; a [B, S*H] merge would be Rows(1, inner=H).
 Restricting to the kept rows turns that size into outer·S_kept·inner.
+
+Two geometries cut and merge rows: `IndexGeometry` (layout as data: gather through the
+graph's kept-row index, scatter back; S and K may be symbolic) and `Geometry` (one static
+layout: constant-offset slices and cats).
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
+import torch
 from torch import fx
 
 from vskip_compile.layout import Span
 
-from .base import VALUE_META, SkipPassError, aten, fake_mode_of, shape
+from .base import VALUE_META, Size, SkipPassError, aten, divides, fake_mode_of, quotient, shape, tensor_val
 
 _SLICE_END = 9223372036854775807
 
@@ -77,6 +84,108 @@ class Geometry:
                 merged.append((src, a, b))
         return merged
 
+    def cut(self, b: "Builder", x: fx.Node, rows: Rows) -> fx.Node:
+        """x restricted to the kept rows: cat of constant-offset slices along rows.axis."""
+        size = shape(x)[rows.axis]
+        parts = [b.slice(x, rows.axis, a, e, like=x) for a, e in self.kept_pieces(size, rows, x.name)]
+        return b.cat(parts, rows.axis, like=x)  # [.., outer*S_kept*inner, ..]
+
+    def merge(self, b: "Builder", kept: fx.Node, full: fx.Node, rows: Rows, like: fx.Node) -> fx.Node:
+        """Full-size tensor: kept rows from `kept`, frozen rows from `full` (constant-offset cat)."""
+        size = shape(full)[rows.axis]
+        parts = [
+            b.slice(kept if src == "kept" else full, rows.axis, a, e, like=like)
+            for src, a, e in self.merge_pieces(size, rows, like.name)
+        ]
+        return b.cat(parts, rows.axis, like=like)  # [.., outer*S*inner, ..]
+
+
+@dataclass(frozen=True)
+class IndexGeometry:
+    """Layout as data: the graph's kept-row index [B, K] and validity [B, K] (the arguments of
+    its `vskip.kept_rows` marker), S and K possibly symbolic, B = 1 or a batch symbol.
+
+    A tensor's kept rows are gathered through the index; merging scatters the kept rows into
+    the residual, entries that only pad a row to K writing the residual's own value back.
+    """
+
+    seq_len: Size
+    kept_len: Size
+    batch: Size
+    index: fx.Node
+    valid: fx.Node
+    frozen: bool = True  # frozen rows are data: every skipped operator is rewritten
+    kept: bool = True  # K >= 1 always (a row keeping nothing is all padding entries)
+
+    @classmethod
+    def from_marker(cls, marker: fx.Node) -> "IndexGeometry":
+        x, index, valid = marker.args[:3]
+        batch, kept = shape(index)
+        seq = shape(x)[1]
+        if isinstance(batch, int) and batch > 1:
+            raise SkipPassError(
+                f"{marker.name}: a static batch of {batch} rows: trace layout-polymorphic graphs with batch 1 or a "
+                "symbolic batch size, so the batch axis of every cut tensor is known"
+            )
+        return cls(seq, kept, batch, index, valid)
+
+    def outer(self, size: Size, rows: Rows, what: str) -> Size:
+        block = self.seq_len * rows.inner
+        if not divides(block, size):
+            raise SkipPassError(f"{what}: axis {rows.axis} of size {size} does not hold S={self.seq_len} rows x {rows.inner}")
+        outer = quotient(size, block)
+        if outer != 1 and outer != self.batch:
+            raise SkipPassError(f"{what}: axis {rows.axis} holds {outer} sequences, neither one nor the batch ({self.batch})")
+        return outer
+
+    def scaled(self, size: Size) -> Size:
+        return quotient(size, self.seq_len) * self.kept_len
+
+    def _positions(self, b: "Builder", inner: int, like: fx.Node) -> fx.Node:
+        """[B, K·inner] positions along an axis holding one sequence with inner stride `inner`."""
+        if inner == 1:
+            return self.index
+        step = b.call(aten.mul.Tensor, (self.index, inner), like=like)  # [B, K]
+        lanes = b.call(aten.arange.default, (inner,), {"dtype": torch.int64, "device": tensor_val(self.index).device}, like=like)
+        pos = b.call(aten.add.Tensor, (b.call(aten.unsqueeze.default, (step, -1), like=like), lanes), like=like)  # [B, K, inner]
+        return b.call(aten.reshape.default, (pos, [self.batch, self.kept_len * inner]), like=like)  # [B, K*inner]
+
+    def cut(self, b: "Builder", x: fx.Node, rows: Rows) -> fx.Node:
+        """x's kept rows, gathered through the index: [.., outer*K*inner, ..]."""
+        xs, axis = shape(x), rows.axis
+        outer = self.outer(xs[axis], rows, x.name)
+        pos = self._positions(b, rows.inner, like=x)  # [B, K*inner]
+        if outer != 1 or self.batch == 1:  # the batch is folded into this axis (or is 1): one flat index
+            if outer != 1:  # row o of the batch starts at o*S*inner
+                start = b.call(aten.arange.default, (self.batch,), {"dtype": torch.int64, "device": tensor_val(pos).device}, like=x)
+                start = b.call(aten.mul.Tensor, (start, self.seq_len * rows.inner), like=x)  # [B]
+                pos = b.call(aten.add.Tensor, (pos, b.call(aten.unsqueeze.default, (start, -1), like=x)), like=x)
+            flat = b.call(aten.reshape.default, (pos, [-1]), like=x)  # [outer*K*inner]
+            return b.call(aten.index_select.default, (x, axis, flat), like=x)
+        if axis == 0 or xs[0] not in (1, self.batch):
+            raise SkipPassError(
+                f"{x.name} {tuple(xs)}: its sequence axis {axis} has no batch axis 0 of size {self.batch} or 1 beside it"
+            )
+        if xs[0] == 1:  # shared by every batch row (a broadcast mask): the kept rows differ per row
+            x = b.call(aten.expand.default, (x, [self.batch] + [-1] * (len(xs) - 1)), like=x)
+        view = [self.batch if d == 0 else (-1 if d == axis else 1) for d in range(len(xs))]
+        index = b.call(aten.view.default, (pos, view), like=x)  # [B, 1.., K*inner, 1..]
+        sizes = [-1 if d in (0, axis) else xs[d] for d in range(len(xs))]
+        index = b.call(aten.expand.default, (index, sizes), like=x)
+        return b.call(aten.gather.default, (x, axis, index), like=x)
+
+    def merge(self, b: "Builder", kept: fx.Node, full: fx.Node, rows: Rows, like: fx.Node) -> fx.Node:
+        """The residual [B, S, D] with its kept rows replaced by `kept` [B, K, D]; entries that
+        only pad a row to K point at a frozen row and write that row's own value back."""
+        if rows.axis != 1 or len(shape(full)) != 3:
+            raise SkipPassError(f"{like.name}: merging expects the residual stream [B, S, D], got {shape(full)}")
+        own = b.slice_rows(full, rows, self)  # [B, K, D]
+        valid = b.call(aten.unsqueeze.default, (self.valid, -1), like=like)  # [B, K, 1]
+        src = b.call(aten.where.self, (valid, kept, own), like=like)  # [B, K, D]
+        index = b.call(aten.unsqueeze.default, (self.index, -1), like=like)
+        index = b.call(aten.expand.default, (index, [-1, -1, shape(full)[2]]), like=like)  # [B, K, D]
+        return b.call(aten.scatter.src, (full, 1, index, src), like=like)  # [B, S, D]
+
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
@@ -95,13 +204,14 @@ class Builder:
     graph: fx.Graph
     fake_mode: Any = None
     _slices: dict[tuple[fx.Node, Rows], fx.Node] = field(default_factory=dict)
+    _symbols: dict[Any, fx.Node] = field(default_factory=dict)
 
     @classmethod
     def for_graph(cls, graph: fx.Graph) -> "Builder":
         return cls(graph, fake_mode_of(graph))
 
     def call(self, target: Any, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
-        node = self.graph.call_function(target, tuple(args), dict(kwargs or {}))
+        node = self.graph.call_function(target, _sizes(tuple(args), self), _sizes(dict(kwargs or {}), self))
         if like is not None:
             node.meta.update({k: v for k, v in like.meta.items() if k not in VALUE_META})
         node.meta["vskip"] = True
@@ -123,21 +233,68 @@ class Builder:
             return x
         return self.call(aten.slice.Tensor, (x, dim, start, end), like=like)
 
-    def slice_rows(self, x: fx.Node, rows: Rows, geo: Geometry) -> fx.Node:
-        """x restricted to the kept rows: cat of constant-offset slices along rows.axis."""
+    def slice_rows(self, x: fx.Node, rows: Rows, geo) -> fx.Node:
+        """x restricted to the kept rows (memoized per node and axis)."""
         key = (x, rows)
         if key not in self._slices:
-            size = shape(x)[rows.axis]
-            parts = [self.slice(x, rows.axis, a, b, like=x) for a, b in geo.kept_pieces(size, rows, x.name)]
-            self._slices[key] = self.cat(parts, rows.axis, like=x)  # [.., outer*S_kept*inner, ..]
+            self._slices[key] = geo.cut(self, x, rows)
         return self._slices[key]
 
-    def merge_rows(self, kept: fx.Node, full: fx.Node, rows: Rows, geo: Geometry, like: fx.Node) -> fx.Node:
-        """Full-size tensor: kept rows from `kept`, frozen rows from `full` (constant-offset cat)."""
-        size = shape(full)[rows.axis]
-        parts = [
-            self.slice(kept if src == "kept" else full, rows.axis, a, b, like=like)
-            for src, a, b in geo.merge_pieces(size, rows, like.name)
-        ]
-        return self.cat(parts, rows.axis, like=like)  # [.., outer*S*inner, ..]
+    def merge_rows(self, kept: fx.Node, full: fx.Node, rows: Rows, geo, like: fx.Node) -> fx.Node:
+        """Full-size tensor: kept rows from `kept`, frozen rows from `full`."""
+        return geo.merge(self, kept, full, rows, like)
 
+    # -- symbolic sizes ---------------------------------------------------------------------
+    def size(self, e: Size) -> Any:
+        """An int, or a node computing the symbolic size e (from the graph's own size symbols)."""
+        if isinstance(e, int):
+            return e
+        if e.is_Integer:
+            return int(e)
+        if e.is_Symbol:
+            return self._symbol(e)
+        if e.is_Mul or e.is_Add:
+            fn = operator.mul if e.is_Mul else operator.add
+            terms = [self.size(t) for t in e.args]
+            out = terms[0]
+            for t in terms[1:]:
+                out = self._sym_node(fn, (out, t))
+            return out
+        raise SkipPassError(f"cannot emit the symbolic size {e}")
+
+    def _symbol(self, sym: sympy.Symbol) -> fx.Node:
+        if sym in self._symbols:
+            return self._symbols[sym]
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        for n in placeholders:  # AOT graphs take their size symbols as SymInt inputs
+            v = n.meta.get("val")
+            if isinstance(v, torch.SymInt) and v.node.expr == sym:
+                self._symbols[sym] = n
+                return n
+        for n in placeholders:
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                for d, size in enumerate(v.shape):
+                    if isinstance(size, torch.SymInt) and size.node.expr == sym:
+                        with self.graph.inserting_after(placeholders[-1]):
+                            node = self._sym_node(aten.sym_size.int, (n, d))
+                        self._symbols[sym] = node
+                        return node
+        raise SkipPassError(f"no graph input has a dimension of symbolic size {sym}")
+
+    def _sym_node(self, target: Any, args: tuple) -> fx.Node:
+        node = self.graph.call_function(target, args)
+        node.meta["vskip"] = True
+        self.set_val(node)
+        return node
+
+
+def _sizes(x: Any, b: Builder) -> Any:
+    """Args with every sympy size replaced by an int or a node computing it."""
+    if isinstance(x, sympy.Basic):
+        return b.size(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_sizes(v, b) for v in x)
+    if isinstance(x, dict):
+        return {k: _sizes(v, b) for k, v in x.items()}
+    return x

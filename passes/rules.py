@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from .base import aten, shape, tensor_val
+from .base import aten, divides, quotient, shape, size_of, tensor_val
 from .rows import Builder, Geometry, Rows
 
 FULL = None  # demand: the input is used as is, all rows
@@ -121,6 +121,18 @@ def _broadcast(x: fx.Node, out_shape: tuple[int, ...], out: Rows) -> Demand:
     if xs[aligned] != out_shape[out.axis]:
         raise NotRowwise(f"operand {x.name} {tuple(xs)} does not broadcast against {tuple(out_shape)}")
     return Rows(aligned, out.inner)
+
+
+def _broadcast_shapes(shapes: list[tuple]) -> tuple:
+    """torch.broadcast_shapes for static or symbolic sizes."""
+    rank = max(len(x) for x in shapes)
+    out = []
+    for d in range(rank):
+        sizes = {x[d - rank + len(x)] for x in shapes if d - rank + len(x) >= 0} - {1}
+        if len(sizes) > 1:
+            raise NotRowwise(f"index shapes {shapes} do not broadcast")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(out)
 
 
 def _scaled_shape(out_shape: tuple[int, ...], out: Rows, geo: Geometry) -> list[int]:
@@ -247,8 +259,11 @@ def _view_axis(src: tuple[int, ...], dst: tuple[int, ...], rows: Rows, seq_len: 
 
     step = strides(src)[rows.axis] * rows.inner
     for k, (stride, size) in enumerate(zip(strides(dst), dst)):
-        if step % stride == 0 and (stride * size) % (step * seq_len) == 0:
-            return Rows(k, step // stride)
+        if divides(stride, step) and divides(step * seq_len, stride * size):
+            inner = quotient(step, stride)
+            if not isinstance(inner, int):
+                raise NotRowwise(f"the view {tuple(src)} -> {tuple(dst)} gives the sequence a symbolic stride {inner}")
+            return Rows(k, inner)
     raise NotRowwise(f"the view {tuple(src)} -> {tuple(dst)} splits the sequence axis across dims")
 
 
@@ -406,6 +421,7 @@ def _repeat_interleave(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     if out.inner % repeats:
         raise NotRowwise(f"{repeats} repeats of a row do not fill the inner block of {out.inner}")
     size = _arg(node, "output_size")
+    size = size_of(size.meta["val"]) if isinstance(size, fx.Node) else size
 
     def rebuild(new: NewArg, b: Builder, geo: Geometry) -> fx.Node:
         args, kwargs = _mapped(node, new)
@@ -432,7 +448,7 @@ def _index(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     for i in pos:
         if tensor_val(indices[i]).dtype in (torch.bool, torch.uint8):
             raise NotRowwise(f"boolean-mask index {indices[i].name} (data-dependent shape)")
-    idx_shape = tuple(torch.broadcast_shapes(*(shape(indices[i]) for i in pos)))
+    idx_shape = _broadcast_shapes([shape(indices[i]) for i in pos])
     r = len(idx_shape)
     first = pos[0] if pos == list(range(pos[0], pos[-1] + 1)) else 0
     if first <= out.axis < first + r:
@@ -530,6 +546,8 @@ def _sdpa(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     if mask is not None:
         demands.append((mask, _broadcast(mask, out_shape[:-1] + (shape(k)[-2],), out)))
     if causal:
+        if not isinstance(geo, Geometry):
+            raise NotRowwise("is_causal=True in a layout-polymorphic graph: trace with an explicit mask (DecoderCore does)")
         if mask_name is None:
             raise NotRowwise("flash attention with is_causal=True takes no mask; trace with an explicit mask")
         if shape(q)[-2] != geo.seq_len or shape(k)[-2] != geo.seq_len or out.inner != 1:

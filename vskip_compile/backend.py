@@ -1,7 +1,6 @@
 """The `vskip` torch.compile backend: skip passes on the aten graph, then an inner compiler.
 
-    torch.compile(core, backend="vskip", fullgraph=True, dynamic=False,
-                  options={"plan": plan, "layout": layout, "inner": "inductor"})
+    torch.compile(core, backend="vskip", fullgraph=True, options={"plan": plan, "inner": "inductor"})
 
 Registered through the `torch_dynamo_backends` entry point. Dynamo calls
 `vskip(gm, example_inputs, options=...)`; the graph is lowered to aten by AOT autograd, where
@@ -12,7 +11,10 @@ the passes (vskip_compile.passes) find each layer's operators and cut the skippe
 - inner="eager": AOT autograd's forward graph, rewritten, runs as is (debugging, tests).
 - inner="tensorrt": the rewritten forward graph goes to torch-tensorrt's backend.
 
-A graph is specialized to one layout (static row offsets): compile with dynamic=False.
+Layout as data (no "layout" option): the graph is a DecoderCore(layout_inputs=True), whose
+kept-row inputs the passes read; compiled with symbolic sequence and kept-row sizes, one graph
+serves every layout. A "layout" option (a VisualLayout) specializes the graph to that one
+layout with constant row offsets instead (compile with dynamic=False); kept for comparison.
 The backend compiles inference only (the rewritten graph has no meaningful gradient).
 """
 
@@ -50,16 +52,19 @@ def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = set(options) - _OPTION_KEYS
     if unknown:
         raise BackendError(f"unknown vskip option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTION_KEYS))}")
-    missing = [k for k in ("plan", "layout") if k not in options]
-    if missing:
+    if "plan" not in options:
         raise BackendError(
-            f"the vskip backend needs options {missing} (a SkipPlan and a VisualLayout): "
-            "torch.compile(core, backend='vskip', options={'plan': plan, 'layout': layout})"
+            "the vskip backend needs option 'plan' (a SkipPlan): "
+            "torch.compile(core, backend='vskip', options={'plan': plan})"
         )
     if not isinstance(options["plan"], SkipPlan):
         raise BackendError(f"option 'plan' must be a SkipPlan, got {type(options['plan']).__name__}")
-    if not isinstance(options["layout"], VisualLayout):
-        raise BackendError(f"option 'layout' must be a VisualLayout, got {type(options['layout']).__name__}")
+    options.setdefault("layout", None)
+    if options["layout"] is not None and not isinstance(options["layout"], VisualLayout):
+        raise BackendError(
+            f"option 'layout' must be a VisualLayout (a static specialization) or None (layout as data), "
+            f"got {type(options['layout']).__name__}"
+        )
     options.setdefault("inner", "inductor")
     if options["inner"] not in INNER_BACKENDS:
         raise BackendError(f"unknown inner backend {options['inner']!r}; expected one of {', '.join(INNER_BACKENDS)}")
@@ -94,7 +99,7 @@ class VSkipInductorPass(CustomGraphPass):
         o = self.options
         key = {
             "plan": o["plan"].to_dict(),
-            "layout": [o["layout"].seq_len, [list(map(list, row)) for row in o["layout"].spans]],
+            "layout": None if o["layout"] is None else [o["layout"].seq_len, [list(map(list, row)) for row in o["layout"].spans]],
             "pass_options": {k: o.get(k) for k in ("attn_module", "ffn_module", "layer_pattern")},
             "source": _passes_source_hash(),
         }
@@ -104,7 +109,8 @@ class VSkipInductorPass(CustomGraphPass):
 def _check_rewritten(options: Mapping[str, Any], result) -> None:
     """A plan that skips something on a layout with visual rows must change the graph."""
     plan, layout = options["plan"], options["layout"]
-    if not plan.is_full and layout.has_visual and not result.modified:
+    skips = layout.has_visual if layout is not None else result.counters.get("attn_rewritten", 0) + result.counters.get("ffn_rewritten", 0)
+    if not plan.is_full and (layout is None or layout.has_visual) and not (result.modified and skips):
         raise BackendError(
             f"the skip passes left the graph unchanged for {plan} on {layout} "
             f"(counters {dict(result.counters)}): refusing to run it as if skipped"

@@ -5,6 +5,10 @@ detection, `get_rope_index`, boolean-mask DeepStack). The core keeps only what a
 needs, with everything data-dependent computed outside by the adapter:
 
     forward(inputs_embeds, position_ids, *deepstack) -> (logits, k_0, v_0, ..., k_{L-1}, v_{L-1})
+    forward(inputs_embeds, position_ids, kept_index, kept_valid, attention_mask, *deepstack)   # layout_inputs=True
+
+The second form takes the layout as data (vskip_compile.kept_rows) and a left-padding mask:
+one graph, its sequence length and kept count symbolic, serves every layout and mixed batches.
 
 It calls the model's own decoder layers (same modules, same weights), with an explicit causal
 mask built from the static sequence length, so the graph has the shape the passes expect
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 
 from .experts import experts_configs, restore_experts, use_traceable_experts
+from .kept_rows import kept_rows
 
 
 class _KVRecorder:
@@ -53,6 +58,18 @@ def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
     """
     rows = torch.arange(seq_len, device=device)
     return (rows[:, None] >= rows[None, :]).view(1, 1, seq_len, seq_len)  # [1, 1, S, S]
+
+
+def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, S, S] mask of a left-padded batch: causal, padding keys masked out.
+
+    Each row still attends to itself, so a padding row (never a key of a real row) gets a
+    finite attention output instead of a softmax over nothing.
+    """
+    seq_len = attention_mask.shape[1]
+    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+    own = torch.eye(seq_len, dtype=torch.bool, device=attention_mask.device)[None, None]  # [1, 1, S, S]
+    return causal_mask(seq_len, attention_mask.device) & (keys | own)  # [B, 1, S, S]
 
 
 def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -95,7 +112,14 @@ class DecoderCore(nn.Module):
     construction: they are added, full size and zero at non-visual rows, after layers 0..n-1.
     """
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module, logits_to_keep: int = 0, num_deepstack: int = 0):
+    def __init__(
+        self,
+        language_model: nn.Module,
+        lm_head: nn.Module,
+        logits_to_keep: int = 0,
+        num_deepstack: int = 0,
+        layout_inputs: bool = False,
+    ):
         super().__init__()
         config = language_model.config
         layer_types = getattr(config, "layer_types", None) or ()
@@ -109,21 +133,31 @@ class DecoderCore(nn.Module):
         self.lm_head = lm_head
         self.logits_to_keep = logits_to_keep
         self.num_deepstack = num_deepstack
+        self.layout_inputs = layout_inputs
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
 
     @classmethod
-    def from_model(cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0) -> "DecoderCore":
-        return cls(adapter.language_model(model), adapter.lm_head(model), logits_to_keep, num_deepstack)
+    def from_model(
+        cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0, layout_inputs: bool = False
+    ) -> "DecoderCore":
+        return cls(adapter.language_model(model), adapter.lm_head(model), logits_to_keep, num_deepstack, layout_inputs)
 
     @property
     def num_layers(self) -> int:
         return len(self.lm.layers)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *deepstack: torch.Tensor):
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor):
+        """rest: the DeepStack tensors; with layout_inputs, first kept_index [B, K],
+        kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding)."""
+        if self.layout_inputs:
+            kept_index, kept_valid, attention_mask, *deepstack = rest
+            mask = padded_causal_mask(attention_mask)  # [B, 1, S, S]
+            inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
+        else:
+            deepstack = rest
+            mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.device)  # [1, 1, S, S]
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
-        seq_len = inputs_embeds.shape[1]
-        mask = causal_mask(seq_len, inputs_embeds.device)  # [1, 1, S, S]
         recorder = _KVRecorder()
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
         x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack)

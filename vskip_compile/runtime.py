@@ -21,8 +21,9 @@ own bounded LRU keyed by (T, batch, dtype, device): `decode_cache_info()`.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -30,12 +31,15 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .archs import PrefillInputs, adapter_for
+from .backend import vskip
 from .core import DecodeStep, DecoderCore, rope_position_ids
+from .kept_rows import MIN_ROWS, kept_inputs
 from .layout import VisualLayout
 from .plan import SkipPlan
 
 BACKENDS = ("inductor", "eager", "tensorrt")
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
+RECOMPILE_LIMIT = 4  # graphs one cache entry may compile (each recompile is counted and warned about)
 
 # Generation options of HF generate() that this greedy loop does not implement: refused, not ignored.
 _UNSUPPORTED_GENERATE = (
@@ -87,15 +91,19 @@ class CacheInfo(NamedTuple):
     misses: int
     maxsize: int
     currsize: int
+    compiles: int = 0  # graphs Dynamo compiled for this cache's entries (a recompile adds one)
 
 
 @dataclass(frozen=True)
 class _GraphKey:
-    layout: VisualLayout
+    """One polymorphic prefill graph: every layout, length and padding of its batch bucket."""
+
     plan: SkipPlan
     dtype: torch.dtype
     device: torch.device
     logits_to_keep: int
+    num_deepstack: int
+    batched: bool  # batch bucket: False for one row, True for 2 or more (the batch size is symbolic)
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class _LRU:
         self.maxsize = maxsize
         self.graphs: OrderedDict[Any, Any] = OrderedDict()
         self.hits = self.misses = 0
+        self.compiles = 0  # counted by _Counted, the backend wrapper of this cache's graphs
         self._lock = threading.Lock()
 
     def get(self, key, build):
@@ -135,12 +144,36 @@ class _LRU:
 
     def info(self) -> CacheInfo:
         with self._lock:
-            return CacheInfo(self.hits, self.misses, self.maxsize, len(self.graphs))
+            return CacheInfo(self.hits, self.misses, self.maxsize, len(self.graphs), self.compiles)
 
     def clear(self) -> None:
         with self._lock:
             self.graphs.clear()
-            self.hits = self.misses = 0
+            self.hits = self.misses = self.compiles = 0
+
+
+class _Counted:
+    """A torch.compile backend that counts the graphs Dynamo hands it into `cache.compiles`
+    and warns, naming the guard that failed, when one cache entry compiles again."""
+
+    def __init__(self, backend, cache: _LRU, what: str, code):
+        self.backend = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+        self.cache, self.what, self.code = cache, what, code
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        with self.cache._lock:
+            self.cache.compiles += 1
+            self.graphs += 1
+        if self.graphs > 1:
+            failures = torch._dynamo.utils.guard_failures.get(self.code) or ["(reason not recorded)"]
+            warnings.warn(f"vskip: {self.what} recompiled (graph {self.graphs} of this entry): guard failed: {failures[-1]}",
+                          RecompileWarning, stacklevel=2)
+        return self.backend(gm, example_inputs, **kwargs)
+
+
+class RecompileWarning(UserWarning):
+    """A compiled graph was compiled again for inputs its guards refused."""
 
 
 def _decode_backend(inner: str):
@@ -165,7 +198,8 @@ class _DecodeRun:
     the graph: the graph stays free of in-place updates) and returns logits [B, 1, V].
     """
 
-    def __init__(self, graph, kv: list[tuple[torch.Tensor, torch.Tensor]], last_position: torch.Tensor, capacity: int):
+    def __init__(self, graph, kv: list[tuple[torch.Tensor, torch.Tensor]], last_position: torch.Tensor, capacity: int,
+                 pads: list[int]):
         batch, kv_heads, seq_len, head_dim = kv[0][0].shape  # [B, KV, S, E]
         if seq_len >= capacity:
             raise CompileError(f"a prefill of {seq_len} rows leaves no decode slot in a cache of {capacity}")
@@ -179,6 +213,8 @@ class _DecodeRun:
                 self.buffers.append(buf)
         self.past_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=kv[0][0].device)  # [B, T]
         self.past_mask[:, :seq_len] = True
+        for row, pad in enumerate(pads):
+            self.past_mask[row, :pad] = False  # left padding: never a key
         self.n = seq_len
         self.position = last_position  # [B, 1] or [3, B, 1]
 
@@ -252,47 +288,44 @@ class CompiledVLM:
         key = (logits_to_keep, num_deepstack)
         core = self._cores.get(key)
         if core is None:  # setdefault is atomic: two threads racing here end up sharing one core
-            core = self._cores.setdefault(key, DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack))
+            core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs=True)
+            core = self._cores.setdefault(key, core)
         return core
 
-    def _graph(self, key: _GraphKey, num_deepstack: int):
-        """The compiled prefill for key: LRU hit, or a new torch.compile (compiled on first call)."""
-        options = {"plan": self.plan, "layout": key.layout, "inner": self.backend}
-        # isolate_recompiles: each specialization owns its Dynamo cache entry instead of sharing
-        # DecoderCore.forward's 8-entry limit; recompile_limit=1 with fullgraph turns a guard
-        # failure (inputs that do not match the key) into an error, never an unskipped run.
-        return self._graphs.get(
-            key,
-            lambda: torch.compile(
-                self._core(key.logits_to_keep, num_deepstack),
-                backend="vskip",
-                options=options,
-                fullgraph=True,
-                dynamic=False,
-                isolate_recompiles=True,
-                recompile_limit=1,
-            ),
-        )
+    def _graph(self, key: _GraphKey):
+        """The compiled polymorphic prefill for key: LRU hit, or a new torch.compile (compiled
+        on its first call, with the sequence, kept-row and, batched, batch sizes symbolic)."""
+        options = {"plan": self.plan, "inner": self.backend}
+
+        def build():
+            core = self._core(key.logits_to_keep, key.num_deepstack)
+            backend = _Counted(lambda gm, ex: vskip(gm, ex, options=options), self._graphs, "prefill graph",
+                               DecoderCore.forward.__code__)
+            # isolate_recompiles: each entry owns its Dynamo cache instead of sharing
+            # DecoderCore.forward's; a recompile (a guard that failed) is counted and warned about.
+            return torch.compile(core, backend=backend, fullgraph=True, dynamic=False, isolate_recompiles=True,
+                                 recompile_limit=RECOMPILE_LIMIT)
+
+        return self._graphs.get(key, build)
 
     def _decode_graph(self, key: _DecodeKey):
         """The compiled decode step for key (one module, one compiled graph per key). Static
-        shapes and recompile_limit=1, as for the prefill: other shapes are an error, not a
-        silent recompile."""
+        shapes; a recompile is counted in decode_cache_info() and warned about."""
         if self._decode_step is None:
             self._decode_step = DecodeStep(self.adapter.language_model(self.model), self.adapter.lm_head(self.model))
         return self._decode_graphs.get(
             key,
             lambda: torch.compile(
                 self._decode_step,
-                backend=_decode_backend(self.backend),
+                backend=_Counted(_decode_backend(self.backend), self._decode_graphs, "decode graph", DecodeStep.forward.__code__),
                 fullgraph=True,
                 dynamic=False,
                 isolate_recompiles=True,
-                recompile_limit=1,
+                recompile_limit=RECOMPILE_LIMIT,
             ),
         )
 
-    def _decode_run(self, kv, position_ids: torch.Tensor, max_new_tokens: int) -> _DecodeRun:
+    def _decode_run(self, kv, position_ids: torch.Tensor, max_new_tokens: int, pads: list[int]) -> _DecodeRun:
         """Decode state after a prefill of kv (per layer [B, KV, S, E]) for max_new_tokens
         tokens: the last prefill token's K/V is in the cache, so max_new_tokens - 1 steps each
         add one row; capacity is that rounded up to decode_bucket."""
@@ -301,7 +334,7 @@ class CompiledVLM:
         needed = seq_len + max_new_tokens - 1
         capacity = -(-needed // self.decode_bucket) * self.decode_bucket
         graph = self._decode_graph(_DecodeKey(capacity, batch, k0.dtype, k0.device))
-        return _DecodeRun(graph, kv, rope_position_ids(position_ids)[..., -1:], capacity)  # last prompt position: [B, 1] or [3, B, 1]
+        return _DecodeRun(graph, kv, rope_position_ids(position_ids)[..., -1:], capacity, pads)  # last prompt position: [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any], left_padded: bool = False) -> PrefillInputs:
@@ -313,55 +346,31 @@ class CompiledVLM:
         if not left_padded and mask is not None and not bool(mask.all()):
             raise CompileError(
                 "padded batches (attention_mask with zeros) are not supported by a forward call: its "
-                "logits and cache would have one length per padding; generate() takes left-padded "
-                "batches, or run rows of different lengths separately"
+                "logits and cache would hold padding rows; generate() takes left-padded batches"
             )
         return self.adapter.prefill_inputs(self.model, **inputs)
 
-    def _prefill_groups(self, inputs: dict[str, Any]) -> list[tuple[list[int], PrefillInputs]]:
-        """The batch as (rows, prefill inputs) groups of equal left padding, padding removed:
-        each row runs as it would alone (its own layout, positions from 0). One group for an
-        unpadded batch. The vision tower runs once, on the whole batch; M-RoPE ids are the
-        model's own, computed with the padding mask."""
-        pads = left_padding(inputs.get("attention_mask"))
-        if pads is None:
-            return [(list(range(inputs["input_ids"].shape[0])), self._prefill_inputs(inputs))]
-        p = self._prefill_inputs(inputs, left_padded=True)
-        groups: dict[int, list[int]] = {}
-        for row, pad in enumerate(pads):
-            groups.setdefault(pad, []).append(row)
-        return [(rows, strip_left_padding(p, rows, pad)) for pad, rows in groups.items()]
-
     def _prefill(self, p: PrefillInputs, logits_to_keep: int):
-        """Logits [B, n, V] and per-layer (k, v) [B, KV, S, E] for the whole batch.
-
-        A batch whose rows have different layouts runs one graph per distinct layout (rows
-        grouped, results put back in the original order); rows without visual tokens run the
-        uncompiled core, which is the unmodified model.
-        """
-        groups: dict[tuple, list[int]] = {}
-        for row, spans in enumerate(p.layout.spans):
-            groups.setdefault(spans, []).append(row)
-        deepstack = p.deepstack or ()
-        outputs: list[tuple[list[int], tuple[torch.Tensor, ...]]] = []
-        for spans, rows in groups.items():
-            sub = p if len(groups) == 1 else select_rows(p, rows)
-            args = (sub.inputs_embeds, sub.position_ids, *(sub.deepstack or ()))
-            if spans:
-                key = _GraphKey(sub.layout, self.plan, p.inputs_embeds.dtype, p.inputs_embeds.device, logits_to_keep)
-                run = self._graph(key, len(deepstack))
-            else:
-                run = self._core(logits_to_keep, len(deepstack))
-            outputs.append((rows, run(*args)))
-        if len(outputs) == 1:
-            out = outputs[0][1]
-        else:
-            order = torch.tensor([r for rows, _ in outputs for r in rows]).argsort()
-            out = tuple(
-                torch.cat([o[i] for _, o in outputs]).index_select(0, order.to(outputs[0][1][i].device))
-                for i in range(len(outputs[0][1]))
-            )
-        logits, kv = out[0], out[1:]
+        """Logits [B, n, V] and per-layer (k, v) [B, KV, S, E] of the whole batch in ONE call
+        of the polymorphic graph: rows of any layout and left padding (padding rows are
+        frozen, never keys of a real row; each row's positions start at 0 as if alone)."""
+        pads = left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]
+        grow = max(0, MIN_ROWS - p.inputs_embeds.shape[1])
+        if grow:  # a one-row prompt: one padding row in front, cut off the outputs below
+            p, pads = pad_left(p, grow), [pad + grow for pad in pads]
+        embeds = p.inputs_embeds
+        batch, seq_len, _ = embeds.shape
+        deepstack = tuple(p.deepstack or ())
+        kept_index, kept_valid = kept_inputs(p.layout, self.plan.scope, pads, device=embeds.device)
+        mask = torch.arange(seq_len, device=embeds.device)[None, :] >= torch.tensor(pads, device=embeds.device)[:, None]  # [B, S]
+        position_ids = rebase_positions(p.position_ids, pads)
+        key = _GraphKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), batch > 1)
+        args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack)
+        mark_polymorphic(args, batched=batch > 1)
+        with no_duck_sizes():
+            logits, *kv = self._graph(key)(*args)
+        if grow:
+            kv = [x[:, :, grow:] for x in kv]
         return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def _cache(self, kv) -> DynamicCache:
@@ -393,8 +402,8 @@ class CompiledVLM:
     ) -> torch.Tensor:
         """Greedy decoding, HF-style: returns [B, S + n] token ids (prompt included); rows that
         reached an EOS are filled with pad_token_id until every row has finished. A left-padded
-        batch (attention_mask zeros, then ones) runs each padding group without its padding,
-        so every row gets the tokens it would get alone."""
+        batch (attention_mask zeros, then ones) runs as one batch, rows of any layout together:
+        padding rows are never keys of a real row, so every row gets the tokens it gets alone."""
         refused = sorted(k for k in inputs if k in _UNSUPPORTED_GENERATE)
         if do_sample or num_beams != 1 or not use_cache or refused:
             what = refused or [f"do_sample={do_sample}", f"num_beams={num_beams}", f"use_cache={use_cache}"]
@@ -416,23 +425,19 @@ class CompiledVLM:
             return self.model.generate(**inputs, **kw)
 
         input_ids = inputs["input_ids"]
-        eos = eos.to(input_ids.device)
-        parts = [(rows, self._greedy(p, max_new_tokens, eos, pad_token_id)) for rows, p in self._prefill_groups(inputs)]
-        if len(parts) == 1:
-            new = parts[0][1]
-        else:  # groups that stopped early are filled with pad_token_id (set whenever an EOS is)
-            n = max(t.shape[1] for _, t in parts)
-            new = input_ids.new_full((input_ids.shape[0], n), pad_token_id if pad_token_id is not None else 0)
-            for rows, t in parts:
-                new[rows, : t.shape[1]] = t
+        left_padding(inputs.get("attention_mask"))  # refuses anything but left padding, naming the row
+        p = self._prefill_inputs(inputs, left_padded=True)
+        new = self._greedy(p, max_new_tokens, eos.to(input_ids.device), pad_token_id)
         return torch.cat([input_ids, new], dim=1)  # [B, S + n]
 
     def _greedy(self, p: PrefillInputs, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-        """New tokens [B, n] of an unpadded batch: prefill skip-shaped, decode compiled."""
+        """New tokens [B, n] of a (left-padded) batch: prefill skip-shaped, decode compiled."""
         logits, kv = self._prefill(p, logits_to_keep=1)
         # Step t sits at the last prompt position + t (the last prompt token is text; M-RoPE
-        # ids [3, B, 1] move on together, as HF's decode does).
-        decode = self._decode_run(kv, p.position_ids, max_new_tokens) if max_new_tokens > 1 else None
+        # ids [3, B, 1] move on together, as HF's decode does); padding slots stay masked.
+        pads = left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]
+        positions = rebase_positions(p.position_ids, pads)
+        decode = self._decode_run(kv, positions, max_new_tokens, pads) if max_new_tokens > 1 else None
         embed = self.model.get_input_embeddings()
         tokens = []
         finished = torch.zeros(p.inputs_embeds.shape[0], dtype=torch.bool, device=eos.device)
@@ -471,28 +476,57 @@ def left_padding(mask: torch.Tensor | None) -> list[int] | None:
     return pads
 
 
-def select_rows(p: PrefillInputs, rows: list[int], start: int = 0) -> PrefillInputs:
-    """The prefill inputs of batch `rows`, from sequence position `start` on (spans shifted
-    to match; positions and mask as they were)."""
-    index = torch.tensor(rows, device=p.inputs_embeds.device)
-    layout = VisualLayout(
-        p.layout.seq_len - start, tuple(tuple((a - start, b - start) for a, b in p.layout.spans[r]) for r in rows)
-    )
+def rebase_positions(position_ids: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """Position ids [B, S] or [3|4, B, S] with each row's first real token at 0, as the row
+    would have alone; padding positions 0 (their rows are never keys)."""
+    if not any(pads):
+        return position_ids
+    seq_len = position_ids.shape[-1]
+    first = torch.tensor(pads, device=position_ids.device)  # [B]
+    start = position_ids.gather(-1, first.expand(*position_ids.shape[:-1])[..., None])  # [.., B, 1]
+    real = torch.arange(seq_len, device=position_ids.device)[None, :] >= first[:, None]  # [B, S]
+    return torch.where(real, position_ids - start, torch.zeros_like(position_ids))
+
+
+def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
+    """p with n padding rows in front (zero embeddings, positions and DeepStack; spans shifted)."""
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # [B, S, D] -> [B, n + S, D]
+        return torch.cat([x.new_zeros(x.shape[0], n, x.shape[2]), x], dim=1)
+
+    batch = p.inputs_embeds.shape[0]
+    mask = p.attention_mask if p.attention_mask is not None else torch.ones(batch, p.layout.seq_len, dtype=torch.long)
+    layout = VisualLayout(p.layout.seq_len + n, tuple(tuple((a + n, b + n) for a, b in row) for row in p.layout.spans))
     return PrefillInputs(
-        inputs_embeds=p.inputs_embeds.index_select(0, index)[:, start:],  # [b, S', D]
-        position_ids=p.position_ids.index_select(p.position_ids.ndim - 2, index)[..., start:],  # [b, S'] or [3|4, b, S']
-        deepstack=None if p.deepstack is None else tuple(d.index_select(0, index)[:, start:] for d in p.deepstack),
-        attention_mask=None if p.attention_mask is None else p.attention_mask.index_select(0, index)[:, start:],
+        inputs_embeds=rows(p.inputs_embeds),
+        position_ids=torch.cat([p.position_ids.new_zeros(*p.position_ids.shape[:-1], n), p.position_ids], dim=-1),
+        deepstack=None if p.deepstack is None else tuple(rows(d) for d in p.deepstack),
+        attention_mask=torch.cat([mask.new_zeros(batch, n), mask.to(p.inputs_embeds.device)], dim=1),  # [B, n + S]
         layout=layout,
     )
 
 
-def strip_left_padding(p: PrefillInputs, rows: list[int], pad: int) -> PrefillInputs:
-    """The prefill inputs of `rows` (all padded by `pad`) as if they had come unpadded: the
-    first `pad` positions dropped, positions re-based to start at 0, spans shifted."""
-    sub = select_rows(p, rows, pad)
-    pos = sub.position_ids
-    return replace(sub, position_ids=pos - pos[..., :1], attention_mask=None)  # first real token at 0
+def mark_polymorphic(args: tuple[torch.Tensor, ...], batched: bool) -> None:
+    """Mark the sizes a polymorphic prefill is traced symbolic in: S on every sequence axis,
+    K on the kept-row inputs, and the batch when there is more than one row.
+
+    args: (inputs_embeds [B, S, D], position_ids [.., B, S], kept_index [B, K], kept_valid [B, K],
+    attention_mask [B, S], *deepstack [B, S, D])."""
+    embeds, position_ids, kept_index, kept_valid, mask, *deepstack = args
+    for x, seq_axis in [(embeds, 1), (position_ids, position_ids.ndim - 1), (mask, 1), *[(d, 1) for d in deepstack]]:
+        torch._dynamo.mark_dynamic(x, seq_axis)
+        if batched:
+            torch._dynamo.mark_dynamic(x, seq_axis - 1)
+    for x in (kept_index, kept_valid):
+        torch._dynamo.mark_dynamic(x, 1)
+        if batched:
+            torch._dynamo.mark_dynamic(x, 0)
+
+
+def no_duck_sizes():
+    """Tracing without duck sizing: equal example sizes (a text-only row keeps K = S rows)
+    must not become one symbol, or the next layout would fail the guard."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)
 
 
 def _check_generation_config(gen) -> None:
