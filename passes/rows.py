@@ -141,38 +141,42 @@ class IndexGeometry:
     def scaled(self, size: Size) -> Size:
         return quotient(size, self.seq_len) * self.kept_len
 
-    def _positions(self, b: "Builder", inner: int, like: fx.Node) -> fx.Node:
-        """[B, K·inner] positions along an axis holding one sequence with inner stride `inner`."""
-        if inner == 1:
-            return self.index
-        step = b.call(aten.mul.Tensor, (self.index, inner), like=like)  # [B, K]
-        lanes = b.call(aten.arange.default, (inner,), {"dtype": torch.int64, "device": tensor_val(self.index).device}, like=like)
-        pos = b.call(aten.add.Tensor, (b.call(aten.unsqueeze.default, (step, -1), like=like), lanes), like=like)  # [B, K, inner]
-        return b.call(aten.reshape.default, (pos, [self.batch, self.kept_len * inner]), like=like)  # [B, K*inner]
-
     def cut(self, b: "Builder", x: fx.Node, rows: Rows) -> fx.Node:
-        """x's kept rows, gathered through the index: [.., outer*K*inner, ..]."""
-        xs, axis = shape(x), rows.axis
+        """x's kept rows, gathered through the index: [.., outer*K*inner, ..].
+
+        The axis is split into [outer, S, inner] (outer = 1, or the batch folded in), and the
+        S dim gathered with the index broadcast over everything but the batch, whose axis is
+        the split's outer dim (folded) or axis 0 (size B, or 1 for a tensor every batch row shares).
+        """
+        xs, axis = list(shape(x)), rows.axis
         outer = self.outer(xs[axis], rows, x.name)
-        pos = self._positions(b, rows.inner, like=x)  # [B, K*inner]
-        if outer != 1 or self.batch == 1:  # the batch is folded into this axis (or is 1): one flat index
-            if outer != 1:  # row o of the batch starts at o*S*inner
-                start = b.call(aten.arange.default, (self.batch,), {"dtype": torch.int64, "device": tensor_val(pos).device}, like=x)
-                start = b.call(aten.mul.Tensor, (start, self.seq_len * rows.inner), like=x)  # [B]
-                pos = b.call(aten.add.Tensor, (pos, b.call(aten.unsqueeze.default, (start, -1), like=x)), like=x)
-            flat = b.call(aten.reshape.default, (pos, [-1]), like=x)  # [outer*K*inner]
-            return b.call(aten.index_select.default, (x, axis, flat), like=x)
-        if axis == 0 or xs[0] not in (1, self.batch):
-            raise SkipPassError(
-                f"{x.name} {tuple(xs)}: its sequence axis {axis} has no batch axis 0 of size {self.batch} or 1 beside it"
-            )
-        if xs[0] == 1:  # shared by every batch row (a broadcast mask): the kept rows differ per row
-            x = b.call(aten.expand.default, (x, [self.batch] + [-1] * (len(xs) - 1)), like=x)
-        view = [self.batch if d == 0 else (-1 if d == axis else 1) for d in range(len(xs))]
-        index = b.call(aten.view.default, (pos, view), like=x)  # [B, 1.., K*inner, 1..]
-        sizes = [-1 if d in (0, axis) else xs[d] for d in range(len(xs))]
-        index = b.call(aten.expand.default, (index, sizes), like=x)
-        return b.call(aten.gather.default, (x, axis, index), like=x)
+        split = xs[:axis] + [outer, self.seq_len, rows.inner] + xs[axis + 1 :]
+        seq = axis + 1  # the S dim of the split
+        if outer != 1:
+            batch_axis = axis
+        elif self.batch == 1:
+            batch_axis = None
+        elif axis > 0 and xs[0] in (1, self.batch):
+            batch_axis = 0
+        else:
+            raise SkipPassError(f"{x.name} {tuple(xs)}: its sequence axis {axis} has no batch axis of size {self.batch} or 1")
+        v = x if (outer == 1 and rows.inner == 1) else b.call(aten.reshape.default, (x, split), like=x)
+        if outer == 1 and rows.inner == 1:
+            split, seq = xs, axis  # no split needed: the axis is the sequence
+        if batch_axis is not None and split[batch_axis] == 1:  # shared by every batch row: the kept rows differ per row
+            split = [self.batch if d == batch_axis else size for d, size in enumerate(split)]
+            v = b.call(aten.expand.default, (v, split), like=x)
+        view = [1] * len(split)
+        view[seq] = self.kept_len
+        if batch_axis is not None:
+            view[batch_axis] = self.batch
+        index = b.call(aten.view.default, (self.index, view), like=x)  # [B, K] placed at (batch, S)
+        index = b.call(aten.expand.default, (index, [self.kept_len if d == seq else size for d, size in enumerate(split)]), like=x)
+        out = b.call(aten.gather.default, (v, seq, index), like=x)  # the split with S -> K
+        if outer == 1 and rows.inner == 1:
+            return out
+        merged = xs[:axis] + [outer * self.kept_len * rows.inner] + xs[axis + 1 :]
+        return b.call(aten.reshape.default, (out, merged), like=x)
 
     def merge(self, b: "Builder", kept: fx.Node, full: fx.Node, rows: Rows, like: fx.Node) -> fx.Node:
         """The residual [B, S, D] with its kept rows replaced by `kept` [B, K, D]; entries that
