@@ -40,7 +40,7 @@ def test_entry_point_registered():
     "options, match",
     [
         (None, "needs options"),
-        ({"plan": PLAN}, "layout"),
+        ({"plan": PLAN, "layout": "12:2-8"}, "layout"),
         ({"layout": LAYOUT}, "plan"),
         ({"plan": PLAN.to_dict(), "layout": LAYOUT}, "must be a SkipPlan"),
         ({"plan": PLAN, "layout": LAYOUT, "inner": "onnx"}, "unknown inner backend"),

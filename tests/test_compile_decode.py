@@ -60,7 +60,7 @@ def test_generate_matches_reference_and_hf_decode(tiny_model, arch):
     cm = vskip_compile.compile(model, plan, backend="eager")
     got = cm.generate(**inputs, max_new_tokens=NEW_TOKENS)
     assert torch.equal(got, want)
-    assert tuple(cm.decode_cache_info()) == (0, 1, 8, 1)
+    assert tuple(cm.decode_cache_info()) == (0, 1, 8, 1, 1)  # hits, misses, maxsize, currsize, compiles
 
     # Per step: the compiled decode step's logits vs HF's decode step, same tokens fed.
     seq_len = inputs["input_ids"].shape[1]
@@ -127,19 +127,19 @@ def test_decode_graph_cache_buckets_and_bound(tiny_model):
         assert torch.equal(out, _reference_tokens(model, plan, inputs, max_new_tokens=new))
         return tuple(cm.decode_cache_info())
 
-    assert run(2, 3) == (0, 1, 1, 1)  # S = 19: 21 slots needed -> 24
-    assert run(4, 3, seed=1) == (1, 1, 1, 1)  # another prompt, S = 21: 23 -> 24, same graph
-    assert run(2, 7) == (1, 2, 1, 1)  # 25 -> 32: evicts the 24-slot graph (cache_size 1)
-    assert run(2, 3) == (1, 3, 1, 1)  # so the 24-slot graph is compiled again
-    assert tuple(cm.cache_info()) == (1, 3, 1, 1)  # prefill: its own cache, same bound
+    assert run(2, 3) == (0, 1, 1, 1, 1)  # S = 19: 21 slots needed -> 24
+    assert run(4, 3, seed=1) == (1, 1, 1, 1, 1)  # another prompt, S = 21: 23 -> 24, same graph
+    assert run(2, 7) == (1, 2, 1, 1, 2)  # 25 -> 32: evicts the 24-slot graph (cache_size 1)
+    assert run(2, 3) == (1, 3, 1, 1, 3)  # so the 24-slot graph is compiled again
+    assert tuple(cm.cache_info()) == (3, 1, 1, 1, 1)  # prefill: one polymorphic graph for all four prompts
     cm.cache_clear()
-    assert tuple(cm.decode_cache_info()) == (0, 0, 1, 0)
+    assert tuple(cm.decode_cache_info()) == (0, 0, 1, 0, 0)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_vl", "llava"])
 def test_left_padded_rows_stopping_at_eos_equal_hf_padded_generate(tiny_model, arch):
     """Two padding groups, one stops at EOS early: the same tokens as HF generate on the
-    left-padded batch under the plan (HF masks the padding; we cut it off)."""
+    left-padded batch under the plan (HF masks the padding; so do we, in one call)."""
     model = tiny_model(arch)
     plan = _random_plan(5)
     rows = [tiny_inputs(model, arch, text_before=1, text_after=3, seed=2),

@@ -54,7 +54,7 @@ def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         raise BackendError(f"unknown vskip option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTION_KEYS))}")
     if "plan" not in options:
         raise BackendError(
-            "the vskip backend needs option 'plan' (a SkipPlan): "
+            "the vskip backend needs options with a 'plan' (a SkipPlan): "
             "torch.compile(core, backend='vskip', options={'plan': plan})"
         )
     if not isinstance(options["plan"], SkipPlan):

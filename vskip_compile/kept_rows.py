@@ -76,3 +76,26 @@ def kept_inputs(
         torch.tensor(index, dtype=torch.int64, device=device),  # [B, K]
         torch.tensor(valid, dtype=torch.bool, device=device),  # [B, K]
     )
+
+
+def mark_polymorphic(args: tuple[torch.Tensor, ...], batched: bool) -> None:
+    """Mark the sizes a polymorphic prefill is traced symbolic in: S on every sequence axis,
+    K on the kept-row inputs, and the batch when there is more than one row.
+
+    args: (inputs_embeds [B, S, D], position_ids [.., B, S], kept_index [B, K], kept_valid [B, K],
+    attention_mask [B, S], *deepstack [B, S, D])."""
+    embeds, position_ids, kept_index, kept_valid, mask, *deepstack = args
+    for x, seq_axis in [(embeds, 1), (position_ids, position_ids.ndim - 1), (mask, 1), *[(d, 1) for d in deepstack]]:
+        torch._dynamo.mark_dynamic(x, seq_axis)
+        if batched:
+            torch._dynamo.mark_dynamic(x, seq_axis - 1)
+    for x in (kept_index, kept_valid):
+        torch._dynamo.mark_dynamic(x, 1)
+        if batched:
+            torch._dynamo.mark_dynamic(x, 0)
+
+
+def no_duck_sizes():
+    """Tracing without duck sizing: equal example sizes (a text-only row keeps K = S rows)
+    must not become one symbol, or the next layout would fail the guard."""
+    return torch.fx.experimental._config.patch(use_duck_shape=False)

@@ -33,12 +33,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .archs import PrefillInputs, adapter_for
 from .backend import vskip
 from .core import DecodeStep, DecoderCore, rope_position_ids
-from .kept_rows import MIN_ROWS, kept_inputs
+from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
 
 BACKENDS = ("inductor", "eager", "tensorrt")
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
+SPECIALIZE = (None, "layout")  # None: one polymorphic graph per batch bucket; "layout": one per layout
 RECOMPILE_LIMIT = 4  # graphs one cache entry may compile (each recompile is counted and warned about)
 
 # Generation options of HF generate() that this greedy loop does not implement: refused, not ignored.
@@ -104,6 +105,7 @@ class _GraphKey:
     logits_to_keep: int
     num_deepstack: int
     batched: bool  # batch bucket: False for one row, True for 2 or more (the batch size is symbolic)
+    layout: VisualLayout | None = None  # specialize="layout": the one layout of a static graph
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,7 @@ class CompiledVLM:
         adapter=None,
         cache_size: int = 8,
         decode_bucket: int = DECODE_BUCKET,
+        specialize: str | None = None,
     ):
         if backend not in BACKENDS:
             raise CompileError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -257,6 +260,9 @@ class CompiledVLM:
             raise CompileError(f"cache_size must be >= 1, got {cache_size}")
         if decode_bucket < 1:
             raise CompileError(f"decode_bucket must be >= 1, got {decode_bucket}")
+        if specialize not in SPECIALIZE:
+            raise CompileError(f"specialize must be one of {SPECIALIZE}, got {specialize!r}")
+        self.specialize = specialize
         self.model = model
         self.plan = plan
         self.backend = backend
@@ -288,14 +294,15 @@ class CompiledVLM:
         key = (logits_to_keep, num_deepstack)
         core = self._cores.get(key)
         if core is None:  # setdefault is atomic: two threads racing here end up sharing one core
-            core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs=True)
+            layout_inputs = self.specialize is None
+            core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs)
             core = self._cores.setdefault(key, core)
         return core
 
     def _graph(self, key: _GraphKey):
         """The compiled polymorphic prefill for key: LRU hit, or a new torch.compile (compiled
         on its first call, with the sequence, kept-row and, batched, batch sizes symbolic)."""
-        options = {"plan": self.plan, "inner": self.backend}
+        options = {"plan": self.plan, "layout": key.layout, "inner": self.backend}
 
         def build():
             core = self._core(key.logits_to_keep, key.num_deepstack)
@@ -354,6 +361,8 @@ class CompiledVLM:
         """Logits [B, n, V] and per-layer (k, v) [B, KV, S, E] of the whole batch in ONE call
         of the polymorphic graph: rows of any layout and left padding (padding rows are
         frozen, never keys of a real row; each row's positions start at 0 as if alone)."""
+        if self.specialize == "layout":
+            return self._prefill_static(p, logits_to_keep)
         pads = left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]
         grow = max(0, MIN_ROWS - p.inputs_embeds.shape[1])
         if grow:  # a one-row prompt: one padding row in front, cut off the outputs below
@@ -371,6 +380,17 @@ class CompiledVLM:
             logits, *kv = self._graph(key)(*args)
         if grow:
             kv = [x[:, :, grow:] for x in kv]
+        return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+
+    def _prefill_static(self, p: PrefillInputs, logits_to_keep: int):
+        """specialize="layout": the graph of this exact layout (constant row offsets, static
+        shapes), compiled for each new one. Unpadded batches of one layout only."""
+        if (p.attention_mask is not None and not bool(p.attention_mask.all())) or not p.layout.is_uniform:
+            raise CompileError(f"specialize='layout' runs unpadded batches of one layout, got {p.layout}")
+        deepstack = tuple(p.deepstack or ())
+        embeds = p.inputs_embeds
+        key = _GraphKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), embeds.shape[0] > 1, p.layout)
+        logits, *kv = self._graph(key)(embeds, p.position_ids, *deepstack)
         return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def _cache(self, kv) -> DynamicCache:
@@ -506,29 +526,6 @@ def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
     )
 
 
-def mark_polymorphic(args: tuple[torch.Tensor, ...], batched: bool) -> None:
-    """Mark the sizes a polymorphic prefill is traced symbolic in: S on every sequence axis,
-    K on the kept-row inputs, and the batch when there is more than one row.
-
-    args: (inputs_embeds [B, S, D], position_ids [.., B, S], kept_index [B, K], kept_valid [B, K],
-    attention_mask [B, S], *deepstack [B, S, D])."""
-    embeds, position_ids, kept_index, kept_valid, mask, *deepstack = args
-    for x, seq_axis in [(embeds, 1), (position_ids, position_ids.ndim - 1), (mask, 1), *[(d, 1) for d in deepstack]]:
-        torch._dynamo.mark_dynamic(x, seq_axis)
-        if batched:
-            torch._dynamo.mark_dynamic(x, seq_axis - 1)
-    for x in (kept_index, kept_valid):
-        torch._dynamo.mark_dynamic(x, 1)
-        if batched:
-            torch._dynamo.mark_dynamic(x, 0)
-
-
-def no_duck_sizes():
-    """Tracing without duck sizing: equal example sizes (a text-only row keeps K = S rows)
-    must not become one symbol, or the next layout would fail the guard."""
-    return torch.fx.experimental._config.patch(use_duck_shape=False)
-
-
 def _check_generation_config(gen) -> None:
     """Refuse a model generation_config whose logits processors HF would apply to greedy search."""
     from transformers import GenerationConfig
@@ -549,12 +546,16 @@ def compile(
     adapter=None,
     cache_size: int = 8,
     decode_bucket: int = DECODE_BUCKET,
+    specialize: str | None = None,
 ) -> CompiledVLM:
     """Compile `model` under `plan` (backend: "inductor", "eager" or "tensorrt"): the prefill
     skip-shaped, the decode step unmodified, both with that backend.
 
     Refuses a plan made for another model and an unknown backend here, before any input.
-    Graphs are specialized and compiled lazily: prefill per input layout, decode per K/V
-    capacity (prompt + new tokens, rounded up to decode_bucket) and batch size.
+    Graphs compile lazily: one prefill graph per batch bucket (one row; several rows) serves
+    every layout, length and left padding (sequence and kept-row counts are symbolic); decode
+    graphs per K/V capacity (prompt + new tokens, rounded up to decode_bucket) and batch size.
+    specialize="layout" compiles a static prefill graph per layout instead (for comparison).
     """
-    return CompiledVLM(model, plan, backend=backend, adapter=adapter, cache_size=cache_size, decode_bucket=decode_bucket)
+    return CompiledVLM(model, plan, backend=backend, adapter=adapter, cache_size=cache_size, decode_bucket=decode_bucket,
+                       specialize=specialize)
