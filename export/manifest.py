@@ -14,6 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
+from ..errors import VSkipError
 
 MANIFEST = "manifest.json"
 FORMAT = "vskip-engine"
@@ -21,7 +22,7 @@ FORMAT_VERSION = 1
 _CHUNK = 1 << 22  # 4 MiB reads keep hashing of multi-GB weight files flat in memory
 
 
-class EngineError(RuntimeError):
+class EngineError(VSkipError, RuntimeError):
     """An engine directory or its inputs cannot be served."""
 
 

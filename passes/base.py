@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from vskip_compile.errors import VSkipError
 from vskip_compile.layout import VisualLayout
 from vskip_compile.plan import SkipPlan
 
@@ -27,7 +28,7 @@ VALUE_META = ("val", "tensor_meta", "example_value", "unbacked_bindings")
 ASSERT_OPS = (aten._assert_tensor_metadata.default,)
 
 
-class SkipPassError(ValueError):
+class SkipPassError(VSkipError, ValueError):
     """A pass cannot prove a rewrite correct (an op it cannot show row-wise, a missing region)."""
 
 

@@ -1,9 +1,10 @@
 """vskip-compile: operator-level visual skipping for multimodal LLM prefill, as a compiler."""
 
+from .errors import VSkipError
 from .layout import LayoutError, VisualLayout
 from .plan import OPS, PlanError, SkipPlan, config_hash
 
-__all__ = ["OPS", "LayoutError", "PlanError", "SkipPlan", "VisualLayout", "config_hash"]
+__all__ = ["OPS", "LayoutError", "PlanError", "SkipPlan", "VSkipError", "VisualLayout", "config_hash"]
 __version__ = "0.1.0"
 
 

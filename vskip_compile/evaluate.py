@@ -43,6 +43,7 @@ from .archs import PrefillInputs, adapter_for
 from .baselines import TokenDrop
 from .flops import TextDims, model_flops
 from .plan import SkipPlan
+from .errors import VSkipError
 
 METHODS = ("opskip", "shortv", "vtw", "fastv")
 NOTES = (
@@ -65,7 +66,7 @@ NOTES = (
 )
 
 
-class EvalError(RuntimeError):
+class EvalError(VSkipError, RuntimeError):
     """The harness disagrees with an independent run: its numbers would not be trustworthy."""
 TABLE_COLUMNS = (
     "method", "budget", "params", "accuracy", "accuracy_kept", "agreement_with_full", "flops_cut",

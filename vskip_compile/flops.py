@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import sympy
 
 from .plan import PlanError, SkipPlan
+from .errors import VSkipError
 
 S, V, P = sympy.symbols("S V P", integer=True, nonnegative=True)
 MLP_KINDS = ("gated", "plain", "moe")
@@ -38,7 +39,7 @@ MLP_KINDS = ("gated", "plain", "moe")
 _PLAIN_MLP_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "falcon", "starcoder2", "bloom"}
 
 
-class DimsError(ValueError):
+class DimsError(VSkipError, ValueError):
     """A config does not give the dimensions the FLOPs model needs."""
 
 

@@ -33,6 +33,7 @@ from .archs import PrefillInputs, adapter_for
 from .core import DecodeStep, DecoderCore, rope_position_ids
 from .layout import VisualLayout
 from .plan import SkipPlan
+from .errors import VSkipError
 
 BACKENDS = ("inductor", "eager", "tensorrt")
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
@@ -78,7 +79,7 @@ _GREEDY_CHANGING_CONFIG = (
 )
 
 
-class CompileError(ValueError):
+class CompileError(VSkipError, ValueError):
     """compile() or a CompiledVLM call got something it cannot serve correctly."""
 
 

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from ..errors import VSkipError
 
 # Top-level fields of POST /v1/chat/completions that this server understands. Anything else is
 # refused (400): silently ignoring e.g. "top_p" would return an answer the client did not ask for.
@@ -22,7 +23,7 @@ MESSAGE_FIELDS = ("role", "content")
 ROLES = ("system", "user", "assistant")
 
 
-class RequestError(ValueError):
+class RequestError(VSkipError, ValueError):
     """A request the server refuses; `status` is the HTTP status code (4xx)."""
 
     def __init__(self, status: int, message: str):
