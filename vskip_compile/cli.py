@@ -70,7 +70,8 @@ def _dims(args: argparse.Namespace) -> tuple[str, TextDims, int | None]:
         dims = TextDims.from_hf_config(cfg)
     except DimsError as e:
         raise DimsError(f"{args.config}: {e}") from e
-    limit = hf_text_config(cfg).get("max_position_embeddings")
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    limit = text.get("max_position_embeddings")
     return args.config, dims, limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
@@ -381,10 +382,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
-    try:
-        model, processor = evaluate.load_model(model_dir)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
+    model, processor = evaluate.load_model(model_dir)
     train = easyvqa.train_set()
     if not 0 < args.samples <= len(train):
         raise UsageError(f"--samples must be in 1..{len(train)}")
@@ -507,10 +505,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
-    try:
-        model, processor = evaluate.load_model(model_dir)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
+    model, processor = evaluate.load_model(model_dir)
     plans_dir = Path(args.plans_dir) if args.plans_dir else model_dir / "plans"
     out_dir = Path(args.out_dir) if args.out_dir else model_dir / "eval"
     test = easyvqa.test_set()
@@ -637,6 +632,22 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import threading
 
+    from . import modeldir
+
+    # The user's files first: a bad one is refused before Ray starts.
+    model_dir = Path(args.model)
+    try:
+        text = hf_text_config(modeldir.check(model_dir))
+    except DimsError as e:
+        raise DimsError(f"{model_dir / 'config.json'}: {e}") from e
+    modeldir.check_processor(model_dir)
+    plan = _load_plan(args.plan)
+    if plan.num_layers != text.get("num_hidden_layers"):
+        raise UsageError(f"{args.plan} has {plan.num_layers} layers; {model_dir} has {text.get('num_hidden_layers')}")
+    if args.engine == "onnx" and not args.engine_dir:
+        raise UsageError("--engine onnx needs --engine-dir (a directory written by export_onnx)")
+    if args.address and args.metrics_port is not None:
+        raise UsageError("--metrics-port sets up a local Ray; with --address, the cluster's `ray start` sets it")
     from .serve import use_loopback
 
     if not args.address:
@@ -647,19 +658,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"vskip serve needs the serve extra: pip install 'vskip-compile[serve]' ({e})") from e
     from .serve.request import Limits
 
-    model_dir = Path(args.model)
-    config = model_dir / "config.json"
-    if not config.is_file():
-        raise UsageError(f"no model at {model_dir} (config.json missing)")
-    plan = _load_plan(args.plan)
-    text = _read_json(str(config))
-    text = text.get("text_config", text)
-    if plan.num_layers != text.get("num_hidden_layers"):
-        raise UsageError(f"{args.plan} has {plan.num_layers} layers; {model_dir} has {text.get('num_hidden_layers')}")
-    if args.engine == "onnx" and not args.engine_dir:
-        raise UsageError("--engine onnx needs --engine-dir (a directory written by export_onnx)")
-    if args.address and args.metrics_port is not None:
-        raise UsageError("--metrics-port sets up a local Ray; with --address, the cluster's `ray start` sets it")
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(16, args.max_tokens),
                     max_image_bytes=args.max_image_bytes)
     options = serve_app.ServeOptions(
