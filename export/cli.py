@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import ModelDirError, VSkipError
 from ..modeldir import check as _check_model_dir
-from ..modeldir import load_processor
+from ..modeldir import check_processor, load_processor
 
 
 class ImageError(VSkipError, ValueError):
@@ -88,6 +88,7 @@ def run_export(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     plan = SkipPlan.load(args.plan)
     _check_model_dir(model_dir)
+    check_processor(model_dir)
     check_out_dir(args.out)
     with console.status("loading the model and processor") as status:
         processor = load_processor(model_dir)
@@ -136,9 +137,10 @@ def run_run(args: argparse.Namespace) -> int:
     from ..flops import hf_text_config
     from ..plan import config_hash
     from . import OnnxRunner
-    from .manifest import EngineError, load_manifest
+    from .manifest import MANIFEST, EngineError, load_manifest, verify_content
 
     manifest = load_manifest(args.engine)
+    verify_content(Path(args.engine) / MANIFEST, manifest)  # the runner hashes the files
     source = args.model or manifest.get("source", {}).get("model_dir")
     if source is None:
         raise EngineError(f"{args.engine}: the engine does not name the model directory it came from; give --model DIR")

@@ -12,4 +12,7 @@ def compile(model, plan, backend="inductor", **kw):
     """vskip_compile.runtime.compile, imported lazily: the package import stays torch-free."""
     from .runtime import compile as _compile
 
+    if not isinstance(plan, SkipPlan):
+        raise PlanError(f"plan must be a SkipPlan (SkipPlan.load(path) reads a plan file), got {type(plan).__name__}")
+
     return _compile(model, plan, backend, **kw)

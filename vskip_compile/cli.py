@@ -68,8 +68,8 @@ def _dims(args: argparse.Namespace) -> tuple[str, TextDims, int | None]:
         raise UsageError(f"{args.config}: a config.json is a JSON object, got {type(cfg).__name__}")
     try:
         dims = TextDims.from_hf_config(cfg)
-    except DimsError as e:
-        raise DimsError(f"{args.config}: {e}") from e
+    except (DimsError, TypeError, ValueError) as e:  # transformers' own field checks raise these
+        raise DimsError(f"{args.config}: {' '.join(str(e).split())}") from e
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     limit = text.get("max_position_embeddings")
     return args.config, dims, limit if isinstance(limit, int) and not isinstance(limit, bool) else None

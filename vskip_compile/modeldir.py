@@ -123,5 +123,7 @@ def load_processor(model_dir: str | Path):
 
 
 def load(model_dir: str | Path, dtype=None):
-    """(model, processor) of a model directory."""
+    """(model, processor) of a model directory; every file is checked before either loads."""
+    check(model_dir)
+    check_processor(model_dir)
     return load_model(model_dir, dtype), load_processor(model_dir)
