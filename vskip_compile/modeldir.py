@@ -41,7 +41,7 @@ def check(model_dir: str | Path) -> dict[str, Any]:
     if not d.is_dir():
         raise ModelDirError(f"{d}: not a directory (a model directory holds config.json and model.safetensors)")
     if not (d / "config.json").is_file():
-        raise ModelDirError(f"{d}: not a Hugging Face model directory (no config.json)")
+        raise ModelDirError(f"{d}: no model at this path, not a Hugging Face model directory (no config.json)")
     config = _json(d / "config.json")
     arch = config.get("architectures")
     if arch is not None and (not isinstance(arch, list) or not all(isinstance(a, str) for a in arch)):
