@@ -15,71 +15,50 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-# Processor classes that are not in transformers' auto mapping: name -> (module, class).
-_PROCESSORS = {"EasyVQAQwen3VLProcessor": ("vskip_compile.zoo.easyvqa_processor", "EasyVQAQwen3VLProcessor")}
+from ..errors import ModelDirError, VSkipError
+from ..modeldir import check as _check_model_dir
+from ..modeldir import check_processor, load_processor
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"vskip {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _model_dir(path: str) -> Path:
-    d = Path(path)
-    if not (d / "config.json").is_file():
-        raise FileNotFoundError(f"{d}: not a Hugging Face model directory (no config.json)")
-    return d
-
-
-def load_processor(model_dir: Path):
-    """The processor saved in model_dir (its own class when transformers cannot auto-load it)."""
-    import importlib
-
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        path = model_dir / name
-        if path.is_file():
-            cls = json.loads(path.read_text()).get("processor_class")
-            if cls in _PROCESSORS:
-                module, attr = _PROCESSORS[cls]
-                return getattr(importlib.import_module(module), attr).from_pretrained(model_dir, local_files_only=True)
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+class ImageError(VSkipError, ValueError):
+    """An --image file that cannot be read as an image."""
 
 
 def load_model(model_dir: Path):
     """The model class named by config.json's `architectures`, eval mode, fp32."""
     import torch
-    import transformers
 
-    arch = (json.loads((model_dir / "config.json").read_text()).get("architectures") or [None])[0]
-    cls = getattr(transformers, arch or "", None)
-    if cls is None:
-        raise ValueError(f"{model_dir}/config.json names no transformers class in 'architectures' ({arch!r})")
-    return cls.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    from ..modeldir import load_model as load
+
+    return load(model_dir, dtype=torch.float32)
 
 
-def build_inputs(processor, images: list[str], prompt: str, tensors: str) -> dict[str, Any]:
+def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_dir: Path | None = None) -> dict[str, Any]:
     """Processor outputs for one chat turn: the images, then the prompt."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     if getattr(processor, "chat_template", None) is None:
-        raise ValueError("the processor has no chat template; vskip export/run build prompts with it")
+        where = f"{model_dir}: " if model_dir is not None else ""
+        raise ModelDirError(f"{where}the processor has no chat template (chat_template.jinja); "
+                            "vskip export/run build prompts with it")
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
     pictures = []
     for path in images:
-        with Image.open(path) as im:
-            pictures.append(im.convert("RGB"))
+        try:
+            with Image.open(path) as im:
+                pictures.append(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise ImageError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from e
     return dict(processor(text=[text], images=pictures or None, return_tensors=tensors))
 
 
 # -- vskip export -------------------------------------------------------------------------------
 def add_export(sub: argparse._SubParsersAction) -> None:
+    from ..cli import _pos_int  # vskip_compile.cli imports this module: import at parser-build time
     p = sub.add_parser(
         "export",
         help="export a model under a plan as an ONNX engine directory",
@@ -92,7 +71,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an example image (repeatable)")
     p.add_argument("--prompt", required=True, help="the example prompt (text after the images)")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory to create or extend")
-    p.add_argument("--max-cache-len", type=int, help="decode cache slots (default: prefill + 256, rounded to 64)")
+    p.add_argument("--max-cache-len", type=_pos_int, help="decode cache slots (default: prefill + 256, rounded to 64)")
     p.add_argument("--no-optimize", action="store_true", help="skip torch.onnx's optimizer (faster export)")
     p.set_defaults(run=run_export)
 
@@ -101,28 +80,28 @@ def run_export(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..layout import LayoutError
-    from ..plan import PlanError, SkipPlan
-    from . import EngineError, export_onnx
+    from ..plan import SkipPlan
+    from . import export_onnx
+    from .manifest import check_out_dir
 
     console = Console(stderr=True)
-    try:
-        model_dir = _model_dir(args.model)
-        plan = SkipPlan.load(args.plan)
-        with console.status("loading the model and processor") as status:
-            processor = load_processor(model_dir)
-            model = load_model(model_dir)
-            inputs = build_inputs(processor, args.image, args.prompt, "pt")
+    model_dir = Path(args.model)
+    plan = SkipPlan.load(args.plan)
+    _check_model_dir(model_dir)
+    check_processor(model_dir)
+    check_out_dir(args.out)
+    with console.status("loading the model and processor") as status:
+        processor = load_processor(model_dir)
+        model = load_model(model_dir)
+        inputs = build_inputs(processor, args.image, args.prompt, "pt", model_dir)
 
-            def progress(message: str) -> None:
-                console.log(message)
-                status.update(message)
+        def progress(message: str) -> None:
+            console.log(message)
+            status.update(message)
 
-            out = export_onnx(model, plan, inputs, args.out, max_cache_len=args.max_cache_len,
-                              optimize=not args.no_optimize, source={"model_dir": str(model_dir.resolve())},
-                              progress=progress)
-    except (OSError, ValueError, PlanError, LayoutError, EngineError) as e:
-        return _fail("export", str(e))
+        out = export_onnx(model, plan, inputs, args.out, max_cache_len=args.max_cache_len,
+                          optimize=not args.no_optimize, source={"model_dir": str(model_dir.resolve())},
+                          progress=progress)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     table = Table(title=f"{out}  ({manifest['model']['architecture']}, plan {plan})")
     for column in ("file", "role", "bytes", "layout / key"):
@@ -137,6 +116,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 # -- vskip run ----------------------------------------------------------------------------------
 def add_run(sub: argparse._SubParsersAction) -> None:
+    from ..cli import _pos_int
     p = sub.add_parser(
         "run",
         help="generate with an exported engine (onnxruntime)",
@@ -147,32 +127,29 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an image (repeatable)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", metavar="DIR", help="model directory for the processor (default: the one exported from)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=_pos_int, default=32)
     p.add_argument("--provider", action="append", metavar="EP",
                    help="onnxruntime execution provider, in order of preference (default CPUExecutionProvider)")
     p.set_defaults(run=run_run)
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from ..flops import DimsError, hf_text_config
-    from ..layout import LayoutError
+    from ..flops import hf_text_config
     from ..plan import config_hash
-    from . import EngineError, OnnxRunner
-    from .manifest import load_manifest
+    from . import OnnxRunner
+    from .manifest import MANIFEST, EngineError, load_manifest, verify_content
 
-    try:
-        manifest = load_manifest(args.engine)
-        source = args.model or manifest.get("source", {}).get("model_dir")
-        if source is None:
-            raise ValueError("give --model DIR: the engine does not name the model directory it came from")
-        model_dir = _model_dir(source)
-        expect = {"config_hash": config_hash(hf_text_config(json.loads((model_dir / "config.json").read_text())))}
-        runner = OnnxRunner(args.engine, providers=args.provider, expect_model=expect)
-        processor = load_processor(model_dir)
-        inputs = build_inputs(processor, args.image, args.prompt, "np")
-        ids = runner.generate(**inputs, max_new_tokens=args.max_new_tokens)
-    except (OSError, ValueError, DimsError, LayoutError, EngineError) as e:
-        return _fail("run", str(e))
+    manifest = load_manifest(args.engine)
+    verify_content(Path(args.engine) / MANIFEST, manifest)  # the runner hashes the files
+    source = args.model or manifest.get("source", {}).get("model_dir")
+    if source is None:
+        raise EngineError(f"{args.engine}: the engine does not name the model directory it came from; give --model DIR")
+    model_dir = Path(source)
+    expect = {"config_hash": config_hash(hf_text_config(_check_model_dir(model_dir)))}
+    runner = OnnxRunner(args.engine, providers=args.provider, expect_model=expect)
+    processor = load_processor(model_dir)
+    inputs = build_inputs(processor, args.image, args.prompt, "np", model_dir)
+    ids = runner.generate(**inputs, max_new_tokens=args.max_new_tokens)
     prompt_len = inputs["input_ids"].shape[1]
     print(processor.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)[0].strip())
     return 0

@@ -71,9 +71,7 @@ def version(pkg: str) -> str | None:
         return None
 
 
-def plan_id(plan: SkipPlan) -> dict[str, Any]:
-    """The part of a plan that decides the graphs (ops and scope), for same-plan checks."""
-    return {"ops": list(plan.ops), "scope": plan.scope}
+plan_id = mf.plan_id  # the part of a plan that decides the graphs (ops and scope)
 
 
 def collect(
@@ -219,10 +217,12 @@ def manifest_body(work: Work, tensors: Mapping[str, Any], versions: Mapping[str,
 
 # -- helpers -------------------------------------------------------------------------------------
 def _existing(out_dir: Path, model_id: Mapping[str, Any], plan: SkipPlan) -> dict[str, Any] | None:
-    """The verified manifest of an engine already in out_dir (same model and plan), or None."""
-    if not (out_dir / mf.MANIFEST).exists():
+    """The verified manifest of an engine already in out_dir (same model and plan), or None
+    for a new or empty directory; any other directory is refused (mf.check_out_dir)."""
+    old = mf.check_out_dir(out_dir)
+    if old is None:
         return None
-    old = mf.verify(out_dir, expect_model=model_id)
+    mf.check_model(old, model_id, str(out_dir / mf.MANIFEST))
     if old["plan_id"] != plan_id(plan):
         raise PlanError(
             f"{out_dir}: engine was exported for plan {old['plan'].get('name') or old['plan_id']['ops']}, "

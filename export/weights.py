@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from ..errors import VSkipError
 
 MIN_EXTERNAL_BYTES = 1024
 
@@ -32,7 +33,7 @@ _ST_TO_NP = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_TO_NP.items()}
 
 
-class WeightsError(ValueError):
+class WeightsError(VSkipError, ValueError):
     """A weights file is unreadable or a tensor cannot be stored in one."""
 
 

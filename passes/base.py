@@ -17,6 +17,7 @@ import sympy
 import torch
 from torch import fx
 
+from vskip_compile.errors import VSkipError
 from vskip_compile.layout import VisualLayout
 from vskip_compile.plan import SkipPlan
 
@@ -29,7 +30,7 @@ VALUE_META = ("val", "tensor_meta", "example_value", "unbacked_bindings")
 ASSERT_OPS = (aten._assert_tensor_metadata.default,)
 
 
-class SkipPassError(ValueError):
+class SkipPassError(VSkipError, ValueError):
     """A pass cannot prove a rewrite correct (an op it cannot show row-wise, a missing region)."""
 
 

@@ -30,12 +30,13 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from .layout import VisualLayout
 from .plan import SkipPlan
+from .errors import VSkipError
 
 INNER_BACKENDS = ("inductor", "eager", "tensorrt")
 _OPTION_KEYS = {"plan", "layout", "inner", "attn_module", "ffn_module", "layer_pattern"}
 
 
-class BackendError(ValueError):
+class BackendError(VSkipError, ValueError):
     """The vskip backend was called with options it cannot use."""
 
 

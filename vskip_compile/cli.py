@@ -3,7 +3,9 @@
 Adding a subcommand: write `add_<name>(sub)` that makes its parser with `sub.add_parser(...)`
 and sets `run=<function(args) -> exit code>` with `set_defaults`, then list it in SUBCOMMANDS.
 Import heavy modules (torch, transformers) inside the run function so `vskip --help` stays
-fast. A problem the user can fix raises one of USER_ERRORS: exit code 2 and the message.
+fast. A problem the user can fix raises a VSkipError (UsageError here): one line on stderr
+naming what is wrong, exit code 2; any other exception is a bug: its traceback, exit code 1.
+Numbers are checked by their argparse type (`_int_in`), so a bad one names its flag.
 Rich tables for people, `--json` for machines.
 """
 
@@ -12,22 +14,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from .errors import VSkipError
 from .flops import DimsError, TextDims, hf_text_config, plan_report
-from .layout import LayoutError
-from .plan import PlanError, SkipPlan
+from .plan import OPS, SkipPlan
+from .errors import VSkipError
 
 
-class UsageError(ValueError):
+class UsageError(VSkipError, ValueError):
     """Bad command-line input (a missing file, a file that is not JSON, a bad number)."""
 
 
-# Errors that are the user's to fix: reported as "vskip: error: ..." with exit code 2.
-USER_ERRORS: tuple[type[Exception], ...] = (UsageError, PlanError, DimsError, LayoutError)
+# Errors that are the user's to fix: reported as "vskip COMMAND: error: ..." with exit code 2.
+USER_ERRORS: tuple[type[Exception], ...] = (VSkipError,)
+MAX_ROWS = 1 << 24  # no decoder has a context this long: a larger row count is a typo
 
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -41,8 +47,6 @@ def _read_json(path: str) -> Any:
 
 
 def _load_plan(path: str) -> SkipPlan:
-    if not Path(path).is_file():
-        raise UsageError(f"plan file not found: {path}")
     return SkipPlan.load(path)
 
 
@@ -52,24 +56,62 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
     which.add_argument("--config", metavar="config.json", help="any Hugging Face config.json")
 
 
-def _dims(args: argparse.Namespace) -> tuple[str, TextDims]:
-    """(model label, dims) from --preset or --config."""
+def _dims(args: argparse.Namespace) -> tuple[str, TextDims, int | None]:
+    """(model label, dims, max_position_embeddings or None) from --preset or --config."""
     if args.preset is not None:
         from .presets import get_preset
 
         preset = get_preset(args.preset)
-        return preset.name, preset.dims
-    return args.config, TextDims.from_hf_config(_read_json(args.config))
-
-
-def _nonneg_int(text: str) -> int:
+        return preset.name, preset.dims, preset.max_positions
+    cfg = _read_json(args.config)
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{args.config}: a config.json is a JSON object, got {type(cfg).__name__}")
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative int, got {value}")
-    return value
+        dims = TextDims.from_hf_config(cfg)
+    except (DimsError, TypeError, ValueError) as e:  # transformers' own field checks raise these
+        raise DimsError(f"{args.config}: {' '.join(str(e).split())}") from e
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    limit = text.get("max_position_embeddings")
+    return args.config, dims, limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an int in low..high. argparse names the flag in its error (exit 2)."""
+    what = {0: "a non-negative int", 1: "a positive int"}.get(low, f"an int >= {low}")
+    what += f" (at most {high})" if high is not None else ""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, low_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite float in [low, high] ((low, high] when low_open)."""
+    what = f"a number {'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (low_open and value == low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
+_nonneg_int = _int_in(0)
+_pos_int = _int_in(1)
+_rows = _int_in(0, MAX_ROWS)
+_port = _int_in(1, 65535)
 
 
 def _console(stderr: bool = False):
@@ -91,9 +133,9 @@ def add_flops(sub: argparse._SubParsersAction) -> None:
         "projections + attention + FFN; no LM head) for S = visual + text rows.",
     )
     _add_model_args(p, required=False)
-    p.add_argument("--visual", type=_nonneg_int, help="visual rows (image tokens)")
-    p.add_argument("--text", type=_nonneg_int, help="text rows")
-    p.add_argument("--prefix", type=_nonneg_int, default=0,
+    p.add_argument("--visual", type=_rows, help="visual rows (image tokens)")
+    p.add_argument("--text", type=_rows, help="text rows")
+    p.add_argument("--prefix", type=_rows, default=0,
                    help="text rows before the last image (frozen too under plan scope prefix_through_visual)")
     p.add_argument("--plan", metavar="plan.json", help="a skip plan; without it, the full model")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -110,7 +152,12 @@ def run_flops(args: argparse.Namespace) -> int:
         raise UsageError("give the row counts with --visual V --text T")
     if args.prefix > args.text:
         raise UsageError(f"--prefix {args.prefix} is more than --text {args.text}")
-    label, dims = _dims(args)
+    if args.visual + args.text < 1:
+        raise UsageError("--visual + --text is 0: a prefill has at least one row")
+    label, dims, max_rows = _dims(args)
+    if max_rows is not None and args.visual + args.text > max_rows:
+        raise UsageError(f"--visual {args.visual} + --text {args.text} = {args.visual + args.text} rows exceed "
+                         f"{label}'s max_position_embeddings {max_rows}")
     plan = _load_plan(args.plan) if args.plan else None
     report = plan_report(dims, plan, args.visual + args.text, args.visual, args.prefix)
     out = {
@@ -173,7 +220,7 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     val = verbs.add_parser("validate", help="check a plan file, optionally against a model")
     val.add_argument("plan", metavar="PLAN.json")
     which = val.add_mutually_exclusive_group()
-    which.add_argument("--layers", type=_nonneg_int, help="the model's decoder layer count")
+    which.add_argument("--layers", type=_pos_int, help="the model's decoder layer count")
     which.add_argument("--preset", help="a known model (layer count and architecture)")
     which.add_argument("--config", metavar="config.json",
                        help="a Hugging Face config.json (layer count, architecture and config hash)")
@@ -182,7 +229,7 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     imp = verbs.add_parser("import", help="an OpSkip policy (configs/<family>/preset{N}.json) -> a plan")
     imp.add_argument("policy", metavar="POLICY.json")
     imp.add_argument("--out", metavar="PLAN.json", help="write the plan here (default: print it)")
-    imp.add_argument("--layers", type=_nonneg_int, help="the model's decoder layer count, checked")
+    imp.add_argument("--layers", type=_pos_int, help="the model's decoder layer count, checked")
     imp.set_defaults(run=run_plan_import)
 
     exp = verbs.add_parser("export", help="a plan -> an OpSkip policy")
@@ -227,14 +274,16 @@ def run_plan_validate(args: argparse.Namespace) -> int:
         from .presets import get_preset
 
         preset = get_preset(args.preset)
-        no_hash.check_model(preset.architecture, preset.dims.layers, {})
+        no_hash.check_model(preset.architecture, preset.dims.layers, {}, aliases=preset.aliases)
         against = f" for preset {preset.name}"
     elif args.config is not None:
         cfg = _read_json(args.config)
+        if not isinstance(cfg, dict):
+            raise UsageError(f"{args.config}: a config.json is a JSON object, got {type(cfg).__name__}")
         dims = TextDims.from_hf_config(cfg)
         text = hf_text_config(cfg) if model.get("config_hash") else {}
         arch = (cfg.get("architectures") or [model.get("architecture", "")])[0]
-        plan.check_model(arch, dims.layers, text)
+        plan.check_model(arch, dims.layers, text, aliases=[cfg["model_type"]] if isinstance(cfg.get("model_type"), str) else [])
         against = f" for {args.config}"
     print(f"valid{against}: {plan}")
     return 0
@@ -262,7 +311,7 @@ def run_plan_export(args: argparse.Namespace) -> int:
 # -- vskip demo -----------------------------------------------------------------------------------
 def add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the shipped model: plan, FLOPs cut, answers full vs skip")
-    p.add_argument("-n", type=int, default=4, help="how many test questions")
+    p.add_argument("-n", type=_int_in(1, 100), default=4, help="how many test questions (1..100)")
     p.add_argument("--backend", default="inductor", choices=["inductor", "eager"],
                    help="inner compiler of the skip-shaped prefill graph")
     p.set_defaults(run=run_demo)
@@ -302,7 +351,7 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
         "under a FLOPs budget or a fidelity tolerance, re-measure and repair, write plan JSON files.",
     )
     p.add_argument("--model-dir", help="easy-VQA Qwen3-VL directory (default: the zoo model)")
-    p.add_argument("--samples", type=_nonneg_int, default=256, help="train-split questions (default 256)")
+    p.add_argument("--samples", type=_pos_int, default=256, help="train-split questions (default 256)")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--budget", type=_fraction, nargs="+", help="decoder prefill FLOPs cut(s) to reach, e.g. 0.4")
     which.add_argument("--tolerance", type=_fraction, help="largest plan whose answer agreement is >= 1 - tolerance")
@@ -312,8 +361,8 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="op: operator-level plans (opskip-*); layer: whole-layer freezes (shortv-*); both")
     p.add_argument("--out-dir", help="where plans go (default: <model-dir>/plans)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_nonneg_int, default=128)
-    p.add_argument("--workers", type=_nonneg_int, default=2,
+    p.add_argument("--batch-size", type=_pos_int, default=128)
+    p.add_argument("--workers", type=_pos_int, default=2,
                    help="single-threaded processes for the per-candidate ablations (default 2)")
     p.add_argument("--threads", type=_nonneg_int, default=1,
                    help="torch threads (default 1: on a shared CPU several threads spin against each other)")
@@ -333,10 +382,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
-    try:
-        model, processor = evaluate.load_model(model_dir)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
+    model, processor = evaluate.load_model(model_dir)
     train = easyvqa.train_set()
     if not 0 < args.samples <= len(train):
         raise UsageError(f"--samples must be in 1..{len(train)}")
@@ -426,9 +472,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", type=_fraction, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6])
     p.add_argument("--methods", nargs="+", default=["opskip", "shortv", "vtw", "fastv"],
                    choices=["opskip", "shortv", "vtw", "fastv"])
-    p.add_argument("--limit", type=_nonneg_int, help="first N test questions only")
-    p.add_argument("--images-per-batch", type=_nonneg_int, default=32)
-    p.add_argument("--workers", type=_nonneg_int, default=2, help="single-threaded worker processes (default 2)")
+    p.add_argument("--limit", type=_pos_int, help="first N test questions only")
+    p.add_argument("--images-per-batch", type=_pos_int, default=32)
+    p.add_argument("--workers", type=_pos_int, default=2, help="single-threaded worker processes (default 2)")
     p.add_argument("--verify", type=_nonneg_int, default=24,
                    help="questions checked one at a time against independent runs first (0: skip)")
     p.add_argument("--fastv-layer", type=_nonneg_int, default=2, help="FastV drop layer K (lowered if a budget needs)")
@@ -440,7 +486,7 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-backend", choices=["eager", "inductor"], default="eager",
                    help="vskip_compile.compile backend timing the full model and the opskip/shortv plans "
                    "(default eager: like the baselines, which run eager HF layers whatever this says)")
-    p.add_argument("--time-repeats", type=_nonneg_int, default=3,
+    p.add_argument("--time-repeats", type=_pos_int, default=3,
                    help="interleaved timing rounds; per question the fastest counts (default 3)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p.set_defaults(run=run_eval)
@@ -459,10 +505,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
-    try:
-        model, processor = evaluate.load_model(model_dir)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
+    model, processor = evaluate.load_model(model_dir)
     plans_dir = Path(args.plans_dir) if args.plans_dir else model_dir / "plans"
     out_dir = Path(args.out_dir) if args.out_dir else model_dir / "eval"
     test = easyvqa.test_set()
@@ -527,12 +570,12 @@ def run_eval(args: argparse.Namespace) -> int:
 def add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="prefill timing at real layer widths: compiled full vs skip vs eager")
     p.add_argument("--models", nargs="+", default=["qwen3-vl-8b", "llava-1.5-7b"])
-    p.add_argument("--visual", nargs="+", type=_nonneg_int, default=[576, 1024], help="visual rows per case")
-    p.add_argument("--text", type=_nonneg_int, default=64, help="text rows")
-    p.add_argument("--layers", type=_nonneg_int, default=2, help="decoder layers (random weights)")
-    p.add_argument("--repeats", type=_nonneg_int, default=5, help="interleaved rounds; medians are printed")
-    p.add_argument("--ops", nargs="+", default=None, help="plan ops, repeated over the layers")
-    p.add_argument("--threads", type=_nonneg_int, default=None,
+    p.add_argument("--visual", nargs="+", type=_int_in(1, 1 << 16), default=[576, 1024], help="visual rows per case")
+    p.add_argument("--text", type=_int_in(1, 1 << 16), default=64, help="text rows")
+    p.add_argument("--layers", type=_int_in(1, 256), default=2, help="decoder layers (random weights)")
+    p.add_argument("--repeats", type=_pos_int, default=5, help="interleaved rounds; medians are printed")
+    p.add_argument("--ops", nargs="+", default=None, choices=OPS, help="plan ops, repeated over the layers")
+    p.add_argument("--threads", type=_pos_int, default=None,
                    help="torch intra-op threads (default: torch's own choice, one per core)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run_bench)
@@ -569,24 +612,42 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=("inductor", "eager", "onnx"), default="inductor",
                    help="inductor (default) or eager: vskip_compile.compile backends; onnx: an exported engine")
     p.add_argument("--engine-dir", metavar="DIR", help="ONNX engine directory written by export_onnx (--engine onnx)")
-    p.add_argument("--replicas", type=_nonneg_int, default=1, help="model replicas (default 1)")
-    p.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves per replica (default 1)")
-    p.add_argument("--threads", type=_nonneg_int, default=1, help="intra-op threads per replica (default 1)")
+    p.add_argument("--replicas", type=_pos_int, default=1, help="model replicas (default 1)")
+    p.add_argument("--replica-cpus", type=_float_in(0, low_open=True), default=1.0,
+                   help="CPUs Ray reserves per replica (default 1)")
+    p.add_argument("--threads", type=_pos_int, default=1, help="intra-op threads per replica (default 1)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default 127.0.0.1)")
-    p.add_argument("--port", type=_nonneg_int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--address", help="join this Ray cluster (auto, or HEAD:6379) instead of starting a local Ray")
-    p.add_argument("--max-batch-size", type=_nonneg_int, default=8, help="requests per batch (default 8)")
-    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits to fill (default 20)")
-    p.add_argument("--max-layouts", type=_nonneg_int, default=32, help="distinct layouts a replica compiles (default 32)")
-    p.add_argument("--max-tokens", type=_nonneg_int, default=64, help="largest max_tokens a request may ask (default 64)")
-    p.add_argument("--max-image-bytes", type=_nonneg_int, default=4 * 1024 * 1024, help="largest image file (default 4 MiB)")
-    p.add_argument("--metrics-port", type=_nonneg_int, help="Prometheus port of a local Ray's metrics (not with --address)")
+    p.add_argument("--max-batch-size", type=_pos_int, default=8, help="requests per batch (default 8)")
+    p.add_argument("--batch-wait-ms", type=_float_in(0, 60_000), default=20.0,
+                   help="how long a batch waits to fill (default 20)")
+    p.add_argument("--max-layouts", type=_pos_int, default=32, help="distinct layouts a replica compiles (default 32)")
+    p.add_argument("--max-tokens", type=_pos_int, default=64, help="largest max_tokens a request may ask (default 64)")
+    p.add_argument("--max-image-bytes", type=_pos_int, default=4 * 1024 * 1024, help="largest image file (default 4 MiB)")
+    p.add_argument("--metrics-port", type=_port, help="Prometheus port of a local Ray's metrics (not with --address)")
     p.set_defaults(run=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import threading
 
+    from . import modeldir
+
+    # The user's files first: a bad one is refused before Ray starts.
+    model_dir = Path(args.model)
+    try:
+        text = hf_text_config(modeldir.check(model_dir))
+    except DimsError as e:
+        raise DimsError(f"{model_dir / 'config.json'}: {e}") from e
+    modeldir.check_processor(model_dir)
+    plan = _load_plan(args.plan)
+    if plan.num_layers != text.get("num_hidden_layers"):
+        raise UsageError(f"{args.plan} has {plan.num_layers} layers; {model_dir} has {text.get('num_hidden_layers')}")
+    if args.engine == "onnx" and not args.engine_dir:
+        raise UsageError("--engine onnx needs --engine-dir (a directory written by export_onnx)")
+    if args.address and args.metrics_port is not None:
+        raise UsageError("--metrics-port sets up a local Ray; with --address, the cluster's `ray start` sets it")
     from .serve import use_loopback
 
     if not args.address:
@@ -597,21 +658,6 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"vskip serve needs the serve extra: pip install 'vskip-compile[serve]' ({e})") from e
     from .serve.request import Limits
 
-    model_dir = Path(args.model)
-    config = model_dir / "config.json"
-    if not config.is_file():
-        raise UsageError(f"no model at {model_dir} (config.json missing)")
-    plan = _load_plan(args.plan)
-    text = _read_json(str(config))
-    text = text.get("text_config", text)
-    if plan.num_layers != text.get("num_hidden_layers"):
-        raise UsageError(f"{args.plan} has {plan.num_layers} layers; {model_dir} has {text.get('num_hidden_layers')}")
-    if args.engine == "onnx" and not args.engine_dir:
-        raise UsageError("--engine onnx needs --engine-dir (a directory written by export_onnx)")
-    if min(args.replicas, args.threads, args.max_batch_size, args.max_layouts, args.max_tokens) < 1:
-        raise UsageError("--replicas, --threads, --max-batch-size, --max-layouts and --max-tokens must be >= 1")
-    if args.address and args.metrics_port is not None:
-        raise UsageError("--metrics-port sets up a local Ray; with --address, the cluster's `ray start` sets it")
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(16, args.max_tokens),
                     max_image_bytes=args.max_image_bytes)
     options = serve_app.ServeOptions(
@@ -659,13 +705,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: 0 on success; a user error (VSkipError): one line on stderr, 2; any
+    other exception is ours: its traceback, 1. Bad arguments exit 2 through argparse."""
     args = build_parser().parse_args(argv)
+    name = " ".join(str(x) for x in (args.command, getattr(args, "verb", None)) if x)
     try:
         return args.run(args)
     except USER_ERRORS as e:
-        name = " ".join(str(x) for x in (args.command, getattr(args, "verb", None)) if x)
-        print(f"vskip {name}: error: {e}", file=sys.stderr)
+        print(f"vskip {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader stopped early (`| head`): end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception:  # a bug, not the user's input: show where
+        traceback.print_exc()
+        print(f"vskip {name}: internal error (the traceback above is a bug; please report it)", file=sys.stderr)
+        return 1

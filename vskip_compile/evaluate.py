@@ -43,6 +43,7 @@ from .archs import PrefillInputs, adapter_for
 from .baselines import TokenDrop
 from .flops import TextDims, model_flops
 from .plan import SkipPlan
+from .errors import VSkipError
 
 METHODS = ("opskip", "shortv", "vtw", "fastv")
 NOTES = (
@@ -65,7 +66,7 @@ NOTES = (
 )
 
 
-class EvalError(RuntimeError):
+class EvalError(VSkipError, RuntimeError):
     """The harness disagrees with an independent run: its numbers would not be trustworthy."""
 TABLE_COLUMNS = (
     "method", "budget", "params", "accuracy", "accuracy_kept", "agreement_with_full", "flops_cut",
@@ -746,17 +747,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def load_model(model_dir: Path):
-    """(model, processor) of an easy-VQA Qwen3-VL directory (the zoo one or a training run's)."""
-    from transformers import Qwen3VLForConditionalGeneration
+    """(model, processor) of an easy-VQA Qwen3-VL directory (the zoo one or a training run's);
+    a missing or corrupt file is refused naming it (modeldir.ModelDirError)."""
+    from . import modeldir
 
-    from .zoo.easyvqa_processor import EasyVQAQwen3VLProcessor
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"no model at {model_dir}")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
-    processor = EasyVQAQwen3VLProcessor.from_pretrained(model_dir, local_files_only=True)
-    return model, processor
+    return modeldir.load(model_dir)
 
 
 @torch.no_grad()

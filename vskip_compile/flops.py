@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import sympy
 
 from .plan import PlanError, SkipPlan
+from .errors import VSkipError
 
 S, V, P = sympy.symbols("S V P", integer=True, nonnegative=True)
 MLP_KINDS = ("gated", "plain", "moe")
@@ -38,7 +39,7 @@ MLP_KINDS = ("gated", "plain", "moe")
 _PLAIN_MLP_TYPES = {"gpt2", "gpt_neox", "gptj", "opt", "phi", "falcon", "starcoder2", "bloom"}
 
 
-class DimsError(ValueError):
+class DimsError(VSkipError, ValueError):
     """A config does not give the dimensions the FLOPs model needs."""
 
 
@@ -172,13 +173,16 @@ def _with_hf_defaults(d: Mapping[str, Any]) -> dict[str, Any]:
     if "model_type" not in d:
         missing = [k for k in _REQUIRED if _text_part(d).get(k) is None]
         raise DimsError(f"config has no {', '.join(missing) or 'model_type'} and no model_type to fill defaults from")
+    from huggingface_hub.errors import StrictDataclassError  # transformers' typed config fields
     from transformers import AutoConfig  # lazy: only for incomplete config.json dicts
 
     kwargs = {k: v for k, v in d.items() if k != "model_type"}
     try:
         return AutoConfig.for_model(d["model_type"], **kwargs).to_dict()
-    except (ValueError, KeyError) as e:
-        raise DimsError(f"config of model_type {d['model_type']!r} is incomplete and transformers cannot fill it ({e})") from e
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:
+        reason = " ".join(str(e).split(". Should contain one of")[0].split())  # not the list of every model type
+        raise DimsError(f"config of model_type {d['model_type']!r} is incomplete or invalid and transformers "
+                        f"cannot fill it ({reason})") from e
 
 
 # -- per operator ------------------------------------------------------------------------------

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+from .errors import VSkipError
 
 Span = tuple[int, int]  # half-open [start, end) row range of one image's visual tokens
 
 
-class LayoutError(ValueError):
+class LayoutError(VSkipError, ValueError):
     """A layout is malformed or does not fit the inputs or graph it is used with."""
 
 

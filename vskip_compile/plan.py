@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from .errors import VSkipError
 
 PLAN_VERSION = 1
 OPS = ("full", "skip_attn", "skip_ffn", "skip_both")
@@ -37,8 +38,23 @@ _OPSKIP_EXTRA = {"preset", "checkpoint", "source", "use_triton", "mlp_chunk_size
 _OPSKIP_KEYS = set(_OPSKIP_LISTS) | _OPSKIP_EXTRA | {"model_family", "num_layers", "budget", "freeze_scope"}
 
 
-class PlanError(ValueError):
+class PlanError(VSkipError, ValueError):
     """A skip plan is malformed or does not fit the model it is applied to."""
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON `true` parses to True, which Python counts as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a key given twice is refused (json keeps the last one silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise PlanError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
 
 
 def config_hash(text_config: Mapping[str, Any]) -> str:
@@ -61,20 +77,33 @@ class SkipPlan:
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
+        if isinstance(self.ops, (str, bytes, Mapping)):
+            raise PlanError(f"plan field 'ops' must be a list of op names, got {type(self.ops).__name__}")
         object.__setattr__(self, "ops", tuple(self.ops))
         if self.num_layers is None:
             object.__setattr__(self, "num_layers", len(self.ops))
-        if self.version != PLAN_VERSION:
+        # JSON true/false are Python bools, which are ints: refused where an int is meant.
+        if not _is_int(self.version) or self.version != PLAN_VERSION:
             raise PlanError(f"unknown plan version {self.version!r} (this build reads {PLAN_VERSION})")
-        if not isinstance(self.num_layers, int) or self.num_layers < 1:
+        if not _is_int(self.num_layers) or self.num_layers < 1:
             raise PlanError(f"num_layers must be a positive int, got {self.num_layers!r}")
         for i, op in enumerate(self.ops):
-            if op not in OPS:
+            if not isinstance(op, str) or op not in OPS:
                 raise PlanError(f"unknown op {op!r} at layer {i}; expected one of {', '.join(OPS)}")
         if len(self.ops) != self.num_layers:
             raise PlanError(f"plan has {len(self.ops)} ops but num_layers={self.num_layers}")
-        if self.scope not in SCOPES:
+        if not isinstance(self.scope, str) or self.scope not in SCOPES:
             raise PlanError(f"unknown scope {self.scope!r}; expected one of {', '.join(SCOPES)}")
+        if self.name is not None and not isinstance(self.name, str):
+            raise PlanError(f"plan field 'name' must be a string, got {self.name!r} ({type(self.name).__name__})")
+        for key in ("model", "provenance"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, Mapping):
+                raise PlanError(f"plan field {key!r} must be a JSON object, got {value!r} ({type(value).__name__})")
+        for key in ("architecture", "config_hash"):
+            value = (self.model or {}).get(key)
+            if value is not None and not isinstance(value, str):
+                raise PlanError(f"plan field 'model.{key}' must be a string, got {value!r} ({type(value).__name__})")
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -118,10 +147,17 @@ class SkipPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "SkipPlan":
+        """Read a plan file; every refusal names the file (and the field)."""
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"{path}: is a directory, not a plan file")
+        if not path.exists():
+            raise PlanError(f"plan file not found: {path}")
         try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            d = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+        except OSError as e:
+            raise PlanError(f"{path}: cannot read the plan file ({e.strerror or e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError, PlanError) as e:
             raise PlanError(f"{path}: not a JSON plan file ({e})") from e
         try:
             return cls.from_dict(d)
@@ -179,7 +215,7 @@ class SkipPlan:
         if unknown:
             raise PlanError(f"unknown OpSkip policy key(s): {', '.join(sorted(unknown))}")
         n = policy.get("num_layers")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not _is_int(n) or n < 1:
             raise PlanError(f"OpSkip policy needs a positive int num_layers, got {n!r}")
         if num_layers is not None and n != num_layers:
             raise PlanError(f"OpSkip policy has num_layers={n} but the model has {num_layers} layers")
@@ -190,7 +226,7 @@ class SkipPlan:
             if not isinstance(layers, list):
                 raise PlanError(f"OpSkip key {key!r} must be a list of layer indices")
             for layer in layers:
-                if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
+                if not _is_int(layer) or not 0 <= layer < n:
                     raise PlanError(f"OpSkip {key}: layer {layer!r} is out of range 0..{n - 1}")
                 if layer in owner:
                     where = "twice in " + key if owner[layer] == key else f"in both {owner[layer]} and {key}"
@@ -198,10 +234,17 @@ class SkipPlan:
                 owner[layer] = key
                 ops[layer] = op
         budget = policy.get("budget")
+        if budget is not None and not _is_int(budget):
+            raise PlanError(f"OpSkip budget must be an int (the number of layers listed), got {budget!r}")
         if budget is not None and budget != len(owner):
             raise PlanError(f"OpSkip budget {budget!r} does not match the {len(owner)} layers listed")
         scope = policy.get("freeze_scope", "visual")
-        model = {"architecture": policy["model_family"]} if "model_family" in policy else None
+        if not isinstance(scope, str) or scope not in SCOPES:
+            raise PlanError(f"OpSkip freeze_scope: unknown scope {scope!r}; expected one of {', '.join(SCOPES)}")
+        family = policy.get("model_family")
+        if family is not None and (not isinstance(family, str) or not family):
+            raise PlanError(f"OpSkip model_family must be a non-empty string, got {family!r}")
+        model = {"architecture": family} if family is not None else None
         extra = {k: policy[k] for k in sorted(_OPSKIP_EXTRA) if k in policy}
         preset = policy.get("preset")
         name = f"{policy.get('model_family', 'opskip')}-preset{preset}" if preset is not None else None

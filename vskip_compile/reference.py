@@ -25,9 +25,10 @@ import torch
 from .archs import Adapter, adapter_for
 from .layout import LayoutError, Span, VisualLayout
 from .plan import SkipPlan
+from .errors import VSkipError
 
 
-class ReferenceCallError(RuntimeError):
+class ReferenceCallError(VSkipError, RuntimeError):
     """The reference hooks saw a call they cannot serve correctly."""
 
 

@@ -36,6 +36,7 @@ from .core import DecodeStep, DecoderCore, rope_position_ids
 from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
+from .errors import VSkipError
 
 BACKENDS = ("inductor", "eager", "tensorrt")
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
@@ -83,7 +84,7 @@ _GREEDY_CHANGING_CONFIG = (
 )
 
 
-class CompileError(ValueError):
+class CompileError(VSkipError, ValueError):
     """compile() or a CompiledVLM call got something it cannot serve correctly."""
 
 
@@ -401,7 +402,11 @@ class CompiledVLM:
     def __call__(self, **inputs) -> CausalLMOutputWithPast:
         """HF-style forward of a prefill under the plan: `.logits` [B, S, V] (or the last
         `logits_to_keep` rows) and `.cache`, a DynamicCache holding every row's K/V."""
-        logits_to_keep = int(inputs.pop("logits_to_keep", 0))
+        logits_to_keep = inputs.pop("logits_to_keep", 0)
+        if not _is_int(logits_to_keep) or logits_to_keep < 0:
+            raise CompileError(f"logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+        check_model_inputs(self.model, inputs, "CompiledVLM()")
+        check_prompt(self.model, inputs, 0)
         input_ids = inputs.get("input_ids")
         if input_ids is not None and not self.adapter.layout(self.model, input_ids).has_visual:
             return self.model(**inputs, logits_to_keep=logits_to_keep)
@@ -424,15 +429,17 @@ class CompiledVLM:
         reached an EOS are filled with pad_token_id until every row has finished. A left-padded
         batch (attention_mask zeros, then ones) runs as one batch, rows of any layout together:
         padding rows are never keys of a real row, so every row gets the tokens it gets alone."""
-        refused = sorted(k for k in inputs if k in _UNSUPPORTED_GENERATE)
+        refused = sorted(k for k in inputs if k in _UNSUPPORTED_GENERATE or k in _generation_options())
+        check_model_inputs(self.model, {k: v for k, v in inputs.items() if k not in refused}, "CompiledVLM.generate()")
         if do_sample or num_beams != 1 or not use_cache or refused:
             what = refused or [f"do_sample={do_sample}", f"num_beams={num_beams}", f"use_cache={use_cache}"]
             raise CompileError(f"CompiledVLM.generate is greedy decoding only; unsupported: {', '.join(map(str, what))}")
         gen = self.model.generation_config
         _check_generation_config(gen)
         max_new_tokens = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new_tokens is None or max_new_tokens < 1:
-            raise CompileError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
+            raise CompileError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_prompt(self.model, inputs, max_new_tokens)
         eos_token_id = gen.eos_token_id if eos_token_id is None else eos_token_id
         eos = torch.tensor([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         pad_token_id = gen.pad_token_id if pad_token_id is None else pad_token_id
@@ -477,6 +484,65 @@ class CompiledVLM:
         return (
             f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.backend!r}, "
             f"prefill {self.cache_info()}, decode {self.decode_cache_info()})"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _generation_options() -> frozenset[str]:
+    """Names of HF GenerationConfig fields: generate() options, not model inputs."""
+    from transformers import GenerationConfig
+
+    return frozenset(k for k in GenerationConfig().to_dict() if not k.startswith("_"))
+
+
+def check_model_inputs(model, inputs: dict[str, Any], where: str) -> None:
+    """Refuse keyword arguments that are not inputs of the model's forward, as HF generate
+    does: a typo such as `max_new_token=1` would otherwise be ignored."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    known = {k for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    unknown = sorted(k for k in inputs if k not in known)
+    if unknown:
+        raise CompileError(
+            f"{where}: unknown keyword argument(s) {', '.join(unknown)}: not inputs of "
+            f"{type(model).__name__}.forward nor supported generate options (a typo?)"
+        )
+
+
+def check_prompt(model, inputs: dict[str, Any], max_new_tokens: int) -> None:
+    """Refuse input_ids that are not a [B, S] integer tensor of the vocabulary, a mask of
+    another shape, and a prompt (plus the tokens to generate) longer than the model's
+    max_position_embeddings: positions past it are untrained, and the decode cache is
+    sized by prompt + new tokens."""
+    ids = inputs.get("input_ids")
+    if ids is None:
+        raise CompileError("CompiledVLM needs input_ids (it finds the visual rows from them)")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        what = f"a {ids.ndim}-D {ids.dtype} tensor" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise CompileError(f"input_ids must be a 2-D integer tensor [batch, seq_len], got {what}")
+    batch, seq_len = ids.shape
+    if batch == 0 or seq_len == 0:
+        raise CompileError(f"input_ids is empty (shape {list(ids.shape)})")
+    text = model.config.get_text_config()
+    vocab = getattr(text, "vocab_size", None)
+    if vocab is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise CompileError(f"input_ids holds token ids outside the vocabulary 0..{vocab - 1} "
+                           f"(min {int(ids.min())}, max {int(ids.max())})")
+    mask = inputs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(ids.shape)):
+        shape = list(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise CompileError(f"attention_mask must be a tensor of input_ids' shape {list(ids.shape)}, got {shape}")
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len + max(max_new_tokens - 1, 0) > limit:
+        if seq_len > limit:
+            raise CompileError(f"the prompt has {seq_len} tokens, more than the model's max_position_embeddings {limit}")
+        raise CompileError(
+            f"max_new_tokens={max_new_tokens} with a {seq_len}-token prompt exceeds the model's "
+            f"max_position_embeddings {limit}: at most {limit - seq_len + 1} new tokens"
         )
 
 

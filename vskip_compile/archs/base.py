@@ -38,9 +38,10 @@ from typing import Any
 import torch
 
 from ..layout import VisualLayout
+from ..errors import VSkipError
 
 
-class AdapterError(ValueError):
+class AdapterError(VSkipError, ValueError):
     """A model does not fit what an adapter needs (structure, image token, inputs)."""
 
 

@@ -24,6 +24,7 @@ import torch
 
 from ..plan import SkipPlan
 from ..runtime import BACKENDS as COMPILE_BACKENDS
+from ..errors import VSkipError
 
 BACKENDS = ("reference", *COMPILE_BACKENDS, "onnx")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -32,7 +33,7 @@ DEFAULT_MAX_NEW_TOKENS = 128
 log = logging.getLogger(__name__)
 
 
-class GenerationError(ValueError):
+class GenerationError(VSkipError, ValueError):
     """A request asks for something the vskip model does not do (sampling, beams, video)."""
 
 

@@ -12,7 +12,6 @@ log2(max_batch_size) + 1 instead of max_batch_size.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import OrderedDict
@@ -67,21 +66,9 @@ def load_model(model_dir: str | Path, dtype: torch.dtype | None = None):
     The processor class is the one processor_config.json names: the zoo's easy-VQA class, or
     whatever AutoProcessor resolves (any HF VLM saved with save_pretrained).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from .. import modeldir
 
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, local_files_only=True).eval()
-    config = model_dir / "processor_config.json"
-    name = json.loads(config.read_text()).get("processor_class") if config.is_file() else None
-    if name == "EasyVQAQwen3VLProcessor":
-        from ..zoo.easyvqa_processor import EasyVQAQwen3VLProcessor
-
-        processor = EasyVQAQwen3VLProcessor.from_pretrained(model_dir, local_files_only=True)
-    else:
-        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    return model, processor
+    return modeldir.load(model_dir, dtype)
 
 
 class _TimedVLM(CompiledVLM):

@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from ..errors import VSkipError
 
 # Top-level fields of POST /v1/chat/completions that this server understands. Anything else is
 # refused (400): silently ignoring e.g. "top_p" would return an answer the client did not ask for.
@@ -22,7 +23,7 @@ MESSAGE_FIELDS = ("role", "content")
 ROLES = ("system", "user", "assistant")
 
 
-class RequestError(ValueError):
+class RequestError(VSkipError, ValueError):
     """A request the server refuses; `status` is the HTTP status code (4xx)."""
 
     def __init__(self, status: int, message: str):
@@ -161,16 +162,21 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     if unknown:
         raise RequestError(400, f"unknown fields {unknown}; this server accepts {list(CHAT_FIELDS)} "
                                 "(decoding is greedy)")
-    if body.get("stream"):
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise RequestError(400, f"stream must be a boolean, got {stream!r}")
+    if stream:
         raise RequestError(400, "stream=true is not supported")
-    if body.get("n", 1) != 1:
-        raise RequestError(400, "n must be 1")
+    _int_field(body, "n", 1, 1)
     temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
+        raise RequestError(400, f"temperature must be a number, got {temperature!r}")
     if temperature not in (None, 0, 0.0):
         raise RequestError(400, f"decoding is greedy: temperature must be 0 or absent, got {temperature!r}")
+    for name in ("model", "user"):
+        if body.get(name) is not None and not isinstance(body[name], str):
+            raise RequestError(400, f"{name} must be a string, got {body[name]!r}")
     model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(400, "model must be a string")
     max_tokens = _int_field(body, "max_tokens", 1, limits.max_tokens)
     max_completion = _int_field(body, "max_completion_tokens", 1, limits.max_tokens)
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:

@@ -104,17 +104,9 @@ def parse_answer(processor, new_token_ids) -> str:
 
 def load(dtype: torch.dtype = torch.float32, model_dir: str | Path | None = None):
     """(model, processor) from `MODEL_DIR` (or `model_dir`), offline; the model in eval mode."""
-    from transformers import Qwen3VLForConditionalGeneration
+    from .. import modeldir
 
-    from .easyvqa_processor import EasyVQAQwen3VLProcessor
-
-    model_dir = Path(model_dir) if model_dir is not None else MODEL_DIR
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"no trained model at {model_dir}")
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
-    model.eval()
-    processor = EasyVQAQwen3VLProcessor.from_pretrained(model_dir, local_files_only=True)
-    return model, processor
+    return modeldir.load(Path(model_dir) if model_dir is not None else MODEL_DIR, dtype)
 
 
 def _image_key(image):
