@@ -149,6 +149,10 @@ class IndexGeometry:
         the split's outer dim (folded) or axis 0 (size B, or 1 for a tensor every batch row shares).
         """
         xs, axis = list(shape(x)), rows.axis
+        if x.target is aten.slice.Tensor and x.args[1] % len(xs) != axis and len(x.args[0].meta["val"].shape) == len(xs):
+            # a slice along another dim (CUDA SDPA's bias, padded to an aligned width then cut):
+            # gather the padded tensor and slice again, so the kernel keeps its aligned strides
+            return b.call(aten.slice.Tensor, (self.cut(b, x.args[0], rows), *x.args[1:]), like=x)
         outer = self.outer(xs[axis], rows, x.name)
         split = xs[:axis] + [outer, self.seq_len, rows.inner] + xs[axis + 1 :]
         seq = axis + 1  # the S dim of the split

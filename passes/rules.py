@@ -523,6 +523,7 @@ _SDPA: dict[Any, tuple[str | None, bool]] = {
     aten._scaled_dot_product_flash_attention_for_cpu.default: ("attn_mask", True),
     aten._scaled_dot_product_efficient_attention.default: ("attn_bias", True),
     aten._scaled_dot_product_flash_attention.default: (None, False),
+    aten._scaled_dot_product_cudnn_attention.default: ("attn_bias", True),
 }
 
 

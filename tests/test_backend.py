@@ -78,6 +78,14 @@ def test_graph_the_passes_cannot_rewrite_is_refused(inner):
         compiled(torch.randn(1, 12, 4))
 
 
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_layout_as_data_needs_the_marker(inner):
+    """Without a layout option the graph must carry the vskip.kept_rows marker: refused, not run unskipped."""
+    compiled = torch.compile(torch.nn.Linear(4, 4), backend="vskip", fullgraph=True, options={"plan": PLAN, "inner": inner})
+    with torch.no_grad(), pytest.raises(Exception, match="kept_rows marker"):
+        compiled(torch.randn(1, 12, 4))
+
+
 def test_inductor_pass_uuid_follows_plan_and_layout():
     def uuid(plan, layout, **kw):
         return VSkipInductorPass({"plan": plan, "layout": layout, **kw}).uuid()
@@ -91,6 +99,7 @@ def test_inductor_pass_uuid_follows_plan_and_layout():
     assert base != uuid(PLAN, VisualLayout.single(13, [(2, 8)]))
     assert base != uuid(PLAN, VisualLayout.single(12, [(2, 8)], batch_size=2))
     assert base != uuid(PLAN, LAYOUT, attn_module="attn")
+    assert uuid(PLAN, None) == uuid(PLAN, None) != base  # layout as data: one key for every layout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -558,7 +558,6 @@ def test_compile_refuses_bad_arguments(zoo, kwargs, exc, culprit):
         vskip_compile.compile(model, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="prefill machinery replaced by issue 13 work")
 def test_left_padded_batch_after_a_single_row_call(zoo):
     """Issue 14's crash: a left-padded batch on the CompiledVLM that ran a single row before
     raised FailOnRecompileLimitHit (DeepStack slices of padded rows non-contiguous). Every row

@@ -69,7 +69,7 @@ def test_generate_matches_reference_and_hf_decode(tiny_model, arch):
         p = cm._prefill_inputs(dict(inputs))
         _, kv = cm._prefill(p, logits_to_keep=1)
         want_steps = _hf_decode_logits(cm, p, kv, tokens)
-        run = cm._decode_run(kv, p.position_ids, tokens.shape[1])
+        run = cm._decode_run(kv, p.position_ids, tokens.shape[1], pads=[0] * tokens.shape[0])
         embed = model.get_input_embeddings()
         got_steps = [run.step(embed(tokens[:, t - 1 : t]))[:, -1] for t in range(1, tokens.shape[1])]
     assert len(got_steps) == NEW_TOKENS - 1

@@ -50,6 +50,7 @@ MODELS = {
     "tiny-qwen3": BenchModel("tiny-qwen3", "qwen3_vl", 64, 128, 4, 2),
     "tiny-llama": BenchModel("tiny-llama", "llama", 64, 128, 4, 2),
 }
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The default plan of the benchmark: one layer each of the op mixes the paper's plans use.
 DEFAULT_OPS = ("skip_attn", "skip_both")
 
@@ -181,8 +182,17 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _time_once(fn: Callable[[], object]) -> tuple[float, int]:
-    """(seconds, peak RSS above the resident set before the call, KiB)."""
+def _time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, int]:
+    """(seconds, peak memory above what was allocated before the call, KiB): resident set on
+    CPU, the CUDA caching allocator's peak on a GPU (synchronized around the call)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - t0, max(0, torch.cuda.max_memory_allocated(device) - before) // 1024
     before = _rss_kib("VmRSS")
     _rss_peak_reset()
     t0 = time.perf_counter()
@@ -192,16 +202,18 @@ def _time_once(fn: Callable[[], object]) -> tuple[float, int]:
 
 
 def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: int, ops: tuple[str, ...],
-               log: Callable[[str], None] = print) -> dict:
-    """Interleaved medians of the four variants for one (model, size)."""
+               log: Callable[[str], None] = print, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    """Interleaved medians of the five variants for one (model, size)."""
     torch.manual_seed(0)
+    device = torch.device(device)
     lm, head = build_text_model(spec, layers)
+    lm, head = lm.to(device, dtype), head.to(device, dtype)
     plan = SkipPlan.from_ops((ops * layers)[:layers], name="bench")
     before = min(8, text - 1)  # text rows before the image (a system prompt); the rest after it
     S = visual + text
     layout = VisualLayout.single(S, [(before, before + visual)])
-    x = torch.randn(1, S, spec.hidden) * 0.02
-    pos = _position_ids(spec, S)
+    x = (torch.randn(1, S, spec.hidden) * 0.02).to(device, dtype)
+    pos = _position_ids(spec, S).to(device)
 
     core = DecoderCore(lm, head, logits_to_keep=1)
     variants: dict[str, Callable[[], object]] = {}
@@ -211,8 +223,8 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
                                options={"plan": plan, "layout": layout, "inner": "inductor"})
         poly_c = torch.compile(DecoderCore(lm, head, logits_to_keep=1, layout_inputs=True), backend="vskip",
                                fullgraph=True, dynamic=False, options={"plan": plan, "inner": "inductor"})
-        kept_index, kept_valid = kept_inputs(layout, plan.scope)
-        poly_args = (x, pos, kept_index, kept_valid, torch.ones(1, S, dtype=torch.bool))
+        kept_index, kept_valid = kept_inputs(layout, plan.scope, device=device)
+        poly_args = (x, pos, kept_index, kept_valid, torch.ones(1, S, dtype=torch.bool, device=device))
         mark_polymorphic(poly_args, batched=False)
         ref = ReferencePrefill(DecoderCore(lm, head, logits_to_keep=1), plan, layout)
         gather = GatherPrefill(lm, head, plan, layout)
@@ -237,7 +249,7 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
         peaks: dict[str, int] = {n: 0 for n in variants}
         for _ in range(repeats):
             for name, fn in variants.items():
-                dt, peak = _time_once(fn)
+                dt, peak = _time_once(fn, device)
                 times[name].append(dt)
                 peaks[name] = max(peaks[name], peak)
 
@@ -251,6 +263,8 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
     per_round = [g / k for g, k in zip(times["eager gather"], times["compiled skip"])]
     return {
         "model": spec.name, "layers": layers, "S": S, "V": visual, "plan": list(plan.ops),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "median_ms": {n: round(1e3 * t, 2) for n, t in med.items()},
         "peak_mib": {n: round(p / 1024, 1) for n, p in peaks.items()},
         "speedup": speedup, "ideal_speedup": ideal, "realized": speedup / ideal,
@@ -266,7 +280,7 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
 
 
 def run(console, models=("qwen3-vl-8b", "llava-1.5-7b"), visual=(576, 1024), text: int = 64, layers: int = 2,
-        repeats: int = 5, ops: tuple[str, ...] = DEFAULT_OPS) -> list[dict]:
+        repeats: int = 5, ops: tuple[str, ...] = DEFAULT_OPS, device: str = "cpu", dtype: str = "fp32") -> list[dict]:
     """All cases, a rich table; returns the rows (for --json)."""
     from rich.table import Table
 
@@ -278,8 +292,10 @@ def run(console, models=("qwen3-vl-8b", "llava-1.5-7b"), visual=(576, 1024), tex
         if name not in MODELS:
             raise ValueError(f"unknown benchmark model {name!r}; expected one of {', '.join(MODELS)}")
         for v in visual:
-            rows.append(bench_case(MODELS[name], layers, v, text, repeats, ops, log=console.print))
-    table = Table(title=f"prefill, fp32, {torch.get_num_threads()} threads, {layers} layers, plan {list((ops * layers)[:layers])}")
+            rows.append(bench_case(MODELS[name], layers, v, text, repeats, ops, log=console.print, device=device,
+                                   dtype=DTYPES[dtype]))
+    where = rows[0]["device"] if rows else device
+    table = Table(title=f"prefill, {dtype}, {where}, {torch.get_num_threads()} threads, {layers} layers, plan {list((ops * layers)[:layers])}")
     for col in ("model", "S (V)", "compiled full ms", "static skip ms", "poly skip ms", "eager ref ms", "eager gather ms",
                 "FLOPs ideal", "realized static", "realized poly", "poly vs static", "skip vs gather (rounds faster)",
                 "peak MiB full/static/poly/gather", "max |skip - ref|"):

@@ -577,6 +577,8 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ops", nargs="+", default=None, choices=OPS, help="plan ops, repeated over the layers")
     p.add_argument("--threads", type=_pos_int, default=None,
                    help="torch intra-op threads (default: torch's own choice, one per core)")
+    p.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and activations")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run_bench)
 
@@ -589,7 +591,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     rows = run(_console(stderr=args.json), args.models, tuple(args.visual), args.text, args.layers, args.repeats,
-               tuple(args.ops) if args.ops else DEFAULT_OPS)
+               tuple(args.ops) if args.ops else DEFAULT_OPS, device=args.device, dtype=args.dtype)
     if args.json:
         _print_json(rows)
     return 0

@@ -28,6 +28,8 @@ lower it to files.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -80,8 +82,15 @@ def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     return position_ids
 
 
+def cache_keyword(layer: nn.Module) -> str:
+    """The name a decoder layer takes its cache under: `cache` in transformers 5.24,
+    `past_key_values` in earlier 5.x (the GPU machine's 5.17)."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
+
+
 def run_layers(language_model: nn.Module, x: torch.Tensor, mask: torch.Tensor, position_embeddings, cache,
-               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
     """The decoder layers over x [B, S, D] with an explicit mask and a cache stand-in, DeepStack
     added after layers 0..n-1. MoE experts run their traceable implementation while traced
     (restored after), so the prefill and the decode step trace alike."""
@@ -94,8 +103,8 @@ def run_layers(language_model: nn.Module, x: torch.Tensor, mask: torch.Tensor, p
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 position_ids=None,
-                cache=cache,
                 use_cache=True,
+                **{cache_kw: cache},
             )
             if i < len(deepstack):
                 x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
@@ -135,6 +144,7 @@ class DecoderCore(nn.Module):
         self.num_deepstack = num_deepstack
         self.layout_inputs = layout_inputs
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
+        self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
 
     @classmethod
     def from_model(
@@ -160,7 +170,8 @@ class DecoderCore(nn.Module):
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
         recorder = _KVRecorder()
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
-        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack)
+        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack,
+                       self.cache_kw)
         x = self.lm.norm(x)
         if self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
@@ -195,6 +206,7 @@ class DecodeStep(nn.Module):
         self.lm = language_model
         self.lm_head = lm_head
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
+        self.cache_kw = cache_keyword(language_model.layers[0])
 
     @property
     def num_layers(self) -> int:
@@ -207,7 +219,8 @@ class DecodeStep(nn.Module):
         self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
         mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
-        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, cache, self.experts_configs)  # [B, 1, D]
+        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, cache, self.experts_configs,
+                       cache_kw=self.cache_kw)  # [B, 1, D]
         logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):

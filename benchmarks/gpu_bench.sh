@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The prepared GPU measurement (issue 13): `vskip bench` in bf16 on CUDA at Qwen3-VL-8B widths,
+# all 36 decoder layers, V = 1024 visual + 64 text rows; compiled full vs static-layout skip vs
+# layout-polymorphic skip (inductor; the passes must accept the flash / efficient / cuDNN SDPA
+# kernels the CUDA trace dispatches to), eager reference and eager gather; one JSON file.
+#
+# One call on a lent GPU machine (the project's device tool), from the repo root:
+#     bash benchmarks/gpu_bench.sh            # writes $OUT/gpu_bench.json (or ./gpu_bench.json)
+# Budget: under 8 minutes on an H200 (5 inductor compiles of 36 layers dominate; 3 rounds).
+# Works with the machine's own torch 2.11 / transformers 5.17 as with torch 2.13 / 5.24: the
+# project installs with --no-deps (nothing to download there), Python 3.12 accepted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-.}"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation --no-index --ignore-requires-python -e . 2>&1 | tail -2 || true
+python3 - <<'EOF'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+for m in ("transformers", "sympy", "rich", "safetensors"):
+    print(m, importlib.import_module(m).__version__)
+EOF
+timeout 460 python3 -m vskip_compile bench --device cuda --dtype bf16 --models qwen3-vl-8b --visual 1024 \
+    --text 64 --layers 36 --repeats 3 --json > "$out/gpu_bench.json"
+python3 - "$out/gpu_bench.json" <<'EOF'
+import json, sys
+for r in json.load(open(sys.argv[1])):
+    m = r["median_ms"]
+    print(f"{r['model']} {r['device']} {r['dtype']} S={r['S']} V={r['V']} layers={r['layers']}: "
+          f"full {m['compiled full']:.1f} ms, static {m['compiled skip']:.1f}, poly {m['compiled poly']:.1f}; "
+          f"ideal {r['ideal_speedup']:.3f}, realized static {r['realized']:.3f}, poly {r['realized_poly']:.3f}, "
+          f"poly vs static {r['poly_vs_static']:.3f}; max |skip - ref| {r['max_abs_diff_last_logits']:.2e}")
+EOF
