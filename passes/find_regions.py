@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import fx
 
 from .base import GraphPass, PassContext, SkipPassError, aten, module_path
+from .rows import geometry
 
 ADD_OPS = (aten.add.Tensor,)
 ATTN, FFN = "attn", "ffn"
@@ -142,6 +143,7 @@ def _check(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
         "ffn_regions": sum(len(v) for (_, k), v in found.items() if k == FFN),
     }
     if not ctx.plan.is_full:
+        geometry(graph, ctx)  # layout as data: the graph must carry its kept-row marker
         if layers and max(layers) + 1 != ctx.plan.num_layers:
             raise SkipPassError(f"the plan has {ctx.plan.num_layers} layers but the graph has {max(layers) + 1}")
         for kind in (ATTN, FFN):

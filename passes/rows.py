@@ -22,7 +22,8 @@ from torch import fx
 
 from vskip_compile.layout import Span
 
-from .base import VALUE_META, Size, SkipPassError, aten, divides, fake_mode_of, quotient, shape, tensor_val
+from .base import (VALUE_META, PassContext, Size, SkipPassError, aten, divides, fake_mode_of, is_kept_rows_marker,
+                   quotient, shape, tensor_val)
 
 _SLICE_END = 9223372036854775807
 
@@ -193,6 +194,20 @@ class IndexGeometry:
         index = b.call(aten.unsqueeze.default, (self.index, -1), like=like)
         index = b.call(aten.expand.default, (index, [-1, -1, shape(full)[2]]), like=like)  # [B, K, D]
         return b.call(aten.scatter.src, (full, 1, index, src), like=like)  # [B, S, D]
+
+
+def geometry(graph: fx.Graph, ctx: PassContext) -> Geometry | IndexGeometry:
+    """The static layout's spans, or (layout as data) the graph's kept-row marker."""
+    if ctx.layout is not None:
+        lay, scope = ctx.layout, ctx.plan.scope
+        return Geometry(lay.seq_len, lay.kept_spans(scope), lay.frozen_spans(scope))
+    markers = [n for n in graph.nodes if is_kept_rows_marker(n)]
+    if len(markers) != 1:
+        raise SkipPassError(
+            f"layout as data needs exactly one vskip.kept_rows marker in the graph, found {len(markers)}: "
+            "trace a DecoderCore called with kept_index / kept_valid, or pass a static VisualLayout"
+        )
+    return IndexGeometry.from_marker(markers[0])
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -4,24 +4,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import PassContext, SkipPassError, is_kept_rows_marker
+from .base import PassContext, SkipPassError
 from .find_regions import Region, regions_for
 from .restrict import apply_rewrite, erase_unused, plan_rewrite, residual_rows
-from .rows import Builder, Geometry, IndexGeometry
-
-
-def geometry(graph: fx.Graph, ctx: PassContext) -> Geometry | IndexGeometry:
-    """The static layout's spans, or (layout as data) the graph's kept-row marker."""
-    if ctx.layout is not None:
-        lay, scope = ctx.layout, ctx.plan.scope
-        return Geometry(lay.seq_len, lay.kept_spans(scope), lay.frozen_spans(scope))
-    markers = [n for n in graph.nodes if is_kept_rows_marker(n)]
-    if len(markers) != 1:
-        raise SkipPassError(
-            f"layout as data needs exactly one vskip.kept_rows marker in the graph, found {len(markers)}: "
-            "trace a DecoderCore called with kept_index / kept_valid, or pass a static VisualLayout"
-        )
-    return IndexGeometry.from_marker(markers[0])
+from .rows import Builder, Geometry, geometry
 
 
 def skip_regions(graph: fx.Graph, ctx: PassContext, kind: str) -> dict[str, int]:
