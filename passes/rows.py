@@ -155,19 +155,20 @@ class IndexGeometry:
             # gather the padded tensor and slice again, so the kernel keeps its aligned strides
             return b.call(aten.slice.Tensor, (self.cut(b, x.args[0], rows), *x.args[1:]), like=x)
         outer = self.outer(xs[axis], rows, x.name)
-        split = xs[:axis] + [outer, self.seq_len, rows.inner] + xs[axis + 1 :]
-        seq = axis + 1  # the S dim of the split
         if outer != 1:
-            batch_axis = axis
+            batch_axis = axis  # of the split below
         elif self.batch == 1:
             batch_axis = None
         elif axis > 0 and xs[0] in (1, self.batch):
             batch_axis = 0
         else:
             raise SkipPassError(f"{x.name} {tuple(xs)}: its sequence axis {axis} has no batch axis of size {self.batch} or 1")
-        v = x if (outer == 1 and rows.inner == 1) else b.call(aten.reshape.default, (x, split), like=x)
-        if outer == 1 and rows.inner == 1:
-            split, seq = xs, axis  # no split needed: the axis is the sequence
+        whole = outer == 1 and rows.inner == 1  # the axis is the sequence itself: nothing to split
+        if whole:
+            v, split, seq = x, xs, axis
+        else:
+            split = xs[:axis] + [outer, self.seq_len, rows.inner] + xs[axis + 1 :]
+            v, seq = b.call(aten.reshape.default, (x, split), like=x), axis + 1  # [.., outer, S, inner, ..]
         if batch_axis is not None and split[batch_axis] == 1:  # shared by every batch row: the kept rows differ per row
             split = [self.batch if d == batch_axis else size for d, size in enumerate(split)]
             v = b.call(aten.expand.default, (v, split), like=x)
@@ -178,10 +179,10 @@ class IndexGeometry:
         index = b.call(aten.view.default, (self.index, view), like=x)  # [B, K] placed at (batch, S)
         index = b.call(aten.expand.default, (index, [self.kept_len if d == seq else size for d, size in enumerate(split)]), like=x)
         out = b.call(aten.gather.default, (v, seq, index), like=x)  # the split with S -> K
-        if outer == 1 and rows.inner == 1:
+        if whole:
             return out
         merged = xs[:axis] + [outer * self.kept_len * rows.inner] + xs[axis + 1 :]
-        return b.call(aten.reshape.default, (out, merged), like=x)
+        return b.call(aten.reshape.default, (out, merged), like=x)  # [.., outer*K*inner, ..]
 
     def merge(self, b: "Builder", kept: fx.Node, full: fx.Node, rows: Rows, like: fx.Node) -> fx.Node:
         """The residual [B, S, D] with its kept rows replaced by `kept` [B, K, D]; entries that

@@ -224,7 +224,8 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
         poly_c = torch.compile(DecoderCore(lm, head, logits_to_keep=1, layout_inputs=True), backend="vskip",
                                fullgraph=True, dynamic=False, options={"plan": plan, "inner": "inductor"})
         kept_index, kept_valid = kept_inputs(layout, plan.scope, device=device)
-        poly_args = (x, pos, kept_index, kept_valid, torch.ones(1, S, dtype=torch.bool, device=device))
+        # own copies: marking sizes dynamic marks the tensors, and x, pos also feed the static graphs
+        poly_args = (x.clone(), pos.clone(), kept_index, kept_valid, torch.ones(1, S, dtype=torch.bool, device=device))
         mark_polymorphic(poly_args, batched=False)
         ref = ReferencePrefill(DecoderCore(lm, head, logits_to_keep=1), plan, layout)
         gather = GatherPrefill(lm, head, plan, layout)

@@ -79,9 +79,9 @@ class _TimedVLM(CompiledVLM):
         super().__init__(*args, **kwargs)
         self.timing = threading.local()
 
-    def _prefill_inputs(self, inputs):
+    def _prefill_inputs(self, inputs, **kwargs):
         self.timing.start = time.perf_counter()
-        return super()._prefill_inputs(inputs)
+        return super()._prefill_inputs(inputs, **kwargs)
 
     def _prefill(self, p, logits_to_keep):
         out = super()._prefill(p, logits_to_keep)
