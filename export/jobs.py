@@ -237,8 +237,8 @@ def _existing(out_dir: Path, model_id: Mapping[str, Any], plan: SkipPlan) -> dic
 
 
 def _lengths(max_seq_len, max_cache_len, layouts, old, src, out_dir) -> tuple[int, int]:
-    """(max_seq_len, max_cache_len): fixed by an existing export; else requested; the cache
-    else the reused engine's. Defaults: max_seq_len = max_cache_len - 1 when only the cache is
+    """(max_seq_len, max_cache_len): fixed by an existing export; else requested; else the
+    reused engine's. Defaults: max_seq_len = max_cache_len - 1 when only the cache is
     given, else DEFAULT_MAX_SEQ_LEN (raised to the longest layout, rounded up to 64); the
     cache max_seq_len + slack, rounded up to 64. Decode needs a slot past the longest prompt."""
     if old is not None:
@@ -248,8 +248,9 @@ def _lengths(max_seq_len, max_cache_len, layouts, old, src, out_dir) -> tuple[in
             if want is not None and want != fixed:
                 raise mf.EngineError(f"{out_dir}: {name} is {fixed}, fixed by the first export")
         max_seq_len, max_cache_len = entry["ranges"]["seq_len"][1], old["runtime"]["max_cache_len"]
-    elif max_cache_len is None and src is not None:
-        max_cache_len = src["runtime"]["max_cache_len"]
+    elif src is not None:  # the reused engine's lengths, unless asked otherwise
+        max_cache_len = src["runtime"]["max_cache_len"] if max_cache_len is None else max_cache_len
+        max_seq_len = src["runtime"].get("max_seq_len") if max_seq_len is None else max_seq_len
     longest = max((layout.seq_len for layout in layouts), default=MIN_ROWS)
     if max_seq_len is None:
         rounded = -(-longest // 64) * 64
