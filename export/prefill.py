@@ -70,13 +70,16 @@ def example_args(p: PrefillInputs, scope: str) -> tuple[torch.Tensor, ...]:
     row 0 (traced at batch 1, torch would specialize the batch axis to 1)."""
     if p.layout.seq_len < MIN_ROWS:
         raise LayoutError(f"example prompt of {p.layout.seq_len} rows; a prefill program is traced with >= {MIN_ROWS}")
-    rows = lambda x, axis: torch.cat([x.narrow(axis, 0, 1)] * 2, dim=axis).detach()  # noqa: E731  [.., 2, ..]
+
+    def two_rows(x: torch.Tensor, axis: int) -> torch.Tensor:  # batch row 0, twice: [.., 2, ..]
+        return torch.cat([x.narrow(axis, 0, 1)] * 2, dim=axis).detach()
+
     layout = VisualLayout(p.layout.seq_len, (p.layout.spans[0],) * 2)
     kept_index, kept_valid = kept_inputs(layout, scope, device=p.inputs_embeds.device)  # [2, K]
     mask = torch.ones(2, p.layout.seq_len, dtype=torch.bool, device=p.inputs_embeds.device)  # [2, S]
-    deepstack = tuple(rows(d, 0) for d in p.deepstack or ())
-    return (rows(p.inputs_embeds, 0), rows(p.position_ids, p.position_ids.ndim - 2), kept_index, kept_valid, mask,
-            *deepstack)
+    deepstack = tuple(two_rows(d, 0) for d in p.deepstack or ())
+    return (two_rows(p.inputs_embeds, 0), two_rows(p.position_ids, p.position_ids.ndim - 2), kept_index, kept_valid,
+            mask, *deepstack)
 
 
 def prefill_graph(model, adapter: Adapter, plan: SkipPlan, example: PrefillInputs, max_seq_len: int) -> PrefillGraph:
