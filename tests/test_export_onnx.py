@@ -144,6 +144,20 @@ def test_any_layouts_in_one_left_padded_batch_match_the_reference(engine, arch, 
                                       want_tokens[0, single["input_ids"].shape[1]:])
 
 
+def test_all_full_plan_engine_is_the_unmodified_model(engine, tmp_path):
+    """Under the all-`full` plan the prefill keeps its layout inputs (unused: only the marker
+    is removed) and generates what HF generate does, on a layout it was not traced on."""
+    model, inputs, _, first = engine("llava", 0)
+    out = export_onnx(model, SkipPlan.full(4), inputs, tmp_path / "full", optimize=False, reuse=first,
+                      max_seq_len=MAX_SEQ_LEN)
+    graph = json.loads((out / "manifest.json").read_text())["graphs"]["prefill"]["dynamic"]
+    assert graph["counters"].get("attn_rewritten", 0) == graph["counters"].get("ffn_rewritten", 0) == 0
+    other = tiny_inputs(model, "llava", text_before=6, text_after=1, seed=4)
+    with torch.no_grad():
+        want = model.generate(**other, max_new_tokens=NEW_TOKENS, do_sample=False)
+    np.testing.assert_array_equal(OnnxRunner(out).generate(**other, max_new_tokens=NEW_TOKENS), want.numpy())
+
+
 def test_numpy_and_torch_inputs_agree_and_sampling_is_seeded(engine):
     _, inputs, _, out = engine("qwen3_vl", 0)
     runner = OnnxRunner(out, threads=1)
