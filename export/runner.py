@@ -202,7 +202,7 @@ class OnnxRunner:
             raise PromptTooLongError(f"a prompt of {seq_len} tokens exceeds the engine's max_seq_len={self.max_seq_len} "
                                      f"({self.dir}); export the engine again with a larger max_seq_len")
         max_len = self.rt["max_cache_len"]
-        if seq_len + max_new_tokens - 1 > max_len:
+        if max(seq_len, host.MIN_ROWS) + max_new_tokens - 1 > max_len:  # a 1-token prompt fills MIN_ROWS slots
             raise mf.EngineError(f"{seq_len} prompt + {max_new_tokens} new tokens exceed the engine's max_cache_len={max_len}")
         decode = self.manifest["graphs"]["decode"]
         if max_new_tokens > 1 and f"b{batch}" not in decode:
@@ -211,8 +211,9 @@ class OnnxRunner:
 
     def prefill(self, **inputs: Any) -> dict[str, Any]:
         """Run vision + prefill; returns logits [B, 1, V], kv (list of [B, KV, S', E]), the
-        first decode position ids ([B, 1] or [3, B, 1]), left padding per row and the layout (S' = S, or MIN_ROWS for
-        a shorter prompt, padded on the left). Exposed for tests and benchmarks."""
+        first decode position ids ([B, 1] or [3, B, 1]), left padding per row and the layout
+        (S' = S, or MIN_ROWS for a shorter prompt, padded on the left). Exposed for tests and
+        benchmarks."""
         arr = {k: _to_numpy(v) for k, v in inputs.items() if v is not None}
         if "pixel_values_videos" in arr:
             raise mf.EngineError("video inputs are not supported by the ONNX runner")
@@ -277,10 +278,9 @@ class OnnxRunner:
         pre = self.prefill(**inputs)
         eos = np.asarray(self.rt["eos_token_id"], dtype=np.int64)
         pad = self.rt["pad_token_id"] if self.rt["pad_token_id"] is not None else (int(eos[0]) if eos.size else 0)
-        done = np.zeros(batch, bool)
-        token = np.where(done, pad, pick(pre["logits"][:, -1]))  # [B]
+        token = pick(pre["logits"][:, -1])  # [B]
         new_tokens = [token]
-        done |= np.isin(token, eos)
+        done = np.isin(token, eos)  # [B]
         if max_new_tokens > 1 and not done.all():
             decode = self._graph("decode", f"b{batch}", f"batch size {batch}")
             names = self.manifest["graphs"]["decode"][f"b{batch}"]["inputs"]
