@@ -5,10 +5,11 @@
 
 A Qwen3-VL text decoder with the 8B model's layer dimensions (hidden 4096, FFN 12288, 32
 heads, 8 KV heads, head dim 128) but only a few layers and random weights (tiny vision tower,
-vocabulary 1024: the LM head runs on one row). For each visual count V the prefill of
-S = V + text rows (text_before = 16, image, rest of the text) is exported twice, under the
-all-`full` plan and under --plan, through the same path export_onnx uses (DecoderCore ->
-torch.export -> skip passes -> torch.onnx, optimizer on), and run by onnxruntime on CPU.
+vocabulary 1024: the LM head runs on one row). The polymorphic prefill (symbolic batch,
+sequence length and kept-row count) is exported once under the all-`full` plan and once under
+--plan, through the same path export_onnx uses (DecoderCore -> torch.export -> skip passes ->
+torch.onnx, optimizer on); for each visual count V both graphs run by onnxruntime on CPU at
+S = V + text rows (text_before = 16, image, rest of the text).
 Runs of the two graphs are interleaved (full, skip, full, skip, ...) after one warm-up
 each; the table shows medians.
 
@@ -30,6 +31,7 @@ import torch
 
 from vskip_compile import SkipPlan, VisualLayout
 from vskip_compile.archs import PrefillInputs, adapter_for
+from vskip_compile.export import host
 from vskip_compile.export.prefill import prefill_graph
 from vskip_compile.flops import TextDims, model_flops
 
@@ -63,13 +65,22 @@ def prefill_inputs(model, layout: VisualLayout) -> PrefillInputs:
     return PrefillInputs(embeds, positions, (deepstack,), None, layout)
 
 
-def export(model, plan: SkipPlan, inputs: PrefillInputs, path: Path) -> Path:
-    graph = prefill_graph(model, adapter_for(model), plan, inputs)
+def export(model, plan: SkipPlan, inputs: PrefillInputs, max_seq_len: int, path: Path) -> tuple[Path, list[str]]:
+    graph = prefill_graph(model, adapter_for(model), plan, inputs, max_seq_len)
     with torch.no_grad():
         program = torch.onnx.export(graph.module, graph.args, input_names=graph.input_names,
                                     output_names=graph.output_names, dynamo=True, optimize=True, verbose=False)
     program.save(str(path), external_data=True)
-    return path
+    return path, graph.input_names
+
+
+def feeds(inputs: PrefillInputs, plan: SkipPlan) -> dict[str, "object"]:
+    """The polymorphic prefill's inputs by name (the layout as data, as OnnxRunner computes it)."""
+    kept_index, kept_valid = host.kept_inputs(inputs.layout, plan.scope)
+    mask = torch.ones(1, inputs.layout.seq_len, dtype=torch.bool).numpy()
+    return {"inputs_embeds": inputs.inputs_embeds.numpy(), "position_ids": inputs.position_ids.numpy(),
+            "kept_index": kept_index, "kept_valid": kept_valid, "attention_mask": mask,
+            "deepstack_0": inputs.deepstack[0].numpy()}
 
 
 def main() -> None:
@@ -95,25 +106,26 @@ def main() -> None:
         options.intra_op_num_threads = args.threads
     rows = []
     with tempfile.TemporaryDirectory(prefix="vskip-bench-") as tmp:
-        # Phase 1: export every graph, then free the torch model (peak memory: model or 2 sessions).
+        # Phase 1: export the two polymorphic graphs once (traced at the first V), then free the
+        # torch model (peak memory: model or 2 sessions).
         model = build_model(args.layers)
         cases = []
         for v in args.visual:
             layout = VisualLayout.single(v + args.text, [(TEXT_BEFORE, TEXT_BEFORE + v)])
-            inputs = prefill_inputs(model, layout)
-            paths = {}
-            for name, p in (("full", full), ("skip", plan)):
-                print(f"V={v}: exporting the {name} prefill graph ...", flush=True)
-                paths[name] = export(model, p, inputs, Path(tmp) / f"{name}-{v}.onnx")
-            feeds = [inputs.inputs_embeds.numpy(), inputs.position_ids.numpy(), inputs.deepstack[0].numpy()]
-            cases.append((v, layout.seq_len, paths, feeds))
+            cases.append((v, layout.seq_len, prefill_inputs(model, layout)))
+        longest = max(s for _, s, _ in cases)
+        paths = {}
+        for name, p in (("full", full), ("skip", plan)):
+            print(f"exporting the {name} prefill graph (every S up to {longest}) ...", flush=True)
+            paths[name], _ = export(model, p, cases[0][2], longest, Path(tmp) / f"{name}.onnx")
         del model
         gc.collect()
         # Phase 2: per visual count, both sessions, interleaved timed runs.
-        for v, s, paths, feeds in cases:
+        for v, s, inputs in cases:
             sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                         for name, path in paths.items()}
-            named = {name: dict(zip([i.name for i in sess.get_inputs()], feeds)) for name, sess in sessions.items()}
+            by_plan = {"full": feeds(inputs, full), "skip": feeds(inputs, plan)}
+            named = {name: {i.name: by_plan[name][i.name] for i in sess.get_inputs()} for name, sess in sessions.items()}
             for name, sess in sessions.items():
                 sess.run(None, named[name])  # warm-up
             times: dict[str, list[float]] = {"full": [], "skip": []}

@@ -5,7 +5,8 @@
     OnnxRunner("engine/").generate(**processor_outputs, max_new_tokens=32)  # onnxruntime + numpy
 
 An engine directory holds, as ONNX with shared safetensors weights: a vision graph per image
-shape, the plan's skip-shaped prefill per layout, a fixed-cache decode step per batch size,
+shape, the plan's skip-shaped prefill (one graph for every layout: batch, sequence length
+and kept-row count symbolic, up to max_seq_len), a fixed-cache decode step per batch size,
 and manifest.json (checked before anything loads). `export_tensorrt` compiles the same graphs
 to TensorRT engines. Modules: jobs (what to export), vision / prefill / decode (the torch
 modules), onnx_export / tensorrt (lowering), weights, manifest, host (numpy glue), runner, cli.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from .manifest import EngineError, ManifestError
-from .runner import MissingGraphError, OnnxRunner
+from .runner import MissingGraphError, OnnxRunner, PromptTooLongError
 
 
 def export_onnx(*args: Any, **kwargs: Any):
@@ -36,4 +37,5 @@ def export_tensorrt(*args: Any, **kwargs: Any):
     return impl(*args, **kwargs)
 
 
-__all__ = ["EngineError", "ManifestError", "MissingGraphError", "OnnxRunner", "export_onnx", "export_tensorrt"]
+__all__ = ["EngineError", "ManifestError", "MissingGraphError", "OnnxRunner", "PromptTooLongError", "export_onnx",
+           "export_tensorrt"]

@@ -6,8 +6,9 @@
 Both need a local Hugging Face model directory with its processor (`run` reads only the
 processor and config.json from it; the default is the directory the engine was exported from).
 The prompt goes through the processor's chat template, one image entry per --image, so the
-prompt text has no image placeholders. An engine serves the layouts it was exported for: a
-prompt of another token length needs `vskip export` again (into the same --out adds it).
+prompt text has no image placeholders. One export serves every prompt of up to --max-seq-len
+tokens, any image position and count (the example only traces the graphs and decides the
+vision graph's image size); `run` refuses a longer prompt with an error naming the limit.
 Heavy imports happen inside the run functions, so `vskip --help` stays fast.
 """
 
@@ -62,16 +63,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="export a model under a plan as an ONNX engine directory",
-        description="Export the vision encoder, the skip-shaped prefill for the example's layout and a "
-        "decode step as ONNX, with shared weights and a verified manifest. Into an existing engine "
-        "directory (same model and plan) it adds the graphs the new example needs.",
+        description="Export the vision encoder, one skip-shaped prefill for every prompt of up to "
+        "--max-seq-len tokens and a decode step as ONNX, with shared weights and a verified manifest. "
+        "Into an existing engine directory (same model and plan) it adds the graphs a new image size needs.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory (with its processor)")
     p.add_argument("--plan", required=True, metavar="plan.json", help="a skip plan (vskip plan show/validate)")
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an example image (repeatable)")
     p.add_argument("--prompt", required=True, help="the example prompt (text after the images)")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory to create or extend")
-    p.add_argument("--max-cache-len", type=_pos_int, help="decode cache slots (default: prefill + 256, rounded to 64)")
+    p.add_argument("--max-seq-len", type=_pos_int, help="longest prompt in tokens the engine serves (default 1024)")
+    p.add_argument("--max-cache-len", type=_pos_int, help="decode cache slots (default: max-seq-len + 256, rounded to 64)")
     p.add_argument("--no-optimize", action="store_true", help="skip torch.onnx's optimizer (faster export)")
     p.set_defaults(run=run_export)
 
@@ -99,12 +101,12 @@ def run_export(args: argparse.Namespace) -> int:
             console.log(message)
             status.update(message)
 
-        out = export_onnx(model, plan, inputs, args.out, max_cache_len=args.max_cache_len,
+        out = export_onnx(model, plan, inputs, args.out, max_seq_len=args.max_seq_len, max_cache_len=args.max_cache_len,
                           optimize=not args.no_optimize, source={"model_dir": str(model_dir.resolve())},
                           progress=progress)
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     table = Table(title=f"{out}  ({manifest['model']['architecture']}, plan {plan})")
-    for column in ("file", "role", "bytes", "layout / key"):
+    for column in ("file", "role", "bytes", "key"):
         table.add_column(column)
     roles = {g["file"]: (role, key) for role, graphs in manifest["graphs"].items() for key, g in graphs.items()}
     for name, info in manifest["files"].items():

@@ -1,12 +1,16 @@
 """Host-side glue of the ONNX runner, in numpy: what the graphs cannot hold because it is
-data-dependent (it decides shapes or reads token ids), reimplemented from transformers 5.24.
+data-dependent (it decides shapes or reads token ids), reimplemented from transformers 5.24
+and from vskip_compile (kept_rows, runtime) without torch.
 
-- the visual layout of input_ids (static spans: picks the prefill graph),
-- Qwen M-RoPE position ids (`get_rope_index`, images) and the decode-time rope delta,
+- the visual layout of input_ids, and the layout as data the prefill graph takes: kept-row
+  indices and validity (twin of vskip_compile.kept_rows.kept_inputs), left padding and
+  per-row rebased positions (twin of vskip_compile.runtime.rebase_positions),
+- Qwen M-RoPE position ids (`get_rope_index`, images),
 - LLaVA-NeXT any-resolution bookkeeping (views per image, unpadding, newline rows),
 - scattering vision features into the image-token rows (HF's masked_scatter order).
 
-No torch, no transformers: tested against HF's implementations in tests/test_export_onnx.py.
+No torch, no transformers: tested against HF's implementations and the torch originals in
+tests/test_export_onnx.py.
 """
 
 from __future__ import annotations
@@ -16,27 +20,65 @@ from typing import Sequence
 
 import numpy as np
 
-from ..layout import VisualLayout
+from ..layout import LayoutError, VisualLayout
+
+MIN_ROWS = 2  # vskip_compile.kept_rows.MIN_ROWS: smallest S and K of a polymorphic prefill
 
 
 def layout_of(input_ids: np.ndarray, visual_ids: Sequence[int]) -> VisualLayout:
-    """Visual spans of input_ids [B, S] (rows whose token is one of visual_ids)."""
+    """Visual spans of input_ids [B, S] (rows whose token is one of visual_ids), per batch row."""
     mask = np.isin(input_ids, np.asarray(visual_ids))  # [B, S] bool
     return VisualLayout.from_masks(mask.tolist())
 
 
-def layout_key(layout: VisualLayout) -> str:
-    """File-name-safe key of a uniform layout: b<B>-s<S>-v<a>_<b>.<c>_<d> (v- = no image)."""
-    spans = ".".join(f"{a}_{b}" for a, b in layout.row_spans) or "-"
-    return f"b{layout.batch_size}-s{layout.seq_len}-v{spans}"
+# -- layout as data ---------------------------------------------------------------------------
+def left_padding(attention_mask: np.ndarray | None, batch: int) -> list[int]:
+    """Leading padding positions per row of attention_mask [B, S] (all 0 without a mask);
+    anything but left padding (zeros, then ones to the end) is refused, naming the row."""
+    if attention_mask is None:
+        return [0] * batch
+    keep = np.asarray(attention_mask).astype(bool)  # [B, S]
+    pads = np.cumprod(~keep, axis=1).sum(axis=1).tolist()  # leading zeros per row
+    for row, pad in enumerate(pads):
+        if pad == keep.shape[1] or not keep[row, pad:].all():
+            raise LayoutError(f"batch row {row}: attention_mask is not left padding (zeros, then ones to the end); "
+                              "pad prompts on the left (processor padding_side='left')")
+    return pads
 
 
-def layout_to_json(layout: VisualLayout) -> dict:
-    return {"seq_len": layout.seq_len, "batch_size": layout.batch_size, "spans": [list(s) for s in layout.row_spans]}
+def kept_inputs(layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(kept_index [B, K] int64, kept_valid [B, K] bool), K = max(MIN_ROWS, most kept rows):
+    per row the rows a skipped operator computes (not visual, or with scope
+    'prefix_through_visual' after the last visual row, and not left padding), padded with the
+    row's first frozen row (valid False). Same arrays as kept_rows.kept_inputs."""
+    if pads is not None and len(pads) != layout.batch_size:
+        raise LayoutError(f"{len(pads)} padding counts for a batch of {layout.batch_size} rows")
+    if layout.seq_len < MIN_ROWS:
+        raise LayoutError(f"a polymorphic prefill needs S >= {MIN_ROWS} rows, got {layout.seq_len} (pad on the left)")
+    kept, fillers = [], []
+    for r, spans in enumerate(layout.spans):
+        frozen = np.zeros(layout.seq_len, bool)  # [S]
+        frozen[: pads[r] if pads else 0] = True
+        for a, b in VisualLayout(layout.seq_len, (spans,)).frozen_spans(scope):
+            frozen[a:b] = True
+        kept.append(np.flatnonzero(~frozen))
+        fillers.append(int(np.argmax(frozen)))  # first frozen row (0 when none: then no filler is needed)
+    k = max(MIN_ROWS, max(len(row) for row in kept))
+    index = np.array([np.pad(row, (0, k - len(row)), constant_values=f) for row, f in zip(kept, fillers)], np.int64)
+    valid = np.arange(k)[None, :] < np.array([len(row) for row in kept])[:, None]  # [B, K]
+    return index, valid
 
 
-def layout_from_json(d: dict) -> VisualLayout:
-    return VisualLayout.single(d["seq_len"], [tuple(s) for s in d["spans"]], d["batch_size"])
+def rebase_positions(position_ids: np.ndarray, pads: Sequence[int]) -> np.ndarray:
+    """Position ids [B, S] or [3, B, S] with each row's first real token at 0, as the row would
+    have alone; padding positions 0 (runtime.rebase_positions)."""
+    if not any(pads):
+        return position_ids
+    first = np.asarray(pads)  # [B]
+    start = np.take_along_axis(position_ids, np.broadcast_to(first[:, None], position_ids.shape[:-1] + (1,)), -1)
+    real = np.arange(position_ids.shape[-1])[None, :] >= first[:, None]  # [B, S]
+    return np.where(real, position_ids - start, 0)
 
 
 # -- Qwen M-RoPE ------------------------------------------------------------------------------

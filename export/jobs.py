@@ -1,10 +1,12 @@
 """What an export writes: the graphs a model needs for some inputs, and the manifest body.
 
 Shared by the ONNX and TensorRT exporters, which differ only in how a job becomes a file.
-A job is one static graph: a vision encoder for one image shape, the skip-shaped prefill of
-one layout, or the decode step of one batch size. Jobs that an existing export in out_dir
-already holds are left out (that is how a second call adds layouts); with `reuse`, the
-plan-independent jobs (vision, decode) another engine of the same model holds are copied.
+A job is one graph: a vision encoder for one image shape (static), THE skip-shaped prefill of
+the plan (one per engine: batch, sequence length and kept-row count symbolic, so it serves
+every layout up to max_seq_len), or the decode step of one batch size (static, max_cache_len
+slots). Jobs that an existing export in out_dir already holds are left out (that is how a
+second call adds image shapes and batch sizes); with `reuse`, the plan-independent jobs
+(vision, decode) another engine of the same model holds are copied.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..archs import PrefillInputs, adapter_for
+from ..kept_rows import MIN_ROWS
 from ..layout import LayoutError, VisualLayout
 from ..plan import PlanError, SkipPlan, config_hash
 from . import decode as decode_mod
-from . import host, vision
+from . import vision
 from . import manifest as mf
-from .prefill import prefill_graph
+from .prefill import prefill_graph, symbol_ranges
+from .runner import PREFILL_KEY, prefill_entry
 from .weights import WeightStore
 
-DEFAULT_CACHE_SLACK = 256  # decode slots beyond the longest exported prefill, by default
+DEFAULT_MAX_SEQ_LEN = 1024  # longest prompt of an engine, by default
+DEFAULT_CACHE_SLACK = 256  # decode slots beyond max_seq_len, by default
 
 
 @dataclass
@@ -83,8 +88,13 @@ def collect(
     max_cache_len: int | None,
     reuse: str | Path | None,
     say: Callable[[str], None],
+    max_seq_len: int | None = None,
+    batch_sizes: Iterable[int] = (),
 ) -> Work:
-    """Decide the jobs of one export call (traces the prefill graphs and runs the passes)."""
+    """Decide the jobs of one export call (traces the prefill program and runs the passes).
+
+    layouts (compatibility: one prefill serves every layout) only check that their lengths
+    fit and add a decode step for their batch sizes, like batch_sizes."""
     adapter = adapter_for(model)
     adapter.check_plan(model, plan)
     out_dir = Path(out_dir)
@@ -100,20 +110,20 @@ def collect(
     model.eval()
 
     example = None
-    prefills: list[PrefillInputs] = []
     vision_graphs: list[vision.VisionGraph] = []
     if example_inputs is not None:
         say("running the model's vision tower on the example inputs")
         with torch.no_grad():
             example = adapter.prefill_inputs(model, **example_inputs)
-        prefills.append(example)
         vision_graphs = vision.vision_graphs(model, adapter, dict(example_inputs))
-    like = example if example is not None else (_like_existing(old) if old is not None else None)
-    if like is None:
-        raise ValueError("nothing to export: give example_inputs (and optionally layouts)")
-    prefills += [_synthetic_prefill(layout, like) for layout in layouts or ()]
-    mrope = like.position_ids.ndim == 3
-    max_cache_len = _cache_len(max_cache_len, prefills, graphs, old, src, out_dir)
+    elif old is None:
+        raise ValueError("nothing to export: give example_inputs (and optionally layouts or batch_sizes)")
+    layouts = list(layouts or ()) + ([example.layout] if example is not None else [])
+    if example is not None:
+        mrope, num_deepstack = example.position_ids.ndim == 3, len(example.deepstack or ())
+    else:
+        mrope, num_deepstack = old["runtime"]["position"] == "mrope", old["runtime"]["num_deepstack"]
+    max_seq_len, max_cache_len = _lengths(max_seq_len, max_cache_len, layouts, old, src, out_dir)
 
     jobs: list[Job] = []
     copies: list[tuple[str, str]] = []
@@ -126,18 +136,11 @@ def collect(
         entry = {"inputs": g.input_names, "outputs": g.output_names, **g.meta}
         jobs.append(Job("vision", g.key, g.module, g.args, g.input_names, g.output_names, entry,
                         vision.exporting(model, adapter)))
-    for p in prefills:
-        if not p.layout.is_uniform:
-            raise LayoutError(f"{p.layout}: batch rows have different visual spans; export one layout per graph")
-        key = host.layout_key(p.layout)
-        if key in graphs["prefill"] or any(j.key == key for j in jobs):
-            continue
-        say(f"tracing the prefill of layout {key} and applying the plan's passes")
-        g = prefill_graph(model, adapter, plan, p)
-        entry = {"layout": host.layout_to_json(p.layout), "inputs": g.input_names, "outputs": g.output_names,
-                 "counters": g.counters}
-        jobs.append(Job("prefill", key, g.module, g.args, g.input_names, g.output_names, entry))
-    for batch in sorted({p.layout.batch_size for p in prefills}):
+    if PREFILL_KEY not in graphs["prefill"]:
+        say(f"tracing the prefill (any layout, up to {max_seq_len} rows) and applying the plan's passes")
+        jobs.append(_prefill_job(model, adapter, plan, example, max_seq_len))
+    batches = {layout.batch_size for layout in layouts} | set(batch_sizes)
+    for batch in sorted(batches):
         key = f"b{batch}"
         if key in graphs["decode"]:
             continue
@@ -152,7 +155,9 @@ def collect(
         "image_token_id": adapter.image_token_id(model),
         "visual_token_ids": list(adapter.visual_token_ids(model)),
         "position": "mrope" if mrope else "1d",
-        "num_deepstack": len(like.deepstack or ()),
+        "num_deepstack": num_deepstack,
+        "min_seq_len": MIN_ROWS,
+        "max_seq_len": max_seq_len,
         "max_cache_len": max_cache_len,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "eos_token_id": eos,
@@ -231,22 +236,47 @@ def _existing(out_dir: Path, model_id: Mapping[str, Any], plan: SkipPlan) -> dic
     return old
 
 
-def _cache_len(requested, prefills, graphs, old, src, out_dir) -> int:
-    """Decode cache slots: fixed by an existing export, else requested, else the reused
-    engine's, else the longest prefill + slack rounded up to 64."""
-    longest = max([p.layout.seq_len for p in prefills] + [g["layout"]["seq_len"] for g in graphs["prefill"].values()])
+def _lengths(max_seq_len, max_cache_len, layouts, old, src, out_dir) -> tuple[int, int]:
+    """(max_seq_len, max_cache_len): fixed by an existing export; else requested; else the
+    reused engine's. Defaults: max_seq_len = max_cache_len - 1 when only the cache is
+    given, else DEFAULT_MAX_SEQ_LEN (raised to the longest layout, rounded up to 64); the
+    cache max_seq_len + slack, rounded up to 64. Decode needs a slot past the longest prompt."""
     if old is not None:
-        fixed = old["runtime"]["max_cache_len"]
-        if requested is not None and requested != fixed:
-            raise mf.EngineError(f"{out_dir}: max_cache_len is {fixed}, fixed by the first export")
-        requested = fixed
-    elif requested is None and src is not None:
-        requested = src["runtime"]["max_cache_len"]
-    elif requested is None:
-        requested = -(-(longest + DEFAULT_CACHE_SLACK) // 64) * 64
-    if longest >= requested:
-        raise LayoutError(f"a prefill of {longest} rows does not fit max_cache_len={requested} (decode needs room)")
-    return requested
+        _, entry = prefill_entry(old, str(out_dir / mf.MANIFEST))
+        for name, want, fixed in (("max_seq_len", max_seq_len, entry["ranges"]["seq_len"][1]),
+                                  ("max_cache_len", max_cache_len, old["runtime"]["max_cache_len"])):
+            if want is not None and want != fixed:
+                raise mf.EngineError(f"{out_dir}: {name} is {fixed}, fixed by the first export")
+        max_seq_len, max_cache_len = entry["ranges"]["seq_len"][1], old["runtime"]["max_cache_len"]
+    elif src is not None:  # the reused engine's lengths, unless asked otherwise
+        max_cache_len = src["runtime"]["max_cache_len"] if max_cache_len is None else max_cache_len
+        max_seq_len = src["runtime"].get("max_seq_len") if max_seq_len is None else max_seq_len
+    longest = max((layout.seq_len for layout in layouts), default=MIN_ROWS)
+    if max_seq_len is None:
+        rounded = -(-longest // 64) * 64
+        max_seq_len = max_cache_len - 1 if max_cache_len is not None else max(DEFAULT_MAX_SEQ_LEN, rounded)
+    if max_cache_len is None:
+        max_cache_len = -(-(max_seq_len + DEFAULT_CACHE_SLACK) // 64) * 64
+    if max_seq_len < MIN_ROWS:
+        raise LayoutError(f"max_seq_len={max_seq_len}: a prefill program needs at least {MIN_ROWS} rows")
+    if longest > max_seq_len:
+        raise LayoutError(f"a prompt of {longest} rows exceeds max_seq_len={max_seq_len}")
+    if max_seq_len >= max_cache_len:
+        raise LayoutError(f"max_seq_len={max_seq_len} does not fit max_cache_len={max_cache_len} (decode needs room)")
+    return max_seq_len, max_cache_len
+
+
+def _prefill_job(model, adapter, plan: SkipPlan, example: PrefillInputs, max_seq_len: int) -> Job:
+    """The one polymorphic prefill; its entry names the symbolic axes and their ranges (as
+    the exported program states them)."""
+    g = prefill_graph(model, adapter, plan, example, max_seq_len)
+    ranges = symbol_ranges(g.module, g.axes, g.input_names)
+    if ranges != g.ranges:
+        raise LayoutError(f"the exported prefill program has ranges {ranges}, asked for {g.ranges}")
+    entry = {"inputs": g.input_names, "outputs": g.output_names, "counters": g.counters,
+             "dynamic_axes": {name: {str(axis): sym for axis, sym in ax.items()} for name, ax in g.axes.items()},
+             "ranges": {sym: list(r) for sym, r in ranges.items()}}
+    return Job("prefill", PREFILL_KEY, g.module, g.args, g.input_names, g.output_names, entry)
 
 
 def _decode_job(model, adapter, batch: int, max_cache_len: int, mrope: bool) -> Job:
@@ -258,26 +288,6 @@ def _decode_job(model, adapter, batch: int, max_cache_len: int, mrope: bool) -> 
     step = decode_mod.DecodeStep(lm, adapter.lm_head(model)).eval()
     entry = {"batch": batch, "max_cache_len": max_cache_len, "inputs": ins, "outputs": outs}
     return Job("decode", f"b{batch}", step, args, ins, outs, entry)
-
-
-def _synthetic_prefill(layout: VisualLayout, like: PrefillInputs) -> PrefillInputs:
-    """Zero-valued prefill inputs of another layout (shapes are all a static graph needs)."""
-    b, s = layout.batch_size, layout.seq_len
-    e = like.inputs_embeds
-    embeds = torch.zeros(b, s, e.shape[-1], dtype=e.dtype, device=e.device)
-    pos_shape = (like.position_ids.shape[0], b, s) if like.position_ids.ndim == 3 else (b, s)
-    positions = torch.zeros(pos_shape, dtype=like.position_ids.dtype, device=e.device)
-    deepstack = None if like.deepstack is None else tuple(torch.zeros_like(embeds) for _ in like.deepstack)
-    return PrefillInputs(embeds, positions, deepstack, None, layout)
-
-
-def _like_existing(old: Mapping[str, Any]) -> PrefillInputs:
-    """A one-row stand-in PrefillInputs of an existing export's input kinds (for `layouts`)."""
-    rt = old["runtime"]
-    embeds = torch.zeros(1, 1, rt["hidden_size"], dtype=getattr(torch, rt["dtype"]))
-    positions = torch.zeros((3, 1, 1) if rt["position"] == "mrope" else (1, 1), dtype=torch.long)
-    deepstack = tuple(torch.zeros_like(embeds) for _ in range(rt["num_deepstack"])) or None
-    return PrefillInputs(embeds, positions, deepstack, None, VisualLayout.single(1, []))
 
 
 def _text_dims(model, adapter) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from ..errors import VSkipError
 MANIFEST = "manifest.json"
 CONTENT_HASH = "manifest_sha256"  # sha256 of the manifest's canonical JSON without this key
 FORMAT = "vskip-engine"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one polymorphic prefill graph (layout as data), a manifest self-hash
 _CHUNK = 1 << 22  # 4 MiB reads keep hashing of multi-GB weight files flat in memory
 
 

@@ -1,22 +1,23 @@
 """export_onnx: every network a VLM needs at inference time, as ONNX files plus a manifest.
 
     out_dir/
-      manifest.json                   model, plan, graphs + layouts, versions, sha256 of all files
+      manifest.json                   model, plan, graphs, max_seq_len, versions, sha256 of all files
       weights-000.safetensors         initializers of all graphs (deduplicated) + host tensors
       vision-<key>.onnx               one per image shape (Qwen grid, LLaVA size, LLaVA-NeXT views)
-      prefill-<layout>.onnx           one per layout, the plan's skips baked in (static shapes)
+      prefill-dynamic.onnx            the plan's skip-shaped prefill for EVERY layout: dim_params
+                                      batch, seq_len (2..max_seq_len) and kept (2..max_seq_len)
       decode-b<B>.onnx                one decode step per batch size, fixed max_cache_len
 
 A second call into the same directory (same model and plan) adds what is missing: the
-vision graphs and prefill graph of new example inputs, prefill graphs of extra `layouts`,
-and a decode graph for a new batch size. Existing files are never rewritten except the
-manifest, which is rewritten last. Weights a new graph shares with existing ones are not
-stored again.
+vision graphs of new image shapes and a decode graph for a new batch size. Existing files
+are never rewritten except the manifest, which is rewritten last. Weights a new graph shares
+with existing ones are not stored again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -37,6 +38,8 @@ def export_onnx(
     out_dir: str | Path,
     layouts: Iterable[VisualLayout] | None = None,
     *,
+    max_seq_len: int | None = None,
+    batch_sizes: Iterable[int] = (),
     max_cache_len: int | None = None,
     reuse: str | Path | None = None,
     opset: int | None = None,
@@ -47,9 +50,12 @@ def export_onnx(
     """Export (or extend) the engine directory out_dir for `model` under `plan`.
 
     example_inputs: HF processor outputs (input_ids, pixel_values, ...): their images decide
-    the vision graphs, their layout a prefill graph. layouts: extra VisualLayouts to get a
-    prefill graph each (same images, other text lengths). max_cache_len: decode cache slots
-    (default: longest prefill + 256, rounded up to 64), fixed by the first export.
+    the vision graphs; the prefill graph is traced on them and serves every layout of up to
+    max_seq_len tokens (default 1024, or max_cache_len - 1 when only that is given).
+    batch_sizes: batch sizes to get a decode graph for (the example's always has one).
+    layouts: compatibility only, not needed: each must fit max_seq_len and adds a decode
+    graph for its batch size. max_cache_len: decode cache slots (default max_seq_len + 256,
+    rounded up to 64). Both lengths are fixed by the first export into out_dir.
     reuse: an engine directory of the same model (any plan) whose plan-independent graphs
     (vision, decode at the same max_cache_len) and weights are copied instead of re-exported;
     only into a new directory. optimize: run torch.onnx's ONNX optimizer (slower export;
@@ -59,7 +65,8 @@ def export_onnx(
     import onnx
 
     say = progress or (lambda msg: None)
-    work = jb.collect(model, plan, example_inputs, out_dir, layouts, max_cache_len, reuse, say)
+    work = jb.collect(model, plan, example_inputs, out_dir, layouts, max_cache_len, reuse, say, max_seq_len,
+                      batch_sizes)
     work.source.update(source or {})
     jb.copy_reused(work)
     work.out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,7 +106,28 @@ def _onnx_export(job: jb.Job, tmp: Path, opset: int | None, optimize: bool):
             dynamo=True, optimize=optimize, opset_version=opset, verbose=False,
         )
     program.save(str(path), external_data=True)
-    return onnx.load(str(path), load_external_data=False)
+    proto = onnx.load(str(path), load_external_data=False)
+    if "dynamic_axes" in job.entry:
+        _name_symbols(proto, job.entry["dynamic_axes"])
+    return proto
+
+
+def _name_symbols(proto, axes: Mapping[str, Mapping[str, str]]) -> None:
+    """Rename the exporter's dim_params (s17, s22, ...) to the axes' names (batch, seq_len,
+    kept) everywhere in the graph, expressions included (e.g. 's22 + 1')."""
+    names: dict[str, str] = {}
+    for value in proto.graph.input:
+        for axis, sym in axes.get(value.name, {}).items():
+            dim = value.type.tensor_type.shape.dim[int(axis)]
+            if not dim.dim_param:
+                raise ValueError(f"prefill input {value.name} axis {axis} ({sym}) was exported static ({dim.dim_value})")
+            if names.setdefault(dim.dim_param, sym) != sym:
+                raise ValueError(f"prefill input {value.name} axis {axis}: {dim.dim_param} is already {names[dim.dim_param]}")
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for value in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
 def _stamp(proto, job: jb.Job, model_id: Mapping[str, Any]) -> None:

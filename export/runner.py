@@ -8,31 +8,51 @@ and converted). The manifest is verified first (every file's sha256; the model w
 `expect_model` is given); graph files are opened lazily, and each one's metadata must name
 the manifest's model and its own role.
 
-Per request: layout of input_ids -> its prefill graph (an error lists the exported layouts),
-embedding lookup, vision graphs image by image, features scattered into the image rows
-(DeepStack too), position ids (Qwen M-RoPE in numpy), one prefill, then decode steps over
-preallocated K/V buffers of max_cache_len slots. Greedy by default. Batches must be unpadded
-(attention_mask all ones): the static prefill graph has a plain causal mask.
+One prefill graph serves every layout: its batch, sequence length S and kept-row count K are
+symbolic, the layout enters as data (kept_index, kept_valid, attention_mask). Per request:
+checks first (S <= max_seq_len, cache room, the graphs it needs exist), so a refused request
+runs nothing; then embedding lookup, vision graphs image by image, features scattered into
+the image rows (DeepStack too), position ids (Qwen M-RoPE in numpy) rebased per row, the
+kept rows of the layout (host.kept_inputs), one prefill, then decode steps over preallocated
+K/V buffers of max_cache_len slots (one static decode graph per batch size). Left-padded
+batches (attention_mask zeros, then ones) of rows with different layouts run together:
+padding rows are never keys, so each row gets the tokens it gets alone. Greedy by default.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..layout import LayoutError, VisualLayout
+from ..layout import LayoutError
 from . import host
 from . import manifest as mf
 from .weights import read_tensor
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+PREFILL_KEY = "dynamic"  # the one prefill graph of an engine (symbolic batch, S and K)
 
 
 class MissingGraphError(LayoutError):
-    """The engine has no graph for this input's layout or image shape."""
+    """The engine has no graph for this input's image shape or batch size."""
+
+
+class PromptTooLongError(LayoutError):
+    """The prompt is longer than the engine's max_seq_len."""
+
+
+def prefill_entry(manifest: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
+    """(key, manifest entry) of the engine's polymorphic prefill graph; refuses the per-layout
+    prefill graphs older versions wrote."""
+    graphs = manifest["graphs"]["prefill"]
+    entry = graphs.get(PREFILL_KEY)
+    if entry is None or "ranges" not in entry:
+        have = ", ".join(sorted(graphs)) or "none"
+        raise mf.EngineError(f"{where}: no polymorphic prefill graph (has: {have}); engines with one prefill per "
+                             "layout come from an older vskip-compile: export the engine again")
+    return PREFILL_KEY, entry
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -59,7 +79,6 @@ class OnnxRunner:
         *,
         expect_model: Mapping[str, Any] | None = None,
         threads: int | None = None,
-        max_prefill_sessions: int = 4,
     ):
         import onnxruntime as ort
 
@@ -67,6 +86,7 @@ class OnnxRunner:
         self.manifest = mf.verify(self.dir, expect_model)
         self.rt = self.manifest["runtime"]
         self._check_references()
+        self.prefill_graph = prefill_entry(self.manifest, str(self.dir / mf.MANIFEST))[1]
         formats = {g.get("format", "onnx") for role in self.manifest["graphs"].values() for g in role.values()}
         if formats - {"onnx"}:
             raise mf.EngineError(f"{self.dir}: holds {', '.join(sorted(formats - {'onnx'}))} graphs; OnnxRunner loads ONNX engines")
@@ -83,10 +103,7 @@ class OnnxRunner:
         self.options.log_severity_level = 3  # errors only: constant-folding notes are noise here
         if threads:
             self.options.intra_op_num_threads = threads
-        # Each onnxruntime session holds its own (prepacked) copy of the weights in memory: keep
-        # at most max_prefill_sessions prefill graphs loaded, least recently used evicted.
-        self.max_prefill_sessions = max_prefill_sessions
-        self._sessions: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._sessions: dict[tuple[str, str], Any] = {}  # (role, key) -> session, opened on first use
         tensors = self.rt["tensors"]
         self.embed = read_tensor(self.dir / tensors["embed_tokens"]["file"], tensors["embed_tokens"]["key"])  # [V, D]
         nl = tensors.get("image_newline")
@@ -103,8 +120,9 @@ class OnnxRunner:
 
     # -- graphs ---------------------------------------------------------------------------------
     @property
-    def layouts(self) -> list[VisualLayout]:
-        return [host.layout_from_json(g["layout"]) for g in self.manifest["graphs"]["prefill"].values()]
+    def max_seq_len(self) -> int:
+        """Longest prompt (in tokens, padding included) the prefill graph takes."""
+        return int(self.prefill_graph["ranges"]["seq_len"][1])
 
     def _graph(self, role: str, key: str, what: str):
         """The onnxruntime session of graph role/key, created on first use."""
@@ -115,7 +133,6 @@ class OnnxRunner:
             have = ", ".join(sorted(graphs)) or "none"
             raise MissingGraphError(f"{self.dir}: no {role} graph for {what} ({key}); exported: {have}")
         if (role, key) in self._sessions:
-            self._sessions.move_to_end((role, key))
             return self._sessions[(role, key)]
         path = self.dir / graphs[key]["file"]
         try:
@@ -128,9 +145,6 @@ class OnnxRunner:
             if meta.get(k) != v:
                 raise mf.ManifestError(f"{path}: graph metadata {k}={meta.get(k)!r}, manifest says {v!r} (swapped file?)")
         self._sessions[(role, key)] = session
-        loaded = [k for k in self._sessions if k[0] == "prefill"]
-        for evict in loaded[: max(0, len(loaded) - self.max_prefill_sessions)]:
-            del self._sessions[evict]
         return session
 
     @staticmethod
@@ -179,22 +193,36 @@ class OnnxRunner:
         return np.concatenate(feats), levels
 
     # -- generate --------------------------------------------------------------------------------
+    def check(self, input_ids: np.ndarray, max_new_tokens: int = 1) -> None:
+        """Refuse, before anything runs, a request this engine cannot serve: a prompt longer
+        than max_seq_len, prompt + new tokens beyond max_cache_len, no decode graph for the
+        batch size (needed when more than one token is generated)."""
+        batch, seq_len = input_ids.shape
+        if seq_len > self.max_seq_len:
+            raise PromptTooLongError(f"a prompt of {seq_len} tokens exceeds the engine's max_seq_len={self.max_seq_len} "
+                                     f"({self.dir}); export the engine again with a larger max_seq_len")
+        max_len = self.rt["max_cache_len"]
+        if max(seq_len, host.MIN_ROWS) + max_new_tokens - 1 > max_len:  # a 1-token prompt fills MIN_ROWS slots
+            raise mf.EngineError(f"{seq_len} prompt + {max_new_tokens} new tokens exceed the engine's max_cache_len={max_len}")
+        decode = self.manifest["graphs"]["decode"]
+        if max_new_tokens > 1 and f"b{batch}" not in decode:
+            have = ", ".join(sorted(decode)) or "none"
+            raise MissingGraphError(f"{self.dir}: no decode graph for batch size {batch} (b{batch}); exported: {have}")
+
     def prefill(self, **inputs: Any) -> dict[str, Any]:
-        """Run vision + prefill; returns logits [B, 1, V], kv (list of [B, KV, S, E]),
-        rope deltas [B, 1] and the layout. Exposed for tests and benchmarks."""
+        """Run vision + prefill; returns logits [B, 1, V], kv (list of [B, KV, S', E]), the
+        first decode position ids ([B, 1] or [3, B, 1]), left padding per row and the layout
+        (S' = S, or MIN_ROWS for a shorter prompt, padded on the left). Exposed for tests and
+        benchmarks."""
         arr = {k: _to_numpy(v) for k, v in inputs.items() if v is not None}
-        ids = arr["input_ids"].astype(np.int64)  # [B, S]
-        mask = arr.get("attention_mask")
-        if mask is not None and not mask.all():
-            raise mf.EngineError("padded batches (attention_mask with zeros) are not supported: run rows separately")
         if "pixel_values_videos" in arr:
             raise mf.EngineError("video inputs are not supported by the ONNX runner")
+        self.check(arr["input_ids"])
+        arr = _pad_to_min_rows(arr)
+        ids = arr["input_ids"].astype(np.int64)  # [B, S]
+        batch, seq_len = ids.shape
+        pads = host.left_padding(arr.get("attention_mask"), batch)
         layout = host.layout_of(ids, self.rt["visual_token_ids"])
-        if not layout.is_uniform:
-            raise LayoutError(f"{layout}: batch rows have different visual spans; run them separately")
-        key = host.layout_key(layout)
-        session = self._graph("prefill", key, str(layout))
-        graph = self.manifest["graphs"]["prefill"][key]
 
         embeds = np.asarray(self.embed[ids], dtype=self.dtype)  # [B, S, D]
         deepstack = [np.zeros_like(embeds) for _ in range(self.rt["num_deepstack"])]
@@ -203,17 +231,22 @@ class OnnxRunner:
             image_rows = ids == self.rt["image_token_id"]  # [B, S]
             embeds = host.scatter_rows(embeds, image_rows, rows)
             deepstack = [host.scatter_rows(d, image_rows, lv) for d, lv in zip(deepstack, levels)]
-        batch, seq_len = ids.shape
+        real = np.arange(seq_len)[None, :] >= np.asarray(pads)[:, None]  # [B, S], False at left padding
         if self.rt["position"] == "mrope":
             mm = arr.get("mm_token_type_ids")
             mm = (ids == self.rt["image_token_id"]).astype(np.int64) if mm is None else mm
-            positions, deltas = host.mrope_position_ids(ids, mm, arr.get("image_grid_thw"),
-                                                        self.rt["vision"]["spatial_merge_size"])
+            positions, _ = host.mrope_position_ids(ids, mm, arr.get("image_grid_thw"),
+                                                   self.rt["vision"]["spatial_merge_size"], real)  # [3, B, S]
         else:
-            positions = np.broadcast_to(np.arange(seq_len, dtype=np.int64), (batch, seq_len)).copy()
-            deltas = np.zeros((batch, 1), np.int64)
-        out = self._run(session, graph["inputs"], [embeds, positions, *deepstack])
-        return {"logits": out[0], "kv": out[1:], "deltas": deltas, "layout": layout}
+            positions = np.tile(np.arange(seq_len, dtype=np.int64), (batch, 1))  # [B, S]
+        positions = host.rebase_positions(positions, pads)
+        kept_index, kept_valid = host.kept_inputs(layout, self.manifest["plan_id"]["scope"], pads)  # [B, K]
+        session = self._graph("prefill", PREFILL_KEY, "every layout")
+        out = self._run(session, self.prefill_graph["inputs"],
+                        [embeds, positions, kept_index, kept_valid, real, *deepstack])
+        # Decode step t sits at the last prompt position + 1 + t on every axis, as HF generate
+        # moves position ids on (M-RoPE: each of the 3 axes from its own last value).
+        return {"logits": out[0], "kv": out[1:], "next_position": positions[..., -1:] + 1, "pads": pads, "layout": layout}
 
     def generate(
         self,
@@ -225,16 +258,13 @@ class OnnxRunner:
     ) -> np.ndarray:
         """Token ids [B, S + generated] (prompt included, like HF generate). Greedy unless
         do_sample (temperature sampling, numpy RNG). Stops at the model's EOS ids; finished
-        rows are padded with pad_token_id, as HF does."""
+        rows are padded with pad_token_id, as HF does. Left-padded batches are welcome."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = _to_numpy(inputs["input_ids"]).astype(np.int64)
-        batch, seq_len = ids.shape
+        self.check(ids, max_new_tokens)  # before anything runs
+        batch = ids.shape[0]
         max_len = self.rt["max_cache_len"]
-        if seq_len + max_new_tokens - 1 > max_len:
-            raise mf.EngineError(f"{seq_len} prompt + {max_new_tokens} new tokens exceed the engine's max_cache_len={max_len}")
-        decode = self._graph("decode", f"b{batch}", f"batch size {batch}")
-        names = self.manifest["graphs"]["decode"][f"b{batch}"]["inputs"]
         rng = np.random.default_rng(seed)
 
         def pick(logits: np.ndarray) -> np.ndarray:  # [B, V] -> [B]
@@ -246,33 +276,47 @@ class OnnxRunner:
             return np.array([rng.choice(len(row), p=row) for row in p])
 
         pre = self.prefill(**inputs)
-        kv_shape = (batch, self.rt["num_kv_heads"], max_len, self.rt["head_dim"])
-        cache = [np.zeros(kv_shape, self.dtype) for _ in pre["kv"]]
-        for buf, kv in zip(cache, pre["kv"]):
-            buf[:, :, :seq_len] = kv
-        past_mask = np.zeros((batch, max_len), dtype=bool)
-        past_mask[:, :seq_len] = True
-
         eos = np.asarray(self.rt["eos_token_id"], dtype=np.int64)
         pad = self.rt["pad_token_id"] if self.rt["pad_token_id"] is not None else (int(eos[0]) if eos.size else 0)
-        done = np.zeros(batch, bool)
-        new_tokens = []
-        logits = pre["logits"][:, -1]  # [B, V]
-        n = seq_len
-        while True:
-            token = np.where(done, pad, pick(logits))  # [B]
-            new_tokens.append(token)
-            done |= np.isin(token, eos)
-            if len(new_tokens) == max_new_tokens or done.all():
-                break
-            embeds = np.asarray(self.embed[token], dtype=self.dtype)[:, None]  # [B, 1, D]
-            pos = np.full((batch, 1), n, np.int64) + pre["deltas"]  # [B, 1]
-            if self.rt["position"] == "mrope":
-                pos = np.broadcast_to(pos, (3, batch, 1)).copy()  # [3, B, 1]
-            out = self._run(decode, names, [embeds, pos, past_mask, *cache])
-            for buf, kv in zip(cache, out[1:]):
-                buf[:, :, n] = kv[:, :, 0]
-            past_mask[:, n] = True
-            n += 1
-            logits = out[0][:, -1]
+        token = pick(pre["logits"][:, -1])  # [B]
+        new_tokens = [token]
+        done = np.isin(token, eos)  # [B]
+        if max_new_tokens > 1 and not done.all():
+            decode = self._graph("decode", f"b{batch}", f"batch size {batch}")
+            names = self.manifest["graphs"]["decode"][f"b{batch}"]["inputs"]
+            n = pre["kv"][0].shape[2]  # prefill rows (slots filled)
+            kv_shape = (batch, self.rt["num_kv_heads"], max_len, self.rt["head_dim"])
+            cache = [np.zeros(kv_shape, self.dtype) for _ in pre["kv"]]
+            for buf, kv in zip(cache, pre["kv"]):
+                buf[:, :, :n] = kv
+            past_mask = np.arange(max_len)[None, :] < n  # [B, T]: filled slots...
+            past_mask = past_mask & (np.arange(max_len)[None, :] >= np.asarray(pre["pads"])[:, None])  # ...not padding
+            position = pre["next_position"]  # [B, 1] or [3, B, 1]
+            while len(new_tokens) < max_new_tokens and not done.all():
+                embeds = np.asarray(self.embed[token], dtype=self.dtype)[:, None]  # [B, 1, D]
+                out = self._run(decode, names, [embeds, position, past_mask, *cache])
+                for buf, kv in zip(cache, out[1:]):
+                    buf[:, :, n] = kv[:, :, 0]
+                past_mask[:, n] = True
+                n += 1
+                position = position + 1
+                token = np.where(done, pad, pick(out[0][:, -1]))
+                new_tokens.append(token)
+                done |= np.isin(token, eos)
         return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
+
+
+def _pad_to_min_rows(arr: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A prompt shorter than MIN_ROWS tokens gets padding columns in front (attention_mask 0):
+    the prefill graph is traced for S >= MIN_ROWS, and padding rows are never keys."""
+    ids = arr["input_ids"]
+    grow = host.MIN_ROWS - ids.shape[1]
+    if grow <= 0:
+        return arr
+    out = dict(arr)
+    mask = arr.get("attention_mask")
+    out["attention_mask"] = np.ones_like(ids) if mask is None else mask
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):  # [B, S] each
+        if key in out:
+            out[key] = np.concatenate([np.zeros((ids.shape[0], grow), out[key].dtype), out[key]], axis=1)
+    return out

@@ -18,13 +18,16 @@ from vskip_compile import PlanError, SkipPlan
 from vskip_compile.archs import adapter_for
 from vskip_compile.archs.tiny import tiny_inputs
 from vskip_compile.export import EngineError, ManifestError, OnnxRunner, export_onnx, export_tensorrt
+from vskip_compile.export import jobs as jb
 from vskip_compile.export import manifest as mf
+from vskip_compile.export.prefill import symbol_ranges
+from vskip_compile.export.tensorrt import shape_ranges
 from vskip_compile.export.weights import read_header
 from vskip_compile.plan import config_hash
 
 # The tiny LLaVA engine of test_export_onnx (exported once per process; pytest puts tests/ on
 # sys.path, so this is the module pytest itself imports).
-from test_export_onnx import PLANS, exported_engine  # noqa: E402
+from test_export_onnx import MAX_SEQ_LEN, PLANS, exported_engine  # noqa: E402
 
 PLAN = PLANS[0]
 
@@ -46,7 +49,7 @@ def engine(exported, tmp_path):
     return copy
 
 
-def test_manifest_records_plan_layouts_model_versions_and_every_file(exported):
+def test_manifest_records_plan_lengths_model_versions_and_every_file(exported):
     model, _, out = exported
     m = json.loads((out / "manifest.json").read_text())
     assert m["format"] == "vskip-engine" and m["format_version"] == 1
@@ -54,7 +57,12 @@ def test_manifest_records_plan_layouts_model_versions_and_every_file(exported):
     adapter = adapter_for(model)
     assert m["model"]["architecture"] == "LlavaForConditionalGeneration"
     assert m["model"]["config_hash"] == config_hash(adapter.text_config(model))
-    assert m["graphs"]["prefill"]["b1-s23-v3_19"]["layout"] == {"seq_len": 23, "batch_size": 1, "spans": [[3, 19]]}
+    prefill = m["graphs"]["prefill"]["dynamic"]  # the one prefill graph, for every layout
+    assert list(m["graphs"]["prefill"]) == ["dynamic"] and prefill["file"] == "prefill-dynamic.onnx"
+    assert prefill["ranges"] == {"batch": [1, 64], "seq_len": [2, MAX_SEQ_LEN], "kept": [2, MAX_SEQ_LEN]}
+    assert prefill["dynamic_axes"]["kept_index"] == {"0": "batch", "1": "kept"}
+    assert (m["runtime"]["min_seq_len"], m["runtime"]["max_seq_len"]) == (2, MAX_SEQ_LEN)
+    assert m["runtime"]["max_cache_len"] == 320  # max_seq_len + 256, rounded up to 64
     assert {"torch", "transformers", "onnx", "opset"} <= set(m["versions"]) and m["versions"]["opset"] >= 18
     on_disk = sorted(p.name for p in out.iterdir() if p.name != "manifest.json")
     assert sorted(m["files"]) == on_disk
@@ -102,20 +110,20 @@ def test_missing_file_refused(engine):
 
 
 def test_swapped_graph_refused_by_hash(engine):
-    shutil.copyfile(engine / "decode-b1.onnx", engine / "prefill-b1-s23-v3_19.onnx")
-    with pytest.raises(ManifestError, match=r"prefill-b1-s23-v3_19\.onnx: modified"):
+    shutil.copyfile(engine / "decode-b1.onnx", engine / "prefill-dynamic.onnx")
+    with pytest.raises(ManifestError, match=r"prefill-dynamic\.onnx: modified"):
         OnnxRunner(engine)
 
 
 def test_swapped_graph_refused_by_metadata_even_with_a_rehashed_manifest(engine, exported):
     """Someone swaps a graph and regenerates the hashes: the graph's own stamp still disagrees."""
     model, inputs, _ = exported
-    shutil.copyfile(engine / "decode-b1.onnx", engine / "prefill-b1-s23-v3_19.onnx")
+    shutil.copyfile(engine / "decode-b1.onnx", engine / "prefill-dynamic.onnx")
     body = json.loads((engine / "manifest.json").read_text())
     for key in ("format", "format_version", "files"):
         body.pop(key)
     mf.write_manifest(engine, body)
-    with pytest.raises(ManifestError, match=r"prefill-b1-s23-v3_19\.onnx: graph metadata vskip.role='decode'"):
+    with pytest.raises(ManifestError, match=r"prefill-dynamic\.onnx: graph metadata vskip.role='decode'"):
         OnnxRunner(engine).generate(**inputs, max_new_tokens=2)
 
 
@@ -200,10 +208,75 @@ def test_export_tensorrt_writes_engines_and_a_verified_manifest(tiny_model, tmp_
         pytest.skip("no CUDA device")
     model = tiny_model("llava").cuda()
     try:
-        out = export_tensorrt(model, PLAN, tiny_inputs(model, "llava"), tmp_path / "trt")
+        out = export_tensorrt(model, PLAN, tiny_inputs(model, "llava"), tmp_path / "trt", max_seq_len=MAX_SEQ_LEN)
         m = mf.verify(out)
         assert {g["format"] for role in m["graphs"].values() for g in role.values()} == {"tensorrt"}
+        assert m["graphs"]["prefill"]["dynamic"]["ranges"]["seq_len"] == [2, MAX_SEQ_LEN]
         with pytest.raises(EngineError, match="OnnxRunner loads ONNX engines"):
             OnnxRunner(out)
     finally:
         model.cpu()
+
+
+# -- TensorRT's optimization profile, checked on CPU (torch-tensorrt not needed) -------------------
+@pytest.fixture(scope="module")
+def prefill_job(exported):
+    """The polymorphic prefill job of tiny LLaVA under PLAN, as both exporters get it."""
+    model, inputs, _ = exported
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        example = adapter.prefill_inputs(model, **inputs)
+    return jb._prefill_job(model, adapter, PLAN, example, MAX_SEQ_LEN)
+
+
+def test_prefill_program_is_symbolic_in_batch_seq_len_and_kept_with_the_stated_ranges(prefill_job):
+    axes = {name: {int(a): sym for a, sym in ax.items()} for name, ax in prefill_job.entry["dynamic_axes"].items()}
+    want = {"batch": (1, 64), "seq_len": (2, MAX_SEQ_LEN), "kept": (2, MAX_SEQ_LEN)}
+    assert symbol_ranges(prefill_job.module, axes, prefill_job.input_names) == want
+    assert {k: tuple(v) for k, v in prefill_job.entry["ranges"].items()} == want
+
+
+def test_tensorrt_profile_spans_the_ranges_and_the_program_runs_at_its_corners(prefill_job, exported):
+    """shape_ranges: S and K from 2 to max_seq_len, the batch up to the largest decode batch,
+    opt at the example (batch 2, S = 23, K = 7 kept text rows); the program itself runs at
+    the profile's min and max shapes (so TensorRT gets a profile the graph accepts)."""
+    model, _, _ = exported
+    ranges = {r.name: r for r in shape_ranges(prefill_job, max_batch=3)}
+    assert list(ranges) == prefill_job.input_names
+    assert (ranges["inputs_embeds"].min, ranges["inputs_embeds"].opt, ranges["inputs_embeds"].max) == (
+        (1, 2, 64), (2, 23, 64), (3, MAX_SEQ_LEN, 64))
+    assert (ranges["kept_index"].min, ranges["kept_index"].opt, ranges["kept_index"].max) == (
+        (1, 2), (2, 7), (3, MAX_SEQ_LEN))
+    assert ranges["position_ids"].max == ranges["attention_mask"].max == (3, MAX_SEQ_LEN)
+    assert [ranges[n].dtype for n in ("position_ids", "kept_index", "kept_valid", "attention_mask")] == [
+        torch.int64, torch.int64, torch.bool, torch.bool]
+    rt_vocab = model.config.get_text_config().vocab_size
+    for corner in ("min", "max"):
+        shapes = {name: getattr(r, corner) for name, r in ranges.items()}
+        batch, seq_len = shapes["attention_mask"]
+        kept = shapes["kept_index"][1]
+        args = (torch.randn(shapes["inputs_embeds"]) * 0.02,
+                torch.arange(seq_len).expand(batch, seq_len).contiguous(),
+                (torch.arange(kept) % seq_len).expand(batch, kept).contiguous(),
+                torch.ones(batch, kept, dtype=torch.bool),
+                torch.ones(batch, seq_len, dtype=torch.bool))
+        with torch.no_grad():
+            logits, k0, *_ = prefill_job.module.module()(*args)
+        assert logits.shape == (batch, 1, rt_vocab) and k0.shape[0] == batch and k0.shape[2] == seq_len, corner
+
+
+def test_tensorrt_profile_of_a_static_graph_is_one_shape(exported):
+    model, _, _ = exported
+    job = jb._decode_job(model, adapter_for(model), 2, 320, mrope=False)
+    for r in shape_ranges(job, max_batch=8):
+        assert r.min == r.opt == r.max == tuple(job.args[job.input_names.index(r.name)].shape)
+
+
+def test_export_tensorrt_without_torch_tensorrt_says_what_to_install(exported, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("torch_tensorrt") is not None:
+        pytest.skip("torch-tensorrt is installed here")
+    model, inputs, _ = exported
+    with pytest.raises(ImportError, match=r"pip install 'vskip-compile\[gpu\]'"):
+        export_tensorrt(model, PLAN, inputs, tmp_path / "trt")

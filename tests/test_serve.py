@@ -6,8 +6,8 @@ shipped, a 2-layer random Qwen3-VL with the easy-VQA processor (saved with save_
 One local Ray instance for the module; each engine is deployed in turn under the same
 application name (Ray Serve replaces the replica): "eager" (the vskip backend with the eager
 inner compiler: each (layout, batch size) is a Dynamo compile, seconds to tens of seconds on
-2 shared cores), "onnx" (an engine directory exported here for one layout: another layout is
-a 422), and "inductor" (one layout, marked slow: inductor's C++ compile is the longest step).
+2 shared cores), "onnx" (an engine directory exported here once: its one prefill graph serves
+every layout), and "inductor" (one layout, marked slow: inductor's C++ compile is the longest step).
 The 4xx refusals are also checked without Ray (parse_chat, then Engine.prepare), so they run
 even where a local Ray does not start.
 """
@@ -319,8 +319,8 @@ def test_answers_equal_solo_compiled_generate(server, reference, samples):
 # -- engine "onnx" --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def onnx_engine_dir(model_dir, samples, tmp_path_factory):
-    """An ONNX engine of the model under PLAN, exported for the layout of samples[0] (and
-    samples[1], same layout) only: batch-1 prefill and decode graphs."""
+    """An ONNX engine of the model under PLAN, traced on samples[0]: one prefill graph for
+    every layout, a batch-1 decode graph."""
     pytest.importorskip("onnxruntime")
     from vskip_compile.export import export_onnx
     from vskip_compile.serve.engine import load_model
@@ -334,24 +334,21 @@ def onnx_engine_dir(model_dir, samples, tmp_path_factory):
 
 
 def test_onnx_engine_over_http(service, model_dir, onnx_engine_dir, reference, samples):
-    """Engine "onnx": the exported layout answers what compile(...).generate answers (the pair
-    of that layout runs row by row: the engine has no batch-2 graphs); the other layout is
-    refused with 422 naming the exported layouts, and the replica keeps serving."""
+    """Engine "onnx": its one prefill graph answers every layout what compile(...).generate
+    answers (the pair of one layout runs row by row: the engine has no batch-2 decode graph),
+    the question of another length too, and the replica keeps serving."""
     url = service.deploy(model_dir, "onnx", onnx_engine_dir)
     health = _get(url, "/health")
-    assert health["engine"] == "onnx" and health["graph_cache"] == {"layouts_exported": 1}
+    assert health["engine"] == "onnx" and health["graph_cache"] == {"prefill_graphs": 1, "decode_graphs": 1}
     threads, results = _send_all(url, samples)
-    want = reference(samples[:2])
+    want = reference(samples)
     _join(threads)
-    for i in (0, 1):
+    for i in (0, 1, 2):
         _check_answer(*results[i], want[i])
-    assert [results[i][1]["vskip"]["batch_padded"] for i in (0, 1)] == [1, 1]  # batch-1 graphs only
-    status, body = results[2]
-    assert status == 422, body
-    assert "no prefill graph for layout" in body["error"]["message"] and "exported:" in body["error"]["message"]
+    assert [results[i][1]["vskip"]["batch_padded"] for i in (0, 1)] == [1, 1]  # batch-1 decode graph only
     status, body = _post(url, _chat(_data_url(samples[0][0]), samples[0][1]))  # still serving
     _check_answer(status, body, want[0])
-    assert _get(url, "/health")["requests"] == {"200": 3, "422": 1}
+    assert _get(url, "/health")["requests"] == {"200": 4}
 
 
 # -- engine "inductor" ----------------------------------------------------------------------------

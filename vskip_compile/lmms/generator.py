@@ -5,8 +5,9 @@ with one backend, decode. Backends:
 
     reference  the eager oracle: reference.applied(model, plan) + model.generate
     eager, inductor, tensorrt   vskip_compile.compile(model, plan, backend).generate
-    onnx       an engine directory (export_onnx) run by OnnxRunner; a prompt whose layout
-               or image shape has no graph yet is exported into the directory first
+    onnx       an engine directory (export_onnx) run by OnnxRunner (one prefill graph for
+               every layout); an image shape with no vision graph yet is exported into the
+               directory first
 
 The prompt is the model's chat template over one user turn: the images first, then the
 text (the convention of lmms-eval's Qwen models, and the easy-VQA training prompt).

@@ -179,14 +179,9 @@ class Engine:
         layout = self._layout(ids)
         if not layout.has_visual:
             raise RequestError(400, "the prompt has no image tokens (does the chat template place the image?)")
-        if self.runner is not None:
-            from ..export import host
-
-            exported = {host.layout_key(x) for x in self.runner.layouts}
-            if host.layout_key(layout) not in exported:
-                raise RequestError(422, f"the ONNX engine has no prefill graph for layout {layout_name(layout)}; "
-                                        f"exported: {', '.join(sorted(exported))}. Export it (export_onnx(..., layouts=...)) "
-                                        "or use --engine inductor, which compiles new layouts")
+        if self.runner is not None and n > self.runner.max_seq_len:  # its one prefill graph serves every layout up to it
+            raise RequestError(400, f"too many tokens: the prompt has {n} tokens, the ONNX engine's max_seq_len is "
+                                    f"{self.runner.max_seq_len}")
         with self._lock:
             if layout not in self._layouts and len(self._layouts) >= self.max_layouts:
                 raise RequestError(422, f"layout {layout_name(layout)} would be layout number {len(self._layouts) + 1}; "
@@ -233,11 +228,7 @@ class Engine:
         return answers
 
     def _onnx_has(self, layout: VisualLayout, size: int) -> bool:
-        from ..export import host
-
-        graphs = self.runner.manifest["graphs"]
-        wide = VisualLayout(layout.seq_len, layout.spans * size)
-        return host.layout_key(wide) in graphs["prefill"] and f"b{size}" in graphs["decode"]
+        return f"b{size}" in self.runner.manifest["graphs"]["decode"]  # the prefill takes any batch
 
     def _run_stacked(self, group: list[Prepared], size: int) -> list[Answer]:
         rows = group + [group[-1]] * (size - len(group))  # pad to the bucket with copies
@@ -268,4 +259,5 @@ class Engine:
         """Graph cache counters (the torch engines), or ONNX sessions opened."""
         if self.cm is not None:
             return self.cm.cache_info()._asdict()
-        return {"layouts_exported": len(self.runner.layouts)}
+        graphs = self.runner.manifest["graphs"]
+        return {"prefill_graphs": len(graphs["prefill"]), "decode_graphs": len(graphs["decode"])}
