@@ -52,7 +52,7 @@ def engine(exported, tmp_path):
 def test_manifest_records_plan_lengths_model_versions_and_every_file(exported):
     model, _, out = exported
     m = json.loads((out / "manifest.json").read_text())
-    assert m["format"] == "vskip-engine" and m["format_version"] == 1
+    assert m["format"] == "vskip-engine" and m["format_version"] == 2
     assert m["plan"]["ops"] == list(PLAN.ops) and m["plan"]["name"] == PLAN.name
     adapter = adapter_for(model)
     assert m["model"]["architecture"] == "LlavaForConditionalGeneration"
