@@ -34,17 +34,20 @@ def test_gather_matches_reference(name, ops):
 
 @pytest.mark.slow
 def test_bench_case_runs_every_variant_and_reports_consistent_figures():
-    """One round at tiny width through the real benchmark (inductor full and skip): the skip
-    variants agree with the oracle, and the reported ratios follow from the medians."""
+    """One round at tiny width through the real benchmark (inductor full, static-layout skip and
+    polymorphic skip): the skip variants agree with the oracle, and the reported ratios follow
+    from the medians."""
     from vskip_compile.bench import bench_case
 
     r = bench_case(MODELS["tiny-qwen3"], layers=2, visual=16, text=8, repeats=2, ops=("skip_attn", "skip_both"),
                    log=lambda _: None)
     m = r["median_ms"]
-    assert set(m) == {"compiled full", "compiled skip", "eager reference", "eager gather"}
+    assert set(m) == {"compiled full", "compiled skip", "compiled poly", "eager reference", "eager gather"}
     # fp32, same math on fewer rows (see test_gather_matches_reference): a few ulps.
     assert r["max_abs_diff_last_logits"] < 1e-5
     assert r["speedup"] > 0 and all(t > 0 for t in m.values())  # (ms are rounded: sub-ms medians lose digits)
     assert r["realized"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
+    assert r["realized_poly"] == pytest.approx(m["compiled full"] / m["compiled poly"] / r["ideal_speedup"], rel=0.02)
+    assert r["poly_vs_static"] == pytest.approx(r["realized_poly"] / r["realized"])
     assert 0 < r["flops_reduction"] < 1 and r["ideal_speedup"] == pytest.approx(1 / (1 - r["flops_reduction"]))
     assert len(r["skip_vs_gather_rounds"]) == 2 and 0 <= r["skip_faster_rounds"] <= 2

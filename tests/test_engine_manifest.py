@@ -140,7 +140,7 @@ def test_other_format_version_refused(engine):
     m = json.loads((engine / "manifest.json").read_text())
     m["format_version"] = 99
     (engine / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ManifestError, match=r"manifest\.json: engine format version 99, this build reads version 1"):
+    with pytest.raises(ManifestError, match=r"manifest\.json: engine format version 99, this build reads version 2"):
         OnnxRunner(engine)
 
 
