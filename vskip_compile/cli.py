@@ -624,7 +624,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-size", type=_pos_int, default=8, help="requests per batch (default 8)")
     p.add_argument("--batch-wait-ms", type=_float_in(0, 60_000), default=20.0,
                    help="how long a batch waits to fill (default 20)")
-    p.add_argument("--max-layouts", type=_pos_int, default=32, help="distinct layouts a replica compiles (default 32)")
+    p.add_argument("--max-layouts", type=_pos_int, default=32,
+                   help="kept for compatibility; no effect: one polymorphic prefill graph serves every layout")
     p.add_argument("--max-tokens", type=_pos_int, default=64, help="largest max_tokens a request may ask (default 64)")
     p.add_argument("--max-image-bytes", type=_pos_int, default=4 * 1024 * 1024, help="largest image file (default 4 MiB)")
     p.add_argument("--metrics-port", type=_port, help="Prometheus port of a local Ray's metrics (not with --address)")

@@ -4,10 +4,9 @@
     prepared = engine.prepare(chat)              # processor, layout, limits (RequestError: 4xx)
     answers = engine.run([p1, p2, p3])           # one stacked prefill; all must share a layout
 
-Why groups are padded to a bucket size: a compiled prefill is specialized to its layout,
-and the batch size is part of the layout (static shapes, constant-offset slices). Groups of
-1, 2, 4, ... max_batch_size rows (the last row repeated) bound the graphs per layout to
-log2(max_batch_size) + 1 instead of max_batch_size.
+The prefill graph is layout-polymorphic (one per batch bucket); groups are still formed per
+layout (stacking needs one length) and padded to 1, 2, 4, ... max_batch_size rows (the last row
+repeated), which bounds the decode graphs (one per batch size and K/V capacity).
 """
 
 from __future__ import annotations
@@ -153,19 +152,19 @@ class Engine:
             self.max_context = int(self.runner.rt["max_cache_len"])
         else:
             self.runner = None
-            self.cm = _TimedVLM(self.model, plan, backend=engine, cache_size=max_layouts * len(self.buckets))
+            self.cm = _TimedVLM(self.model, plan, backend=engine, cache_size=64)  # decode graphs: per batch size and K/V capacity
             text = self.model.config.get_text_config()
             self.max_context = int(getattr(text, "max_position_embeddings", 1 << 30))
         self.adapter = self.cm.adapter if self.cm is not None else None
-        # (layout, batch) keys that ran here, least recently used first: the server sends these
-        # to its run thread and anything else to its compile thread. Bounded like the graph cache.
-        self._ready: OrderedDict[tuple[VisualLayout, int], None] = OrderedDict()
-        self._layouts: OrderedDict[VisualLayout, None] = OrderedDict()
+        # Padded batch sizes that ran here: the server sends groups of these to its run thread and
+        # anything else to its compile thread. One polymorphic prefill graph per batch bucket
+        # serves every layout, so a new layout compiles nothing and is not a key.
+        self._ready: OrderedDict[int, None] = OrderedDict()
 
     # -- requests ---------------------------------------------------------------------------
     def prepare(self, chat: Chat) -> Prepared:
         """Processor outputs and layout for one request, or RequestError: too many tokens,
-        no visual tokens, a layout the ONNX engine was not exported for, too many layouts."""
+        no visual tokens, a prompt longer than the ONNX engine's max_seq_len."""
         try:
             prompt = self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
             inputs = dict(self.processor(text=[prompt], images=chat.images, return_tensors="pt"))
@@ -182,11 +181,6 @@ class Engine:
         if self.runner is not None and n > self.runner.max_seq_len:  # its one prefill graph serves every layout up to it
             raise RequestError(400, f"too many tokens: the prompt has {n} tokens, the ONNX engine's max_seq_len is "
                                     f"{self.runner.max_seq_len}")
-        with self._lock:
-            if layout not in self._layouts and len(self._layouts) >= self.max_layouts:
-                raise RequestError(422, f"layout {layout_name(layout)} would be layout number {len(self._layouts) + 1}; "
-                                        f"this server compiles at most {self.max_layouts} (--max-layouts)")
-            self._layouts[layout] = None
         return Prepared(chat=chat, inputs=inputs, layout=layout, prompt_tokens=n)
 
     def _layout(self, input_ids: torch.Tensor) -> VisualLayout:
@@ -201,16 +195,13 @@ class Engine:
         return bucket(n, self.max_batch_size)
 
     def is_ready(self, layout: VisualLayout, n: int) -> bool:
-        """Has a group of n rows of this layout run here (its graph is compiled and cached)?"""
+        """Has a group of n rows (of any layout) run here (its graphs are compiled and cached)?"""
         with self._lock:
-            return (layout, self.batch_size(n)) in self._ready
+            return self.batch_size(n) in self._ready
 
-    def _mark_ready(self, key: tuple[VisualLayout, int]) -> None:
+    def _mark_ready(self, size: int) -> None:
         with self._lock:
-            self._ready[key] = None
-            self._ready.move_to_end(key)
-            while len(self._ready) > self.max_layouts * len(self.buckets):
-                self._ready.popitem(last=False)
+            self._ready[size] = None
 
     def run(self, group: list[Prepared]) -> list[Answer]:
         """Greedy answers for requests of one layout: one stacked prefill, one decode loop."""
@@ -224,7 +215,7 @@ class Engine:
             answers = [a for p in group for a in self._run_stacked([p], 1)]  # no graph for this batch size
         else:
             answers = self._run_stacked(group, size)
-        self._mark_ready((layout, size))
+        self._mark_ready(size)
         return answers
 
     def _onnx_has(self, layout: VisualLayout, size: int) -> bool:
