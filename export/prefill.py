@@ -22,10 +22,9 @@ import torch
 
 from ..archs import Adapter, PrefillInputs
 from ..core import DecoderCore
-from ..kept_rows import MIN_ROWS, kept_inputs
+from ..kept_rows import MIN_ROWS, kept_inputs, no_duck_sizes
 from ..layout import LayoutError, VisualLayout
 from ..plan import SkipPlan
-from ..runtime import no_duck_sizes
 
 MAX_BATCH = 64  # largest batch of the prefill program's symbolic batch axis
 SYMBOLS = ("batch", "seq_len", "kept")  # names of the symbolic axes (ONNX dim_params, manifest)
