@@ -204,6 +204,7 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, i
 def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: int, ops: tuple[str, ...],
                log: Callable[[str], None] = print, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """Interleaved medians of the five variants for one (model, size)."""
+    torch._dynamo.reset()  # each case compiles DecoderCore.forward 3 times: stay clear of Dynamo's recompile limit
     torch.manual_seed(0)
     device = torch.device(device)
     lm, head = build_text_model(spec, layers)
