@@ -364,7 +364,7 @@ class CompiledVLM:
         frozen, never keys of a real row; each row's positions start at 0 as if alone)."""
         if self.specialize == "layout":
             return self._prefill_static(p, logits_to_keep)
-        pads = left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]
+        pads = row_pads(p)
         grow = max(0, MIN_ROWS - p.inputs_embeds.shape[1])
         if grow:  # a one-row prompt: one padding row in front, cut off the outputs below
             p, pads = pad_left(p, grow), [pad + grow for pad in pads]
@@ -462,7 +462,7 @@ class CompiledVLM:
         logits, kv = self._prefill(p, logits_to_keep=1)
         # Step t sits at the last prompt position + t (the last prompt token is text; M-RoPE
         # ids [3, B, 1] move on together, as HF's decode does); padding slots stay masked.
-        pads = left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]
+        pads = row_pads(p)
         positions = rebase_positions(p.position_ids, pads)
         decode = self._decode_run(kv, positions, max_new_tokens, pads) if max_new_tokens > 1 else None
         embed = self.model.get_input_embeddings()
@@ -560,6 +560,11 @@ def left_padding(mask: torch.Tensor | None) -> list[int] | None:
                 "pad decoder prompts on the left (processor padding_side='left')"
             )
     return pads
+
+
+def row_pads(p: PrefillInputs) -> list[int]:
+    """Left padding of each batch row of p (zeros when it has none)."""
+    return left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]
 
 
 def rebase_positions(position_ids: torch.Tensor, pads: list[int]) -> torch.Tensor:
