@@ -20,7 +20,7 @@ print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_dev
 for m in ("transformers", "sympy", "rich", "safetensors"):
     print(m, importlib.import_module(m).__version__)
 EOF
-timeout 460 python3 -m vskip_compile bench --device cuda --dtype bf16 --models qwen3-vl-8b --visual 1024 \
+timeout 370 python3 -m vskip_compile bench --device cuda --dtype bf16 --models qwen3-vl-8b --visual 1024 \
     --text 64 --layers 36 --repeats 3 --json > "$out/gpu_bench.json"
 python3 - "$out/gpu_bench.json" <<'EOF'
 import json, sys
@@ -31,3 +31,6 @@ for r in json.load(open(sys.argv[1])):
           f"ideal {r['ideal_speedup']:.3f}, realized static {r['realized']:.3f}, poly {r['realized_poly']:.3f}, "
           f"poly vs static {r['poly_vs_static']:.3f}; max |skip - ref| {r['max_abs_diff_last_logits']:.2e}")
 EOF
+# Long context (issue 13/18): peak memory SDPA (S x S mask) vs FlexAttention at S = 8192, bf16.
+timeout 90 python3 benchmarks/long_context_memory.py --device cuda --dtype bf16 --seq 8192 \
+    --json "$out/gpu_long_context_memory.json" || echo "long-context memory run failed or timed out"
