@@ -1,11 +1,13 @@
-"""Vision encoders as static graphs: one graph per image shape, keyed for the runner.
+"""Vision encoders as static graphs: one graph per image shape (Qwen: per (t, h, w) grid, which
+images and videos share), keyed for the runner.
 
 Each graph maps the pixels of ONE image to its language-model rows (projector / merger
 included) and, for Qwen3-VL, its DeepStack features. Per-image graphs keep every dimension a
 number; the runner runs them image by image and concatenates, which is what HF computes
 (vision attention never crosses images).
 
-- Qwen2.5-VL / Qwen3-VL: pixels [t*h*w, C*T*p*p] of a (t, h, w) patch grid. The grid-derived
+- Qwen2.5-VL / Qwen3-VL: pixels [t*h*w, C*T*p*p] of a (t, h, w) patch grid (an image: t = 1;
+  a video of t temporal patches: its cu_seqlens block attention per patch). The grid-derived
   index tensors (rotary positions, window order, position-embedding interpolation, cu_seqlens)
   are computed here with transformers' own `vision_utils` helpers and baked in as constants
   (transformers 5.24 accepts them precomputed). The per-window SDPA loop of HF's vision

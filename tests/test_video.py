@@ -67,6 +67,20 @@ def test_layout_knows_each_span_modality(tiny_model, arch):
     assert layout.frozen_spans(rows="image") == layout.row_spans[:1]
 
 
+def test_generic_adapter_marks_video_by_token_id_or_mm_token_type_ids(tiny_model):
+    from vskip_compile.archs import AdapterError, GenericAdapter
+
+    ids = torch.tensor([[5, VIDEO_TOKEN_ID, VIDEO_TOKEN_ID, 6, IMAGE_TOKEN_ID, 7]])
+    qwen = tiny_model("qwen2_5_vl")
+    assert GenericAdapter().layout(qwen, ids).kinds == (("video", "image"),)
+    llava = tiny_model("llava")  # its config names no video token: the processor's marks say which rows
+    assert GenericAdapter().layout(llava, ids).row_spans == ((4, 5),)
+    marked = GenericAdapter().layout(llava, ids, torch.tensor([[0, 2, 2, 0, 1, 0]]))
+    assert marked.row_spans == ((1, 3), (4, 5)) and marked.kinds == (("video", "image"),)
+    with pytest.raises(AdapterError, match="mm_token_type_ids marks row 0 position 1 as 1"):
+        GenericAdapter().layout(qwen, ids, torch.tensor([[0, 1, 1, 0, 1, 0]]))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_video_compiled_equals_reference(tiny_model, compiled, arch, case):

@@ -633,7 +633,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a VLM under a skip plan: OpenAI-compatible HTTP on Ray Serve",
         description="Deploy the model (compiled under the plan, or its ONNX engine) on Ray Serve: "
-        "POST /v1/chat/completions (base64 data-URL images + text, greedy), GET /health. Requests "
+        "POST /v1/chat/completions (base64 data-URL images, videos (video_url data URLs or frame "
+        "lists) + text, greedy), GET /health. Requests "
         "of the same visual layout are batched into one prefill. Starts a local Ray instance, or "
         "joins a cluster with --address. Needs the serve extra: pip install 'vskip-compile[serve]'.",
     )
@@ -656,6 +657,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="kept for compatibility; no effect: one polymorphic prefill graph serves every layout")
     p.add_argument("--max-tokens", type=_pos_int, default=64, help="largest max_tokens a request may ask (default 64)")
     p.add_argument("--max-image-bytes", type=_pos_int, default=4 * 1024 * 1024, help="largest image file (default 4 MiB)")
+    p.add_argument("--max-video-frames", type=_pos_int, default=32,
+                   help="frames a video part keeps (a file is sampled down to it; default 32)")
+    p.add_argument("--max-video-bytes", type=_pos_int, default=6 * 1024 * 1024,
+                   help="largest video file, or all frames of a frame list (default 6 MiB)")
     p.add_argument("--metrics-port", type=_port, help="Prometheus port of a local Ray's metrics (not with --address)")
     p.set_defaults(run=run_serve)
 
@@ -690,7 +695,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from .serve.request import Limits
 
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(16, args.max_tokens),
-                    max_image_bytes=args.max_image_bytes)
+                    max_image_bytes=args.max_image_bytes, max_video_frames=args.max_video_frames,
+                    max_video_bytes=args.max_video_bytes)
     options = serve_app.ServeOptions(
         model_dir=str(model_dir), plan=plan.to_dict(), engine=args.engine, engine_dir=args.engine_dir,
         replicas=args.replicas, replica_cpus=args.replica_cpus, threads=args.threads,

@@ -44,7 +44,7 @@ def spans_from_codes(codes: Sequence[int]) -> tuple[tuple[Span, ...], tuple[str,
     for i, code in enumerate(list(codes) + [0]):
         code = int(code)
         if code not in (0, 1, 2):
-            raise LayoutError(f"modality code {code} at row {i}; expected 0 (text), 1 (image) or 2 (video)")
+            raise LayoutError(f"modality code {code} at position {i}; expected 0 (text), 1 (image) or 2 (video)")
         if code != current and start is not None:
             spans.append((start, i))
             kinds.append(KINDS[current - 1])
