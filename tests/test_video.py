@@ -146,13 +146,9 @@ def test_plan_rows_freeze_one_modality(tiny_model, compiled, manual, arch, rows,
     assert (every - want).abs().max() > 1e-3, "freezing image and video rows should differ"
 
 
-@pytest.mark.parametrize("rows", ["visual", "video", "image"])
-def test_flop_counter_on_the_rewritten_video_graph_equals_the_flops_model(tiny_model, rows):
-    """Saved FLOPs of the rewritten graph (FlopCounterMode, SDPA rule of flop_count) on a video
-    + image prompt equal the FLOPs model with the video rows of the plan's `rows`."""
-    from vskip_compile.flop_count import count_flops
-    from vskip_compile.passes import PassContext, run_passes
-
+@pytest.fixture(scope="module")
+def exported_video_core(tiny_model):
+    """(model, prefill inputs, exported core graph, its args) of a tiny Qwen3-VL video + image prompt."""
     arch = "qwen3_vl"
     model = tiny_model(arch)
     adapter = adapter_for(model)
@@ -162,7 +158,17 @@ def test_flop_counter_on_the_rewritten_video_graph_equals_the_flops_model(tiny_m
     deepstack = tuple(p.deepstack or ())
     core = DecoderCore.from_model(model, adapter, num_deepstack=len(deepstack))
     args = (p.inputs_embeds, p.position_ids, *deepstack)
-    gm = torch.export.export(core, args, strict=False).module()
+    return model, p, torch.export.export(core, args, strict=False).module(), args
+
+
+@pytest.mark.parametrize("rows", ["visual", "video", "image"])
+def test_flop_counter_on_the_rewritten_video_graph_equals_the_flops_model(exported_video_core, rows):
+    """Saved FLOPs of the rewritten graph (FlopCounterMode, SDPA rule of flop_count) on a video
+    + image prompt equal the FLOPs model with the video rows of the plan's `rows`."""
+    from vskip_compile.flop_count import count_flops
+    from vskip_compile.passes import PassContext, run_passes
+
+    model, p, gm, args = exported_video_core
     plan = SkipPlan.from_ops(OPS4, rows=rows)
     res = run_passes(gm, PassContext(plan, p.layout))
     saved = count_flops(gm, *args) - count_flops(res.gm, *args)

@@ -125,7 +125,7 @@ def test_engine_plan_id_keeps_old_engines_and_names_rows():
 # -- FLOPs ----------------------------------------------------------------------------------
 def test_flops_of_a_video_plan_count_only_the_video_rows():
     dims = get_preset("qwen3-vl-8b").dims
-    plan = SkipPlan.from_opskip(json.loads(Path(PRESET20).read_text()))
+    plan = SkipPlan.load(PRESET20)
     video_only = SkipPlan(plan.ops, plan.num_layers, rows="video")
     image_only = SkipPlan(plan.ops, plan.num_layers, rows="image")
     S, V, W = 2048 + 576 + 64, 2048 + 576, 2048  # an image of 576 rows and a video of 2048
@@ -157,3 +157,40 @@ def test_cli_flops_video_frames_counts_frames_times_tokens(capsys):
     assert exit_.value.code == 2 and "--video-frames" in capsys.readouterr().err
     code = main(["flops", "--preset", "qwen2.5-vl-7b", "--video-frames", "600", "--text", "64"])  # 153,664 > 128,000
     assert code == 2 and "max_position_embeddings 128000" in capsys.readouterr().err
+
+
+# -- vskip bench --video-frames (plumbing; the benchmark itself runs on a quiet machine) --------
+def test_bench_video_case_layout():
+    from vskip_compile.bench import FRAME_GAP, case_layout
+
+    layout = case_layout(0, 64, frames=8, frame_tokens=256)
+    assert layout.num_visual == layout.num_rows("video") == 2048 and len(layout.row_spans) == 8
+    assert layout.seq_len == 2048 + 7 * FRAME_GAP + 64 and layout.row_spans[0] == (8, 264)
+    assert all(b2 - a2 == 256 and a2 - b1 == FRAME_GAP for (_, b1), (a2, b2) in zip(layout.row_spans, layout.row_spans[1:]))
+    assert case_layout(576, 64) == VisualLayout.single(640, [(8, 584)])
+
+
+def test_cli_bench_video_frames_reach_the_cases(monkeypatch, capsys):
+    import vskip_compile.bench as bench
+
+    seen = []
+
+    def fake_case(spec, layers, visual, text, repeats, ops, log=print, device="cpu", dtype=None, frames=None,
+                  frame_tokens=256):
+        seen.append((spec.name, visual, frames, frame_tokens, layers, text))
+        layout = bench.case_layout(visual, text, frames, frame_tokens)
+        names = ("compiled full", "compiled skip", "compiled poly", "eager reference", "eager gather")
+        return {"model": spec.name, "device": "cpu", "S": layout.seq_len, "V": layout.num_visual, "video_frames": frames,
+                "median_ms": dict.fromkeys(names, 1.0), "peak_mib": dict.fromkeys(names, 1.0),
+                **dict.fromkeys(("ideal_speedup", "realized", "realized_poly", "poly_vs_static", "skip_vs_gather",
+                                 "max_abs_diff_last_logits"), 1.0), "skip_faster_rounds": 0, "repeats": repeats}
+
+    monkeypatch.setattr(bench, "bench_case", fake_case)
+    monkeypatch.setattr(bench, "_return_freed_memory_to_os", lambda: True)  # not this test process's malloc
+    assert main(["bench", "--models", "qwen3-vl-8b", "--video-frames", "8", "32", "--frame-tokens", "128",
+                 "--layers", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert seen == [("qwen3-vl-8b", 0, 8, 128, 2, 64), ("qwen3-vl-8b", 0, 32, 128, 2, 64)]
+    assert [r["V"] for r in rows] == [1024, 4096]
+    with pytest.raises(SystemExit):
+        main(["bench", "--video-frames", "0"])
