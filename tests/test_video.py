@@ -136,7 +136,7 @@ def test_left_padded_batch_of_videos_equals_each_row_alone(tiny_model, compiled,
 
 
 @pytest.mark.parametrize("rows, frozen_token", [("video", VIDEO_TOKEN_ID), ("image", IMAGE_TOKEN_ID)])
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ["qwen3_vl"])  # DeepStack on both modalities; the rows plumbing is arch-independent
 def test_plan_rows_freeze_one_modality(tiny_model, compiled, manual, arch, rows, frozen_token):
     """`rows` selects the spans a skip freezes: compiled, the reference and an independent
     loop that freezes only `frozen_token`'s rows agree; freezing every visual row differs."""
