@@ -25,8 +25,6 @@ from vskip_compile.layout import Span
 from .base import (VALUE_META, PassContext, Size, SkipPassError, aten, divides, fake_mode_of, is_kept_rows_marker,
                    quotient, shape, tensor_val)
 
-_SLICE_END = 9223372036854775807
-
 
 @dataclass(frozen=True)
 class Rows:
@@ -245,7 +243,10 @@ class Builder:
     def set_val(self, node: fx.Node) -> None:
         if self.fake_mode is None:
             return
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+        module = self.graph.owning_module  # get_attr args (a HOP's subgraphs) are modules, not values
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs),
+                                       lambda n: n.meta.get("val") if "val" in n.meta or n.op != "get_attr"
+                                       else operator.attrgetter(n.target)(module))
         with self.fake_mode:
             node.meta["val"] = node.target(*args, **kwargs)
 

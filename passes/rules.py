@@ -17,6 +17,9 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
+from vskip_compile.attention_ops import FLEX_ATTENTION, SDPA_MASKS
+from vskip_compile import flex  # registers vskip::materialized
+
 from .base import aten, divides, quotient, shape, size_of, tensor_val
 from .rows import Builder, Geometry, Rows
 
@@ -394,7 +397,7 @@ def _getitem(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     src, index = node.args
     if not isinstance(src, fx.Node) or not isinstance(src.meta.get("val"), (tuple, list)):
         raise NotRowwise("getitem on something other than an op's tuple output")
-    if src.target in _SDPA and index != 0:
+    if (src.target in _SDPA or src.target is FLEX_ATTENTION) and index != 0:
         raise NotRowwise(f"uses output {index} of attention (only the attention output is row-wise here)")
     return Restriction([(src, out)], lambda new, b, geo: b.call(operator.getitem, (new(src), index), like=node))
 
@@ -517,14 +520,7 @@ def _linear(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
 
 # -- attention ----------------------------------------------------------------------------------
 
-# op -> (name of the mask argument or None, whether the mask must be additive float)
-_SDPA: dict[Any, tuple[str | None, bool]] = {
-    aten.scaled_dot_product_attention.default: ("attn_mask", False),
-    aten._scaled_dot_product_flash_attention_for_cpu.default: ("attn_mask", True),
-    aten._scaled_dot_product_efficient_attention.default: ("attn_bias", True),
-    aten._scaled_dot_product_flash_attention.default: (None, False),
-    aten._scaled_dot_product_cudnn_attention.default: ("attn_bias", True),
-}
+_SDPA = SDPA_MASKS  # op -> (name of the mask argument or None, whether the mask must be additive float)
 
 
 @rule(*_SDPA)
@@ -536,8 +532,8 @@ def _sdpa(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     """
     q, k, v = node.args[:3]
     rank = len(shape(q))
-    v = node.meta.get("val")
-    out_shape = tuple(v[0].shape) if isinstance(v, (tuple, list)) else shape(node)  # [B, H, L, Ev]
+    val = node.meta.get("val")
+    out_shape = tuple(val[0].shape) if isinstance(val, (tuple, list)) else shape(node)  # [B, H, L, Ev]
     if out.axis != rank - 2:
         raise NotRowwise(f"the sequence is not the query-row axis (axis {out.axis} of {out_shape})")
     mask_name, additive = _SDPA[node.target]
@@ -573,4 +569,73 @@ def _sdpa(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     return Restriction(demands, rebuild)
 
 
-SDPA_OPS = tuple(_SDPA)
+
+_ONE_BLOCK = 1 << 30  # the block size of flex attention's empty (length-free) block mask
+
+
+def _flex_query_buffers(node: fx.Node) -> dict[int, int]:
+    """score_mod buffers read at the query row: {buffer position: its query-row axis}.
+
+    After the cut, the kernel's q_idx counts kept rows, not sequence positions: exact only if
+    q_idx is used solely to index buffers whose rows are cut alike (vskip_compile.flex reads
+    each query's position from such a buffer). Anything else reading q_idx is refused, and so
+    is a block mask built for the full query length or a mask_mod that reads q_idx.
+    """
+    module = node.graph.owning_module
+    block_mask, buffers = node.args[4], node.args[7]
+    if not (isinstance(block_mask[-3], int) and block_mask[-3] >= _ONE_BLOCK and block_mask[-2] >= _ONE_BLOCK):
+        raise NotRowwise(f"flex attention with a block-sparse mask (blocks {block_mask[-3]} x {block_mask[-2]}) "
+                         "built for the full query length")
+    mask_mod = getattr(module, block_mask[-1].target)
+    if next(n for i, n in enumerate(mask_mod.graph.find_nodes(op="placeholder")) if i == 2).users:
+        raise NotRowwise("flex attention's mask_mod reads q_idx")
+    score_mod = getattr(module, node.args[3].target)
+    placeholders = list(score_mod.graph.find_nodes(op="placeholder"))  # score, b, h, q_idx, kv_idx, *buffers
+    q_idx, buffer_nodes = placeholders[3], placeholders[5:]
+    if len(buffer_nodes) != len(buffers):
+        raise NotRowwise("flex attention's score_mod buffers do not match its call")
+    axes: dict[int, int] = {}
+    for use in q_idx.users:
+        if use.target is not aten.index.Tensor or use.args[0] not in buffer_nodes:
+            raise NotRowwise(f"flex attention's score_mod reads q_idx directly ({use.target}), not through a row buffer")
+        j = buffer_nodes.index(use.args[0])
+        at = [i for i, t in enumerate(use.args[1]) if t is q_idx]
+        if len(at) != 1 or axes.setdefault(j, at[0]) != at[0]:
+            raise NotRowwise(f"flex attention's score_mod indexes buffer {j} by q_idx on several axes")
+    for j, axis in axes.items():
+        for use in buffer_nodes[j].users:
+            if use.target is not aten.index.Tensor or use.args[1][axis] is not q_idx:
+                raise NotRowwise(f"flex attention's score_mod reads buffer {j} other than at the query row")
+    return axes
+
+
+@rule(FLEX_ATTENTION)
+def _flex_attention(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
+    """Flex attention: query rows cut, keys and values of all rows, the score_mod's query-row
+    buffers cut alike (see _flex_query_buffers)."""
+    q, k, v = node.args[:3]
+    if out.axis != len(shape(q)) - 2:
+        raise NotRowwise(f"the sequence is not the query-row axis (axis {out.axis} of {shape(q)})")
+    query_axes = _flex_query_buffers(node)
+    demands: list[tuple[fx.Node, Demand]] = [(q, out), (k, FULL), (v, FULL)]
+    demands += [(buf, FULL) for buf in node.args[7] if isinstance(buf, fx.Node)]
+
+    def rebuild(new: NewArg, b: Builder, geo: Geometry) -> fx.Node:
+        args, kwargs = _mapped(node, new)
+        buffers = tuple(_kept_first(buf, Rows(query_axes[j]), b, geo) if j in query_axes else buf
+                        for j, buf in enumerate(args[7]))
+        return b.call(node.target, (*args[:7], buffers, *args[8:]), kwargs, like=node)
+
+    return Restriction(demands, rebuild)
+
+
+def _kept_first(buf: fx.Node, rows: Rows, b: Builder, geo: Geometry) -> fx.Node:
+    """buf with its kept rows first, then its rows K.. S (never read: q_idx < K), same shape.
+
+    Not the K kept rows alone: every call of a score_mod body must pass inputs of one shape
+    (inductor checks the body against each call), and the full-row layers keep calling it.
+    """
+    kept = b.slice_rows(buf, rows, geo)  # [.., K, ..]
+    rest = b.call(aten.slice.Tensor, (buf, rows.axis, geo.kept_len, geo.seq_len), like=buf)  # [.., S - K, ..]
+    whole = b.call(aten.cat.default, ([kept, rest], rows.axis), like=buf)  # [.., S, ..]
+    return b.call(torch.ops.vskip.materialized.default, (whole,), like=buf)  # a buffer, like the core's (vskip_compile.flex)

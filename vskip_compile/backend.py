@@ -94,6 +94,8 @@ class VSkipInductorPass(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         from vskip_compile.passes import run_passes
 
+        if _is_attention_body(graph):
+            return
         _check_rewritten(self.options, run_passes(graph, self.ctx))
 
     def uuid(self) -> str:
@@ -105,6 +107,15 @@ class VSkipInductorPass(CustomGraphPass):
             "source": _passes_source_hash(),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _is_attention_body(graph: torch.fx.Graph) -> bool:
+    """Flex attention's score_mod / mask_mod bodies, which inductor's post-grad passes visit
+    before the graph that calls them (the skip passes rewrite that caller). Their first inputs
+    are 0-d: (score,) batch, head, query and key index; a prefill graph's are weights and
+    activations."""
+    first = [n.meta.get("val") for n in list(graph.find_nodes(op="placeholder"))[:4]]
+    return len(first) == 4 and all(isinstance(v, torch.Tensor) and v.ndim == 0 for v in first)
 
 
 def _check_rewritten(options: Mapping[str, Any], result) -> None:

@@ -33,6 +33,7 @@ import inspect
 import torch
 from torch import nn
 
+from . import flex
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
 
@@ -128,12 +129,15 @@ class DecoderCore(nn.Module):
         logits_to_keep: int = 0,
         num_deepstack: int = 0,
         layout_inputs: bool = False,
+        attention: str = "sdpa",
     ):
         super().__init__()
         config = language_model.config
         layer_types = getattr(config, "layer_types", None) or ()
         if getattr(config, "use_sliding_window", False) and any(t != "full_attention" for t in layer_types):
             raise NotImplementedError("sliding-window attention layers are not supported by the vskip core")
+        if attention not in flex.ATTENTIONS:
+            raise ValueError(f"attention must be one of {flex.ATTENTIONS}, got {attention!r}")
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if num_deepstack > len(language_model.layers):
@@ -143,14 +147,17 @@ class DecoderCore(nn.Module):
         self.logits_to_keep = logits_to_keep
         self.num_deepstack = num_deepstack
         self.layout_inputs = layout_inputs
+        self.attention = attention
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
         self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
 
     @classmethod
     def from_model(
-        cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0, layout_inputs: bool = False
+        cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0, layout_inputs: bool = False,
+        attention: str = "sdpa",
     ) -> "DecoderCore":
-        return cls(adapter.language_model(model), adapter.lm_head(model), logits_to_keep, num_deepstack, layout_inputs)
+        return cls(adapter.language_model(model), adapter.lm_head(model), logits_to_keep, num_deepstack, layout_inputs,
+                   attention)
 
     @property
     def num_layers(self) -> int:
@@ -161,17 +168,27 @@ class DecoderCore(nn.Module):
         kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding)."""
         if self.layout_inputs:
             kept_index, kept_valid, attention_mask, *deepstack = rest
-            mask = padded_causal_mask(attention_mask)  # [B, 1, S, S]
             inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
         else:
             deepstack = rest
-            mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.device)  # [1, 1, S, S]
+            attention_mask = None
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
         recorder = _KVRecorder()
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
-        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack,
-                       self.cache_kw)
+        if self.attention == "flex":
+            if attention_mask is None:
+                attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
+            with flex.flex_attention_used(self.lm.config):
+                x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds), position_embeddings, recorder,
+                               self.experts_configs, deepstack, self.cache_kw)
+        else:
+            if attention_mask is None:
+                mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.device)  # [1, 1, S, S]
+            else:
+                mask = padded_causal_mask(attention_mask)  # [B, 1, S, S]
+            x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack,
+                           self.cache_kw)
         x = self.lm.norm(x)
         if self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]

@@ -14,21 +14,9 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-aten = torch.ops.aten
+from .attention_ops import FUSED_SDPA_OPS
 
-# Forward fused-SDPA kernels (the composite aten.scaled_dot_product_attention dispatches to
-# one of these, or to its math form, which is plain bmm and already counted).
-SDPA_OPS = tuple(
-    getattr(aten, name)
-    for name in (
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_fused_attention_overrideable",
-    )
-    if hasattr(aten, name)
-)
+aten = torch.ops.aten
 
 
 def sdpa_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, **kwargs: Any) -> int:
@@ -43,7 +31,7 @@ def sdpa_flops(query_shape, key_shape, value_shape, *args: Any, out_shape=None, 
 
 def flop_counter() -> FlopCounterMode:
     """A silent FlopCounterMode that also counts the fused SDPA kernels."""
-    return FlopCounterMode(display=False, custom_mapping={op: sdpa_flops for op in SDPA_OPS})
+    return FlopCounterMode(display=False, custom_mapping={op.overloadpacket: sdpa_flops for op in FUSED_SDPA_OPS})
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:

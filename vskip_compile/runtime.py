@@ -33,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .archs import PrefillInputs, adapter_for
 from .backend import vskip
 from .core import DecodeStep, DecoderCore, rope_position_ids
+from .flex import ATTENTIONS
 from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
@@ -250,6 +251,7 @@ class CompiledVLM:
         cache_size: int = 8,
         decode_bucket: int = DECODE_BUCKET,
         specialize: str | None = None,
+        attention: str = "sdpa",
     ):
         if backend not in BACKENDS:
             raise CompileError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -263,7 +265,16 @@ class CompiledVLM:
             raise CompileError(f"decode_bucket must be >= 1, got {decode_bucket}")
         if specialize not in SPECIALIZE:
             raise CompileError(f"specialize must be one of {SPECIALIZE}, got {specialize!r}")
+        if attention not in ATTENTIONS:
+            raise CompileError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        if attention == "flex" and backend == "inductor" and specialize is None and _device(model).type == "cpu":
+            raise CompileError(
+                "attention='flex' with backend='inductor' on CPU needs specialize='layout': torch 2.13's CPU flex "
+                "template miscompiles dynamic shapes (it renames size symbols by plain string replacement, "
+                "cpp_flex_attention_template.py); use a GPU, static graphs, or attention='sdpa'"
+            )
         self.specialize = specialize
+        self.attention = attention
         self.model = model
         self.plan = plan
         self.backend = backend
@@ -296,7 +307,8 @@ class CompiledVLM:
         core = self._cores.get(key)
         if core is None:  # setdefault is atomic: two threads racing here end up sharing one core
             layout_inputs = self.specialize is None
-            core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs)
+            core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs,
+                                          self.attention)
             core = self._cores.setdefault(key, core)
         return core
 
@@ -487,6 +499,10 @@ class CompiledVLM:
         )
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -631,6 +647,7 @@ def compile(
     cache_size: int = 8,
     decode_bucket: int = DECODE_BUCKET,
     specialize: str | None = None,
+    attention: str = "sdpa",
 ) -> CompiledVLM:
     """Compile `model` under `plan` (backend: "inductor", "eager" or "tensorrt"): the prefill
     skip-shaped, the decode step unmodified, both with that backend.
@@ -640,6 +657,8 @@ def compile(
     every layout, length and left padding (sequence and kept-row counts are symbolic); decode
     graphs per K/V capacity (prompt + new tokens, rounded up to decode_bucket) and batch size.
     specialize="layout" compiles a static prefill graph per layout instead (for comparison).
+    attention="flex" runs the prefill's attention as FlexAttention with its mask computed in the
+    kernel from per-row vectors (vskip_compile.flex): no S x S mask, for long contexts.
     """
     return CompiledVLM(model, plan, backend=backend, adapter=adapter, cache_size=cache_size, decode_bucket=decode_bucket,
-                       specialize=specialize)
+                       specialize=specialize, attention=attention)
