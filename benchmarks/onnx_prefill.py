@@ -76,7 +76,7 @@ def export(model, plan: SkipPlan, inputs: PrefillInputs, max_seq_len: int, path:
 
 def feeds(inputs: PrefillInputs, plan: SkipPlan) -> dict[str, "object"]:
     """The polymorphic prefill's inputs by name (the layout as data, as OnnxRunner computes it)."""
-    kept_index, kept_valid = host.kept_inputs(inputs.layout, plan.scope)
+    kept_index, kept_valid = host.kept_inputs(inputs.layout, plan.scope, rows=plan.rows)
     mask = torch.ones(1, inputs.layout.seq_len, dtype=torch.bool).numpy()
     return {"inputs_embeds": inputs.inputs_embeds.numpy(), "position_ids": inputs.position_ids.numpy(),
             "kept_index": kept_index, "kept_valid": kept_valid, "attention_mask": mask,

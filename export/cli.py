@@ -2,6 +2,8 @@
 
     vskip export --model MODEL_DIR --plan plan.json --image cat.png --prompt "What is it?" --out engine/
     vskip run --engine engine/ --image dog.png --prompt "What is it?"
+    vskip run --engine engine/ --video clip.mp4 --prompt "What happens?"        # PyAV: the video extra
+    vskip run --engine engine/ --video f0.png,f1.png,f2.png,f3.png --prompt "What happens?"   # a frame list
 
 Both need a local Hugging Face model directory with its processor (`run` reads only the
 processor and config.json from it; the default is the directory the engine was exported from).
@@ -37,16 +39,37 @@ def load_model(model_dir: Path):
     return load(model_dir, dtype=torch.float32)
 
 
-def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_dir: Path | None = None) -> dict[str, Any]:
-    """Processor outputs for one chat turn: the images, then the prompt."""
+def video_source(arg: str) -> str | list[str]:
+    """A --video argument: a video file, or comma-separated frame image files."""
+    return arg.split(",") if "," in arg else arg
+
+
+def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_dir: Path | None = None,
+                 videos: list[str] | None = None, max_frames: int | None = None) -> dict[str, Any]:
+    """Processor outputs for one chat turn: the images, the videos (--video: a file or a
+    comma-separated frame list, vskip_compile.video), then the prompt."""
     from PIL import Image, UnidentifiedImageError
 
+    videos = list(videos or [])
+    where = f"{model_dir}: " if model_dir is not None else ""
     if getattr(processor, "chat_template", None) is None:
-        where = f"{model_dir}: " if model_dir is not None else ""
         raise ModelDirError(f"{where}the processor has no chat template (chat_template.jinja); "
                             "vskip export/run build prompts with it")
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos] + [{"type": "text", "text": prompt}]
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    from .. import video as video_mod
+
+    loaded = []
+    if videos:
+        video_token = getattr(processor, "video_token", None)
+        if video_token is None or text.count(video_token) != len(videos):
+            raise ModelDirError(f"{where}the chat template writes no video placeholder ({video_token}) for a "
+                                "{'type': 'video'} content part; this model directory takes no --video")
+        for arg in videos:
+            try:
+                loaded.append(video_mod.load_video(video_source(arg), max_frames or video_mod.MAX_FRAMES))
+            except video_mod.VideoError as e:
+                raise video_mod.VideoError(f"--video {arg}: {e}") from e
     pictures = []
     for path in images:
         try:
@@ -54,7 +77,7 @@ def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_
                 pictures.append(im.convert("RGB"))
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise ImageError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from e
-    return dict(processor(text=[text], images=pictures or None, return_tensors=tensors))
+    return video_mod.process(processor, text, pictures, loaded, tensors)
 
 
 # -- vskip export -------------------------------------------------------------------------------
@@ -70,6 +93,10 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory (with its processor)")
     p.add_argument("--plan", required=True, metavar="plan.json", help="a skip plan (vskip plan show/validate)")
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an example image (repeatable)")
+    p.add_argument("--video", action="append", default=[], metavar="VIDEO",
+                   help="an example video: a file (PyAV) or comma-separated frame images (repeatable); "
+                        "exports the vision graph of its grid")
+    p.add_argument("--max-frames", type=_pos_int, default=32, help="frames kept from a video file (default 32)")
     p.add_argument("--prompt", required=True, help="the example prompt (text after the images)")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory to create or extend")
     p.add_argument("--max-seq-len", type=_pos_int, help="longest prompt in tokens the engine serves (default 1024)")
@@ -95,7 +122,7 @@ def run_export(args: argparse.Namespace) -> int:
     with console.status("loading the model and processor") as status:
         processor = load_processor(model_dir)
         model = load_model(model_dir)
-        inputs = build_inputs(processor, args.image, args.prompt, "pt", model_dir)
+        inputs = build_inputs(processor, args.image, args.prompt, "pt", model_dir, args.video, args.max_frames)
 
         def progress(message: str) -> None:
             console.log(message)
@@ -127,6 +154,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--engine", required=True, metavar="DIR", help="engine directory")
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an image (repeatable)")
+    p.add_argument("--video", action="append", default=[], metavar="VIDEO",
+                   help="a video file (decoded with PyAV: pip install 'vskip-compile[video]') or comma-separated "
+                        "frame images (repeatable; after the images in the prompt)")
+    p.add_argument("--max-frames", type=_pos_int, default=32, help="frames kept from a video file, sampled uniformly (default 32)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", metavar="DIR", help="model directory for the processor (default: the one exported from)")
     p.add_argument("--max-new-tokens", type=_pos_int, default=32)
@@ -150,7 +181,7 @@ def run_run(args: argparse.Namespace) -> int:
     expect = {"config_hash": config_hash(hf_text_config(_check_model_dir(model_dir)))}
     runner = OnnxRunner(args.engine, providers=args.provider, expect_model=expect)
     processor = load_processor(model_dir)
-    inputs = build_inputs(processor, args.image, args.prompt, "np", model_dir)
+    inputs = build_inputs(processor, args.image, args.prompt, "np", model_dir, args.video, args.max_frames)
     ids = runner.generate(**inputs, max_new_tokens=args.max_new_tokens)
     prompt_len = inputs["input_ids"].shape[1]
     print(processor.batch_decode(ids[:, prompt_len:], skip_special_tokens=True)[0].strip())

@@ -5,7 +5,7 @@ and from vskip_compile (kept_rows, runtime) without torch.
 - the visual layout of input_ids, and the layout as data the prefill graph takes: kept-row
   indices and validity (twin of vskip_compile.kept_rows.kept_inputs), left padding and
   per-row rebased positions (twin of vskip_compile.runtime.rebase_positions),
-- Qwen M-RoPE position ids (`get_rope_index`, images),
+- Qwen M-RoPE position ids (`get_rope_index`: images, Qwen2.5-VL and Qwen3-VL videos),
 - LLaVA-NeXT any-resolution bookkeeping (views per image, unpadding, newline rows),
 - scattering vision features into the image-token rows (HF's masked_scatter order).
 
@@ -25,10 +25,12 @@ from ..layout import LayoutError, VisualLayout
 MIN_ROWS = 2  # vskip_compile.kept_rows.MIN_ROWS: smallest S and K of a polymorphic prefill
 
 
-def layout_of(input_ids: np.ndarray, visual_ids: Sequence[int]) -> VisualLayout:
-    """Visual spans of input_ids [B, S] (rows whose token is one of visual_ids), per batch row."""
-    mask = np.isin(input_ids, np.asarray(visual_ids))  # [B, S] bool
-    return VisualLayout.from_masks(mask.tolist())
+def layout_of(input_ids: np.ndarray, visual_ids: Sequence[int], video_ids: Sequence[int] = ()) -> VisualLayout:
+    """Visual spans of input_ids [B, S] (rows whose token is one of visual_ids) and their kind
+    (video where the token is one of video_ids), per batch row (Adapter.layout)."""
+    codes = np.isin(input_ids, np.asarray(visual_ids)).astype(np.int64)  # [B, S]: 0 text, 1 image, 2 video
+    codes[np.isin(input_ids, np.asarray(list(video_ids), dtype=np.int64))] = 2
+    return VisualLayout.from_codes(codes.tolist())
 
 
 # -- layout as data ---------------------------------------------------------------------------
@@ -46,21 +48,22 @@ def left_padding(attention_mask: np.ndarray | None, batch: int) -> list[int]:
     return pads
 
 
-def kept_inputs(layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None
-                ) -> tuple[np.ndarray, np.ndarray]:
+def kept_inputs(layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None,
+                rows: str = "visual") -> tuple[np.ndarray, np.ndarray]:
     """(kept_index [B, K] int64, kept_valid [B, K] bool), K = max(MIN_ROWS, most kept rows):
     per row the rows a skipped operator computes (not visual, or with scope
     'prefix_through_visual' after the last visual row, and not left padding), padded with the
-    row's first frozen row (valid False). Same arrays as kept_rows.kept_inputs."""
+    row's first frozen row (valid False); `rows` selects the modality a plan freezes. Same arrays
+    as kept_rows.kept_inputs."""
     if pads is not None and len(pads) != layout.batch_size:
         raise LayoutError(f"{len(pads)} padding counts for a batch of {layout.batch_size} rows")
     if layout.seq_len < MIN_ROWS:
         raise LayoutError(f"a polymorphic prefill needs S >= {MIN_ROWS} rows, got {layout.seq_len} (pad on the left)")
     kept, fillers = [], []
-    for r, spans in enumerate(layout.spans):
+    for r in range(layout.batch_size):
         frozen = np.zeros(layout.seq_len, bool)  # [S]
         frozen[: pads[r] if pads else 0] = True
-        for a, b in VisualLayout(layout.seq_len, (spans,)).frozen_spans(scope):
+        for a, b in layout.row(r).frozen_spans(scope, rows):
             frozen[a:b] = True
         kept.append(np.flatnonzero(~frozen))
         fillers.append(int(np.argmax(frozen)))  # first frozen row (0 when none: then no filler is needed)
@@ -81,6 +84,15 @@ def rebase_positions(position_ids: np.ndarray, pads: Sequence[int]) -> np.ndarra
     return np.where(real, position_ids - start, 0)
 
 
+def last_positions(position_ids: np.ndarray) -> np.ndarray:
+    """Per row, the largest prompt position (every M-RoPE axis): where HF's decode continues
+    from (runtime.last_positions). [B, S] -> [B, 1]; [3, B, S] -> [3, B, 1]."""
+    if position_ids.ndim == 2:
+        return position_ids.max(axis=-1, keepdims=True)  # [B, 1]
+    top = position_ids.max(axis=(0, 2), keepdims=True)  # [1, B, 1]
+    return np.broadcast_to(top, (position_ids.shape[0],) + top.shape[1:]).copy()  # [3, B, 1]
+
+
 # -- Qwen M-RoPE ------------------------------------------------------------------------------
 def mrope_position_ids(
     input_ids: np.ndarray,
@@ -88,18 +100,27 @@ def mrope_position_ids(
     image_grid_thw: np.ndarray | None,
     spatial_merge_size: int,
     attention_mask: np.ndarray | None = None,
+    video_grid_thw: np.ndarray | None = None,
+    second_per_grid_ts: np.ndarray | None = None,
+    tokens_per_second: int | None = None,
+    split_video_frames: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen2.5-VL / Qwen3-VL `get_rope_index` for text and images (same rule for both):
-    returns (position_ids [3, B, S] int64, rope deltas [B, 1] int64).
+    """Qwen2.5-VL / Qwen3-VL `get_rope_index` for text, images and videos: returns
+    (position_ids [3, B, S] int64, rope deltas [B, 1] int64).
 
-    A text run continues 1-D positions on all three axes; an image of grid (t, h, w) gets
-    (t_index, row, col) over its merged (h/m, w/m) grid, offset by the running position, and
-    advances it by max(h, w) / m. Padding rows (attention_mask 0) get position 0.
+    A text run continues 1-D positions on all three axes; a visual run of grid (t, h, w) gets
+    (t_index * interval, row, col) over its merged (h/m, w/m) grid, offset by the running
+    position, and advances it by max(h, w) / m. Images: interval 1. Qwen2.5-VL videos
+    (tokens_per_second given): interval tokens_per_second * second_per_grid_ts[video] (1 s when
+    not given), truncated to an int as HF's `.long()` does. Qwen3-VL videos (split_video_frames):
+    each video grid is t grids of one frame, one per run of video tokens (frames come between
+    timestamp text). Padding rows (attention_mask 0) get position 0.
     """
     batch, seq_len = input_ids.shape
     position_ids = np.zeros((3, batch, seq_len), dtype=np.int64)
     deltas = np.zeros((batch, 1), dtype=np.int64)
-    grids = iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist())
+    grids = {1: iter([] if image_grid_thw is None else np.asarray(image_grid_thw).tolist()), 2: iter(_video_grids(
+        video_grid_thw, second_per_grid_ts, tokens_per_second, split_video_frames))}
     for b in range(batch):
         keep = np.ones(seq_len, bool) if attention_mask is None else np.asarray(attention_mask[b]).astype(bool)
         types = np.asarray(mm_token_type_ids[b])[keep].tolist()
@@ -110,20 +131,42 @@ def mrope_position_ids(
                 chunks.append(np.broadcast_to(np.arange(pos, pos + n), (3, n)))
                 pos += n
                 continue
-            if kind != 1:
-                raise ValueError("video tokens (mm_token_type_ids == 2) are not supported by the ONNX runner")
-            t, h, w = next(grids)
+            if kind not in grids:
+                raise ValueError(f"mm_token_type_ids value {kind}; expected 0 (text), 1 (image) or 2 (video)")
+            what = "image" if kind == 1 else "video"
+            grid = next(grids[kind], None)
+            if grid is None:
+                raise ValueError(f"input_ids hold more {what} runs than the {what} grids given")
+            (t, h, w), interval = grid if kind == 2 else (grid, 1)
             gh, gw = h // spatial_merge_size, w // spatial_merge_size
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
+            temporal = (np.arange(t, dtype=np.float32 if isinstance(interval, float) else np.int64) * interval)
+            tt, hh, ww = np.meshgrid(temporal.astype(np.int64), np.arange(gh), np.arange(gw), indexing="ij")
             chunk = np.stack([tt.ravel() + pos, hh.ravel() + pos, ww.ravel() + pos])  # [3, t*gh*gw]
             if chunk.shape[1] != n:
-                raise ValueError(f"an image of grid {(t, h, w)} has {chunk.shape[1]} tokens, input_ids hold {n}")
+                raise ValueError(f"an {what} of grid {(t, h, w)} has {chunk.shape[1]} tokens, input_ids hold {n}")
             chunks.append(chunk)
             pos += max(h, w) // spatial_merge_size
         llm = np.concatenate(chunks, axis=1) if chunks else np.zeros((3, 0), np.int64)
         position_ids[:, b, keep] = llm
         deltas[b, 0] = (llm.max() + 1 if llm.size else 0) - len(types)
     return position_ids, deltas
+
+
+def _video_grids(video_grid_thw, second_per_grid_ts, tokens_per_second, split_frames: bool):
+    """Per run of video tokens, its ((t, h, w), temporal interval), in order (see mrope_position_ids)."""
+    if video_grid_thw is None:
+        return []
+    grids = np.asarray(video_grid_thw).tolist()
+    if split_frames:  # Qwen3-VL: a (t, h, w) video is t one-frame grids
+        return [((1, h, w), 1) for t, h, w in grids for _ in range(t)]
+    if tokens_per_second is None:
+        raise ValueError("Qwen2.5-VL video positions need tokens_per_second (vision_config)")
+    if second_per_grid_ts is None:
+        return [(tuple(g), tokens_per_second) for g in grids]  # HF: 1 second per grid when not given
+    seconds = np.asarray(second_per_grid_ts, dtype=np.float32).tolist()
+    if len(seconds) != len(grids):
+        raise ValueError(f"{len(seconds)} second_per_grid_ts values for {len(grids)} videos")
+    return [(tuple(g), float(np.float32(tokens_per_second) * np.float32(s))) for g, s in zip(grids, seconds)]
 
 
 # -- LLaVA-NeXT any-resolution ------------------------------------------------------------------

@@ -76,7 +76,7 @@ def version(pkg: str) -> str | None:
         return None
 
 
-plan_id = mf.plan_id  # the part of a plan that decides the graphs (ops and scope)
+plan_id = mf.plan_id  # the part of a plan that decides the graphs (ops, scope, rows)
 
 
 def collect(
@@ -153,6 +153,7 @@ def collect(
     runtime = {
         "family": adapter.name,
         "image_token_id": adapter.image_token_id(model),
+        "video_token_id": adapter.video_token_id(model),
         "visual_token_ids": list(adapter.visual_token_ids(model)),
         "position": "mrope" if mrope else "1d",
         "num_deepstack": num_deepstack,

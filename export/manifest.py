@@ -54,8 +54,13 @@ def _listed_files(out_dir: Path) -> list[str]:
 
 
 def plan_id(plan: SkipPlan) -> dict[str, Any]:
-    """The part of a plan that decides the graphs (ops and scope), for same-plan checks."""
-    return {"ops": list(plan.ops), "scope": plan.scope}
+    """The part of a plan that decides the graphs (ops, scope, rows), for same-plan checks.
+    `rows` only when it is not the default "visual": engines exported before plans had it
+    keep their plan id."""
+    out: dict[str, Any] = {"ops": list(plan.ops), "scope": plan.scope}
+    if plan.rows != "visual":
+        out["rows"] = plan.rows
+    return out
 
 
 def content_hash(manifest: Mapping[str, Any]) -> str:

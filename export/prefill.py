@@ -64,7 +64,7 @@ def symbolic_axes(input_names: list[str], mrope: bool) -> dict[str, dict[int, st
     return axes
 
 
-def example_args(p: PrefillInputs, scope: str) -> tuple[torch.Tensor, ...]:
+def example_args(p: PrefillInputs, scope: str, rows: str = "visual") -> tuple[torch.Tensor, ...]:
     """The program's inputs for unpadded prefill inputs p, batch widened to 2 by repeating
     row 0 (traced at batch 1, torch would specialize the batch axis to 1)."""
     if p.layout.seq_len < MIN_ROWS:
@@ -73,8 +73,8 @@ def example_args(p: PrefillInputs, scope: str) -> tuple[torch.Tensor, ...]:
     def two_rows(x: torch.Tensor, axis: int) -> torch.Tensor:  # batch row 0, twice: [.., 2, ..]
         return torch.cat([x.narrow(axis, 0, 1)] * 2, dim=axis).detach()
 
-    layout = VisualLayout(p.layout.seq_len, (p.layout.spans[0],) * 2)
-    kept_index, kept_valid = kept_inputs(layout, scope, device=p.inputs_embeds.device)  # [2, K]
+    layout = VisualLayout(p.layout.seq_len, (p.layout.spans[0],) * 2, (p.layout.kinds[0],) * 2)
+    kept_index, kept_valid = kept_inputs(layout, scope, device=p.inputs_embeds.device, rows=rows)  # [2, K]
     mask = torch.ones(2, p.layout.seq_len, dtype=torch.bool, device=p.inputs_embeds.device)  # [2, S]
     deepstack = tuple(two_rows(d, 0) for d in p.deepstack or ())
     return (two_rows(p.inputs_embeds, 0), two_rows(p.position_ids, p.position_ids.ndim - 2), kept_index, kept_valid,
@@ -87,7 +87,7 @@ def prefill_graph(model, adapter: Adapter, plan: SkipPlan, example: PrefillInput
         raise LayoutError(f"max_seq_len={max_seq_len} is below the example prompt's {example.layout.seq_len} rows")
     n_ds = len(example.deepstack or ())
     core = DecoderCore.from_model(model, adapter, logits_to_keep=1, num_deepstack=n_ds, layout_inputs=True).eval()
-    args = example_args(example, plan.scope)
+    args = example_args(example, plan.scope, plan.rows)
     in_names, out_names = io_names(core.num_layers, n_ds)
     axes = symbolic_axes(in_names, mrope=example.position_ids.ndim == 3)
     ranges = {"batch": (1, MAX_BATCH), "seq_len": (MIN_ROWS, max_seq_len), "kept": (MIN_ROWS, max_seq_len)}

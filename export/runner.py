@@ -152,25 +152,30 @@ class OnnxRunner:
         return session.run(None, dict(zip(names, arrays)))
 
     # -- vision -----------------------------------------------------------------------------------
-    def _vision(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """All images' LM rows [N, D] (in order) and DeepStack rows (one [N, D] per level)."""
+    def _vision(self, inputs: dict[str, np.ndarray], video: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """All images' (or, video=True, all videos') LM rows [N, D] (in order) and DeepStack
+        rows (one [N, D] per level)."""
         vis = self.rt["vision"]
-        pixels = inputs["pixel_values"]
+        pixels = inputs["pixel_values_videos" if video else "pixel_values"]
         feats: list[np.ndarray] = []
         deep: list[list[np.ndarray]] = []
         if vis["kind"] == "qwen":
-            grids = inputs.get("image_grid_thw")
+            grid_key = "video_grid_thw" if video else "image_grid_thw"
+            grids = inputs.get(grid_key)
             if grids is None:
-                raise mf.EngineError("Qwen inputs with pixel_values need image_grid_thw")
+                raise mf.EngineError(f"Qwen inputs with {'pixel_values_videos' if video else 'pixel_values'} need {grid_key}")
             start = 0
             for t, h, w in grids.tolist():
                 n = t * h * w
-                key = f"grid{t}x{h}x{w}"
-                out = self._run(self._graph("vision", key, f"image grid {(t, h, w)}"), ["pixel_values"],
+                key = f"grid{t}x{h}x{w}"  # one graph per grid: the vision tower treats images and videos alike
+                what = f"{'video' if video else 'image'} grid {(t, h, w)}"
+                out = self._run(self._graph("vision", key, what), ["pixel_values"],
                                 [pixels[start : start + n].astype(self.dtype, copy=False)])
                 feats.append(out[0])
                 deep.append(out[1:])
                 start += n
+        elif video:
+            raise mf.EngineError(f"video inputs: the {vis['kind']} vision graphs of {self.dir} take images only")
         elif vis["kind"] == "llava":
             for i in range(pixels.shape[0]):
                 key = "image{}x{}x{}".format(*pixels.shape[1:])
@@ -215,38 +220,49 @@ class OnnxRunner:
         (S' = S, or MIN_ROWS for a shorter prompt, padded on the left). Exposed for tests and
         benchmarks."""
         arr = {k: _to_numpy(v) for k, v in inputs.items() if v is not None}
-        if "pixel_values_videos" in arr:
-            raise mf.EngineError("video inputs are not supported by the ONNX runner")
+        video_id = self.rt.get("video_token_id")
+        if "pixel_values_videos" in arr and (video_id is None or "video" not in self.rt["vision"]):
+            raise mf.EngineError(f"{self.dir}: this engine takes no video inputs (exported before video support, or "
+                                 "for a model without video tokens); export it again")
         self.check(arr["input_ids"])
         arr = _pad_to_min_rows(arr)
         ids = arr["input_ids"].astype(np.int64)  # [B, S]
         batch, seq_len = ids.shape
         pads = host.left_padding(arr.get("attention_mask"), batch)
-        layout = host.layout_of(ids, self.rt["visual_token_ids"])
+        layout = host.layout_of(ids, self.rt["visual_token_ids"], () if video_id is None else (video_id,))
 
         embeds = np.asarray(self.embed[ids], dtype=self.dtype)  # [B, S, D]
         deepstack = [np.zeros_like(embeds) for _ in range(self.rt["num_deepstack"])]
-        if "pixel_values" in arr:
-            rows, levels = self._vision(arr)
-            image_rows = ids == self.rt["image_token_id"]  # [B, S]
-            embeds = host.scatter_rows(embeds, image_rows, rows)
-            deepstack = [host.scatter_rows(d, image_rows, lv) for d, lv in zip(deepstack, levels)]
+        for key, token, video in (("pixel_values", self.rt["image_token_id"], False),
+                                  ("pixel_values_videos", video_id, True)):
+            if key in arr:  # images, then videos: each scattered into its own token's rows (HF's order)
+                rows, levels = self._vision(arr, video)
+                token_rows = ids == token  # [B, S]
+                embeds = host.scatter_rows(embeds, token_rows, rows)
+                deepstack = [host.scatter_rows(d, token_rows, lv) for d, lv in zip(deepstack, levels)]
         real = np.arange(seq_len)[None, :] >= np.asarray(pads)[:, None]  # [B, S], False at left padding
         if self.rt["position"] == "mrope":
             mm = arr.get("mm_token_type_ids")
-            mm = (ids == self.rt["image_token_id"]).astype(np.int64) if mm is None else mm
-            positions, _ = host.mrope_position_ids(ids, mm, arr.get("image_grid_thw"),
-                                                   self.rt["vision"]["spatial_merge_size"], real)  # [3, B, S]
+            if mm is None:
+                mm = (ids == self.rt["image_token_id"]).astype(np.int64) + 2 * (ids == video_id).astype(np.int64)
+            video_pos = self.rt["vision"].get("video", {})
+            positions, _ = host.mrope_position_ids(
+                ids, mm, arr.get("image_grid_thw"), self.rt["vision"]["spatial_merge_size"], real,
+                video_grid_thw=arr.get("video_grid_thw"), second_per_grid_ts=arr.get("second_per_grid_ts"),
+                tokens_per_second=video_pos.get("tokens_per_second"),
+                split_video_frames=bool(video_pos.get("split_frames")))  # [3, B, S]
         else:
             positions = np.tile(np.arange(seq_len, dtype=np.int64), (batch, 1))  # [B, S]
         positions = host.rebase_positions(positions, pads)
-        kept_index, kept_valid = host.kept_inputs(layout, self.manifest["plan_id"]["scope"], pads)  # [B, K]
+        plan_id = self.manifest["plan_id"]
+        kept_index, kept_valid = host.kept_inputs(layout, plan_id["scope"], pads, plan_id.get("rows", "visual"))  # [B, K]
         session = self._graph("prefill", PREFILL_KEY, "every layout")
         out = self._run(session, self.prefill_graph["inputs"],
                         [embeds, positions, kept_index, kept_valid, real, *deepstack])
-        # Decode step t sits at the last prompt position + 1 + t on every axis, as HF generate
-        # moves position ids on (M-RoPE: each of the 3 axes from its own last value).
-        return {"logits": out[0], "kv": out[1:], "next_position": positions[..., -1:] + 1, "pads": pads, "layout": layout}
+        # Decode step t sits at the largest prompt position + 1 + t on every axis, as HF generate
+        # moves position ids on (its rope deltas; runtime.last_positions).
+        return {"logits": out[0], "kv": out[1:], "next_position": host.last_positions(positions) + 1, "pads": pads,
+                "layout": layout}
 
     def generate(
         self,

@@ -1,11 +1,13 @@
-"""Vision encoders as static graphs: one graph per image shape, keyed for the runner.
+"""Vision encoders as static graphs: one graph per image shape (Qwen: per (t, h, w) grid, which
+images and videos share), keyed for the runner.
 
 Each graph maps the pixels of ONE image to its language-model rows (projector / merger
 included) and, for Qwen3-VL, its DeepStack features. Per-image graphs keep every dimension a
 number; the runner runs them image by image and concatenates, which is what HF computes
 (vision attention never crosses images).
 
-- Qwen2.5-VL / Qwen3-VL: pixels [t*h*w, C*T*p*p] of a (t, h, w) patch grid. The grid-derived
+- Qwen2.5-VL / Qwen3-VL: pixels [t*h*w, C*T*p*p] of a (t, h, w) patch grid (an image: t = 1;
+  a video of t temporal patches: its cu_seqlens block attention per patch). The grid-derived
   index tensors (rotary positions, window order, position-embedding interpolation, cu_seqlens)
   are computed here with transformers' own `vision_utils` helpers and baked in as constants
   (transformers 5.24 accepts them precomputed). The per-window SDPA loop of HF's vision
@@ -118,9 +120,12 @@ class _QwenVision(nn.Module):
         return (out.pooler_output, *(getattr(out, "deepstack_features", None) or ()))
 
 
-def _qwen_graphs(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[VisionGraph]:
+def _qwen_graphs(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor,
+                 graphs: dict[str, VisionGraph] | None = None) -> list[VisionGraph]:
+    """One graph per distinct (t, h, w) grid; images and videos share them (a video of t
+    temporal patches is one grid, its attention blocked per patch by cu_seqlens)."""
     visual = model.model.visual
-    graphs: dict[str, VisionGraph] = {}
+    graphs = {} if graphs is None else graphs
     start = 0
     for t, h, w in image_grid_thw.tolist():
         n = t * h * w
@@ -179,13 +184,20 @@ def _llava_next_graphs(model, pixel_values: torch.Tensor, image_sizes: torch.Ten
 
 # -- entry points -----------------------------------------------------------------------------
 def vision_graphs(model, adapter: Adapter, hf_inputs: dict[str, Any]) -> list[VisionGraph]:
-    """The vision graphs the images of hf_inputs need (none without pixel_values)."""
+    """The vision graphs the images and videos of hf_inputs need (none without pixel values)."""
     pixel_values = hf_inputs.get("pixel_values")
-    if pixel_values is None:
-        return []
     family = adapter.name
     if family in ("qwen2_5_vl", "qwen3_vl"):
-        return _qwen_graphs(model, pixel_values, torch.as_tensor(hf_inputs["image_grid_thw"]))
+        graphs: dict[str, VisionGraph] = {}
+        if pixel_values is not None:
+            _qwen_graphs(model, pixel_values, torch.as_tensor(hf_inputs["image_grid_thw"]), graphs)
+        if hf_inputs.get("pixel_values_videos") is not None:
+            _qwen_graphs(model, hf_inputs["pixel_values_videos"], torch.as_tensor(hf_inputs["video_grid_thw"]), graphs)
+        return list(graphs.values())
+    if hf_inputs.get("pixel_values_videos") is not None:
+        raise NotImplementedError(f"no ONNX video vision export for architecture family {family!r}")
+    if pixel_values is None:
+        return []
     if family == "llava":
         return _llava_graphs(model, pixel_values)
     if family == "llava_next":
@@ -203,8 +215,12 @@ def exporting(model, adapter: Adapter):
 def host_info(model, adapter: Adapter) -> dict[str, Any]:
     """What the runner needs to run the vision graphs and merge their output, as JSON."""
     cfg = model.config
-    if adapter.name in ("qwen2_5_vl", "qwen3_vl"):
-        return {"kind": "qwen", "spatial_merge_size": int(model.model.visual.spatial_merge_size)}
+    if adapter.name == "qwen2_5_vl":  # videos: frames spaced by tokens_per_second * second_per_grid_ts
+        video = {"tokens_per_second": int(cfg.vision_config.tokens_per_second), "split_frames": False}
+        return {"kind": "qwen", "spatial_merge_size": int(model.model.visual.spatial_merge_size), "video": video}
+    if adapter.name == "qwen3_vl":  # videos: one grid per frame, frames between timestamp text
+        video = {"tokens_per_second": None, "split_frames": True}
+        return {"kind": "qwen", "spatial_merge_size": int(model.model.visual.spatial_merge_size), "video": video}
     if adapter.name == "llava":
         return {"kind": "llava"}
     if adapter.name == "llava_next":

@@ -198,8 +198,8 @@ class IndexGeometry:
 def geometry(graph: fx.Graph, ctx: PassContext) -> Geometry | IndexGeometry:
     """The static layout's spans, or (layout as data) the graph's kept-row marker."""
     if ctx.layout is not None:
-        lay, scope = ctx.layout, ctx.plan.scope
-        return Geometry(lay.seq_len, lay.kept_spans(scope), lay.frozen_spans(scope))
+        lay, scope, rows = ctx.layout, ctx.plan.scope, ctx.plan.rows
+        return Geometry(lay.seq_len, lay.kept_spans(scope, rows), lay.frozen_spans(scope, rows))
     markers = [n for n in graph.nodes if is_kept_rows_marker(n)]
     if len(markers) != 1:
         raise SkipPassError(

@@ -60,7 +60,7 @@ GOOD = {"version": 1, "num_layers": 2, "ops": ["full", "skip_attn"]}
 PLAN_CASES = {
     "version-true": ({**GOOD, "version": True}, "version True"),
     "version-string": ({**GOOD, "version": "1"}, "version '1'"),
-    "version-2": ({**GOOD, "version": 2}, "version 2"),
+    "version-3": ({**GOOD, "version": 3}, "version 3"),  # 1 (migrated) and 2 are read
     "version-float": ({**GOOD, "version": 1.0}, "version 1.0"),
     "num_layers-true": ({**GOOD, "num_layers": True, "ops": ["full"]}, "num_layers"),
     "num_layers-0": ({**GOOD, "num_layers": 0, "ops": []}, "num_layers"),

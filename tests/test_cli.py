@@ -132,9 +132,9 @@ def test_plan_validate_refusals(capsys, tmp_path):
     code, _, err = run(capsys, "plan", "validate", PRESET20, "--config", str(cfg))
     assert code == 2 and "made for architecture" in err
     bad = tmp_path / "plan.json"
-    bad.write_text(json.dumps({"version": 2, "num_layers": 1, "ops": ["full"]}))
+    bad.write_text(json.dumps({"version": 3, "num_layers": 1, "ops": ["full"]}))  # 1 and 2 are read (issue 18)
     code, _, err = run(capsys, "plan", "validate", str(bad))
-    assert code == 2 and "unknown plan version 2" in err
+    assert code == 2 and "unknown plan version 3" in err
 
 
 def test_console_script_and_python_m():

@@ -12,6 +12,10 @@ the plan, their ratio ("realized"), and peak resident memory per variant.
 
 The eager gather variant is the authors' style (GitHub zayan-l/OpSkip): index_select the kept
 rows before the query path / FFN, index_add the updates back; K/V on every row.
+
+Video cases (`frames`): N frames of T visual tokens each, one video span per frame with
+FRAME_GAP text rows between frames (Qwen3-VL writes `<vision_end> <timestamp> <vision_start>`
+there), so V = N * T video rows and S = V + text + (N - 1) * FRAME_GAP.
 """
 
 from __future__ import annotations
@@ -53,6 +57,22 @@ MODELS = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The default plan of the benchmark: one layer each of the op mixes the paper's plans use.
 DEFAULT_OPS = ("skip_attn", "skip_both")
+FRAME_GAP = 3  # text rows between two frames of a video case
+DEFAULT_FRAME_TOKENS = 256  # visual tokens per frame of a video case (Qwen3-VL-8B at 512 x 512 px per 2 frames)
+
+
+def case_layout(visual: int, text: int, frames: int | None = None, frame_tokens: int = DEFAULT_FRAME_TOKENS
+                ) -> VisualLayout:
+    """The layout of one benchmark case: `visual` image rows after up to 8 text rows (a system
+    prompt), the rest of the text after them; or, with `frames`, a video of frames x
+    frame_tokens rows in one span per frame, FRAME_GAP text rows apart (`visual` unused)."""
+    before = min(8, text - 1)  # text rows before the visual ones; the rest after them
+    if frames is None:
+        return VisualLayout.single(visual + text, [(before, before + visual)])
+    step = frame_tokens + FRAME_GAP
+    spans = [(before + i * step, before + i * step + frame_tokens) for i in range(frames)]
+    seq_len = frames * frame_tokens + (frames - 1) * FRAME_GAP + text
+    return VisualLayout.single(seq_len, spans, kinds=["video"] * frames)
 
 
 def build_text_model(spec: BenchModel, layers: int, vocab: int = 256) -> tuple[nn.Module, nn.Module]:
@@ -115,7 +135,7 @@ class GatherPrefill(nn.Module):
     def __init__(self, lm: nn.Module, head: nn.Module, plan: SkipPlan, layout: VisualLayout):
         super().__init__()
         self.lm, self.head, self.plan = lm, head, plan
-        kept = [r for a, b in layout.kept_spans(plan.scope) for r in range(a, b)]
+        kept = [r for a, b in layout.kept_spans(plan.scope, plan.rows) for r in range(a, b)]
         self.register_buffer("kept", torch.tensor(kept, dtype=torch.long), persistent=False)
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -141,7 +161,7 @@ class ReferencePrefill(nn.Module):
     def __init__(self, core: DecoderCore, plan: SkipPlan, layout: VisualLayout):
         super().__init__()
         self.core, self.plan = core, plan
-        self.frozen = layout.frozen_spans(plan.scope)
+        self.frozen = layout.frozen_spans(plan.scope, plan.rows)
 
     def forward(self, *args):
         zero = lambda module, inputs, output: reference._zero_rows(output, self.frozen)  # noqa: E731
@@ -202,17 +222,18 @@ def _time_once(fn: Callable[[], object], device: torch.device) -> tuple[float, i
 
 
 def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: int, ops: tuple[str, ...],
-               log: Callable[[str], None] = print, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """Interleaved medians of the five variants for one (model, size)."""
+               log: Callable[[str], None] = print, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               frames: int | None = None, frame_tokens: int = DEFAULT_FRAME_TOKENS) -> dict:
+    """Interleaved medians of the five variants for one (model, size); a video case with
+    `frames` (see case_layout)."""
     torch._dynamo.reset()  # each case compiles DecoderCore.forward 3 times: stay clear of Dynamo's recompile limit
     torch.manual_seed(0)
     device = torch.device(device)
     lm, head = build_text_model(spec, layers)
     lm, head = lm.to(device, dtype), head.to(device, dtype)
     plan = SkipPlan.from_ops((ops * layers)[:layers], name="bench")
-    before = min(8, text - 1)  # text rows before the image (a system prompt); the rest after it
-    S = visual + text
-    layout = VisualLayout.single(S, [(before, before + visual)])
+    layout = case_layout(visual, text, frames, frame_tokens)
+    S, visual = layout.seq_len, layout.num_visual
     x = (torch.randn(1, S, spec.hidden) * 0.02).to(device, dtype)
     pos = _position_ids(spec, S).to(device)
 
@@ -224,7 +245,7 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
                                options={"plan": plan, "layout": layout, "inner": "inductor"})
         poly_c = torch.compile(DecoderCore(lm, head, logits_to_keep=1, layout_inputs=True), backend="vskip",
                                fullgraph=True, dynamic=False, options={"plan": plan, "inner": "inductor"})
-        kept_index, kept_valid = kept_inputs(layout, plan.scope, device=device)
+        kept_index, kept_valid = kept_inputs(layout, plan.scope, device=device, rows=plan.rows)
         # own copies: marking sizes dynamic marks the tensors, and x, pos also feed the static graphs
         poly_args = (x.clone(), pos.clone(), kept_index, kept_valid, torch.ones(1, S, dtype=torch.bool, device=device))
         mark_polymorphic(poly_args, batched=False)
@@ -242,7 +263,7 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
             "eager reference": lambda: ref(x, pos),
             "eager gather": lambda: gather(x, pos),
         }
-        log(f"  compiling {spec.name} S={S} ...")
+        log(f"  compiling {spec.name} S={S} (V={visual}{f', {frames} frames' if frames else ''}) ...")
         outs = {name: fn() for name, fn in variants.items()}  # warm-up (compiles)
         last = {name: (o[0] if isinstance(o, tuple) else o)[:, -1].float() for name, o in outs.items()}
         # The skip variants against the oracle (compiled full computes another function: no plan).
@@ -257,7 +278,7 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
 
     dims = TextDims(hidden=spec.hidden, heads=spec.heads, kv_heads=spec.kv_heads, head_dim=spec.hidden // spec.heads,
                     ffn=spec.ffn, layers=layers)
-    report = plan_report(dims, plan, S, visual)
+    report = plan_report(dims, plan, S, visual, V_video_value=layout.num_rows("video"))
     ideal = report["full"] / report["plan"]
     med = {n: statistics.median(t) for n, t in times.items()}
     speedup = med["compiled full"] / med["compiled skip"]
@@ -265,6 +286,7 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
     per_round = [g / k for g, k in zip(times["eager gather"], times["compiled skip"])]
     return {
         "model": spec.name, "layers": layers, "S": S, "V": visual, "plan": list(plan.ops),
+        **({"video_frames": frames, "frame_tokens": frame_tokens} if frames else {}),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "median_ms": {n: round(1e3 * t, 2) for n, t in med.items()},
@@ -282,8 +304,10 @@ def bench_case(spec: BenchModel, layers: int, visual: int, text: int, repeats: i
 
 
 def run(console, models=("qwen3-vl-8b", "llava-1.5-7b"), visual=(576, 1024), text: int = 64, layers: int = 2,
-        repeats: int = 5, ops: tuple[str, ...] = DEFAULT_OPS, device: str = "cpu", dtype: str = "fp32") -> list[dict]:
-    """All cases, a rich table; returns the rows (for --json)."""
+        repeats: int = 5, ops: tuple[str, ...] = DEFAULT_OPS, device: str = "cpu", dtype: str = "fp32",
+        video_frames: tuple[int, ...] = (), frame_tokens: int = DEFAULT_FRAME_TOKENS) -> list[dict]:
+    """All cases, a rich table; returns the rows (for --json). With video_frames, the cases
+    are videos of those frame counts (frame_tokens rows per frame) instead of `visual` images."""
     from rich.table import Table
 
     exact_peaks = _return_freed_memory_to_os()
@@ -293,9 +317,10 @@ def run(console, models=("qwen3-vl-8b", "llava-1.5-7b"), visual=(576, 1024), tex
     for name in models:
         if name not in MODELS:
             raise ValueError(f"unknown benchmark model {name!r}; expected one of {', '.join(MODELS)}")
-        for v in visual:
+        cases = [(0, n) for n in video_frames] if video_frames else [(v, None) for v in visual]
+        for v, frames in cases:
             rows.append(bench_case(MODELS[name], layers, v, text, repeats, ops, log=console.print, device=device,
-                                   dtype=DTYPES[dtype]))
+                                   dtype=DTYPES[dtype], frames=frames, frame_tokens=frame_tokens))
     where = rows[0]["device"] if rows else device
     table = Table(title=f"prefill, {dtype}, {where}, {torch.get_num_threads()} threads, {layers} layers, plan {list((ops * layers)[:layers])}")
     for col in ("model", "S (V)", "compiled full ms", "static skip ms", "poly skip ms", "eager ref ms", "eager gather ms",
@@ -304,7 +329,8 @@ def run(console, models=("qwen3-vl-8b", "llava-1.5-7b"), visual=(576, 1024), tex
         table.add_column(col, justify="right")
     for r in rows:
         m, pk = r["median_ms"], r["peak_mib"]
-        table.add_row(r["model"], f"{r['S']} ({r['V']})", f"{m['compiled full']:.0f}", f"{m['compiled skip']:.0f}",
+        frames = f", {r['video_frames']} fr" if r.get("video_frames") else ""
+        table.add_row(r["model"], f"{r['S']} ({r['V']}{frames})", f"{m['compiled full']:.0f}", f"{m['compiled skip']:.0f}",
                       f"{m['compiled poly']:.0f}", f"{m['eager reference']:.0f}", f"{m['eager gather']:.0f}",
                       f"{r['ideal_speedup']:.3f}", f"{r['realized']:.3f}", f"{r['realized_poly']:.3f}", f"{r['poly_vs_static']:.3f}",
                       f"{r['skip_vs_gather']:.3f} ({r['skip_faster_rounds']}/{r['repeats']})",

@@ -135,6 +135,10 @@ def add_flops(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p, required=False)
     p.add_argument("--visual", type=_rows, help="visual rows (image tokens)")
     p.add_argument("--text", type=_rows, help="text rows")
+    p.add_argument("--video-frames", type=_int_in(1, 1 << 16), metavar="N",
+                   help="a video of N frames: N x --frame-tokens video rows, on top of --visual image rows")
+    p.add_argument("--frame-tokens", type=_int_in(1, 1 << 16), default=256, metavar="T",
+                   help="visual tokens per video frame (default 256; with --video-frames)")
     p.add_argument("--prefix", type=_rows, default=0,
                    help="text rows before the last image (frozen too under plan scope prefix_through_visual)")
     p.add_argument("--plan", metavar="plan.json", help="a skip plan; without it, the full model")
@@ -148,22 +152,28 @@ def run_flops(args: argparse.Namespace) -> int:
         return _list_presets(args.json)
     if args.preset is None and args.config is None:
         raise UsageError("give the model with --preset NAME or --config config.json")
+    if args.visual is None and args.video_frames is not None:
+        args.visual = 0  # a video alone
     if args.visual is None or args.text is None:
-        raise UsageError("give the row counts with --visual V --text T")
+        raise UsageError("give the row counts with --visual V --text T (or --video-frames N --text T)")
     if args.prefix > args.text:
         raise UsageError(f"--prefix {args.prefix} is more than --text {args.text}")
-    if args.visual + args.text < 1:
+    video = args.video_frames * args.frame_tokens if args.video_frames is not None else 0
+    visual = args.visual + video  # image rows + video rows
+    if visual + args.text < 1:
         raise UsageError("--visual + --text is 0: a prefill has at least one row")
     label, dims, max_rows = _dims(args)
-    if max_rows is not None and args.visual + args.text > max_rows:
-        raise UsageError(f"--visual {args.visual} + --text {args.text} = {args.visual + args.text} rows exceed "
+    if max_rows is not None and visual + args.text > max_rows:
+        what = f"--visual {args.visual}" + (f" + --video-frames {args.video_frames} x {args.frame_tokens}" if video else "")
+        raise UsageError(f"{what} + --text {args.text} = {visual + args.text} rows exceed "
                          f"{label}'s max_position_embeddings {max_rows}")
     plan = _load_plan(args.plan) if args.plan else None
-    report = plan_report(dims, plan, args.visual + args.text, args.visual, args.prefix)
+    report = plan_report(dims, plan, visual + args.text, visual, args.prefix, video)
     out = {
         "model": label,
         "plan_name": (plan.name or args.plan) if plan else None,
         "T": args.text,
+        **({"video_frames": args.video_frames, "frame_tokens": args.frame_tokens} if video else {}),
         **report,
     }
     if args.json:
@@ -172,7 +182,10 @@ def run_flops(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     g = 1e9
-    title = f"{label}: S={out['S']} (visual {out['V']}, text {out['T']}), plan: {out['plan_name'] or 'none (full model)'}"
+    video = f" of which video {out['V_video']} = {args.video_frames} frames x {args.frame_tokens}" if out["V_video"] else ""
+    rows = f", {out['rows']} rows" if out["rows"] != "visual" else ""
+    title = (f"{label}: S={out['S']} (visual {out['V']}{video}, text {out['T']}), "
+             f"plan: {out['plan_name'] or 'none (full model)'}{rows}")
     table = Table(title=title, caption=f"reduction {100 * out['reduction']:.2f}% of decoder prefill FLOPs")
     for col in ("layer", "op", "full GFLOPs", "plan GFLOPs", "saved GFLOPs"):
         table.add_column(col, justify="left" if col == "op" else "right")
@@ -210,7 +223,7 @@ def _list_presets(as_json: bool) -> int:
 # -- vskip plan show | validate -------------------------------------------------------------------
 def add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="inspect and check skip-plan files")
-    verbs = p.add_subparsers(dest="verb", required=True, metavar="{show,validate,import,export}")
+    verbs = p.add_subparsers(dest="verb", required=True, metavar="{show,validate,import,export,migrate}")
 
     show = verbs.add_parser("show", help="the plan's layers, ops and provenance")
     show.add_argument("plan", metavar="PLAN.json")
@@ -237,6 +250,11 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--out", metavar="POLICY.json", help="write the policy here (default: print it)")
     exp.set_defaults(run=run_plan_export)
 
+    mig = verbs.add_parser("migrate", help="a plan file of an older schema version -> the current one")
+    mig.add_argument("plan", metavar="PLAN.json")
+    mig.add_argument("--out", metavar="PLAN.json", help="write the plan here (default: print it)")
+    mig.set_defaults(run=run_plan_migrate)
+
 
 def run_plan_show(args: argparse.Namespace) -> int:
     plan = _load_plan(args.plan)
@@ -247,7 +265,7 @@ def run_plan_show(args: argparse.Namespace) -> int:
 
     console = _console()
     console.print(str(plan))
-    console.print(f"version {plan.version}, scope {plan.scope}, model {json.dumps(plan.model)}")
+    console.print(f"version {plan.version}, scope {plan.scope}, rows {plan.rows}, model {json.dumps(plan.model)}")
     for key, value in (plan.provenance or {}).items():
         console.print(f"  {key}: {json.dumps(value)}")
     table = Table(title=plan.name or args.plan)
@@ -305,6 +323,11 @@ def run_plan_import(args: argparse.Namespace) -> int:
 
 def run_plan_export(args: argparse.Namespace) -> int:
     _write_or_print(_load_plan(args.plan).to_opskip(), args.out)
+    return 0
+
+
+def run_plan_migrate(args: argparse.Namespace) -> int:
+    _write_or_print(_load_plan(args.plan).to_dict(), args.out)  # load migrates; to_dict writes the current version
     return 0
 
 
@@ -579,6 +602,10 @@ def add_bench(sub: argparse._SubParsersAction) -> None:
                    help="torch intra-op threads (default: torch's own choice, one per core)")
     p.add_argument("--device", default="cpu", help="torch device (cuda on a GPU)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights and activations")
+    p.add_argument("--video-frames", nargs="+", type=_int_in(1, 1 << 12), metavar="N",
+                   help="video cases of N frames each (instead of --visual): N x --frame-tokens video rows")
+    p.add_argument("--frame-tokens", type=_int_in(1, 1 << 14), default=256, metavar="T",
+                   help="visual tokens per video frame (default 256)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=run_bench)
 
@@ -591,7 +618,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     rows = run(_console(stderr=args.json), args.models, tuple(args.visual), args.text, args.layers, args.repeats,
-               tuple(args.ops) if args.ops else DEFAULT_OPS, device=args.device, dtype=args.dtype)
+               tuple(args.ops) if args.ops else DEFAULT_OPS, device=args.device, dtype=args.dtype,
+               video_frames=tuple(args.video_frames or ()), frame_tokens=args.frame_tokens)
     if args.json:
         _print_json(rows)
     return 0
@@ -605,7 +633,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve a VLM under a skip plan: OpenAI-compatible HTTP on Ray Serve",
         description="Deploy the model (compiled under the plan, or its ONNX engine) on Ray Serve: "
-        "POST /v1/chat/completions (base64 data-URL images + text, greedy), GET /health. Requests "
+        "POST /v1/chat/completions (base64 data-URL images, videos (video_url data URLs or frame "
+        "lists) + text, greedy), GET /health. Requests "
         "of the same visual layout are batched into one prefill. Starts a local Ray instance, or "
         "joins a cluster with --address. Needs the serve extra: pip install 'vskip-compile[serve]'.",
     )
@@ -628,6 +657,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="kept for compatibility; no effect: one polymorphic prefill graph serves every layout")
     p.add_argument("--max-tokens", type=_pos_int, default=64, help="largest max_tokens a request may ask (default 64)")
     p.add_argument("--max-image-bytes", type=_pos_int, default=4 * 1024 * 1024, help="largest image file (default 4 MiB)")
+    p.add_argument("--max-video-frames", type=_pos_int, default=32,
+                   help="frames a video part keeps (a file is sampled down to it; default 32)")
+    p.add_argument("--max-video-bytes", type=_pos_int, default=6 * 1024 * 1024,
+                   help="largest video file, or all frames of a frame list (default 6 MiB)")
     p.add_argument("--metrics-port", type=_port, help="Prometheus port of a local Ray's metrics (not with --address)")
     p.set_defaults(run=run_serve)
 
@@ -662,7 +695,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from .serve.request import Limits
 
     limits = Limits(max_tokens=args.max_tokens, default_max_tokens=min(16, args.max_tokens),
-                    max_image_bytes=args.max_image_bytes)
+                    max_image_bytes=args.max_image_bytes, max_video_frames=args.max_video_frames,
+                    max_video_bytes=args.max_video_bytes)
     options = serve_app.ServeOptions(
         model_dir=str(model_dir), plan=plan.to_dict(), engine=args.engine, engine_dir=args.engine_dir,
         replicas=args.replicas, replica_cpus=args.replica_cpus, threads=args.threads,

@@ -253,7 +253,7 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     deepstack = list(p.deepstack or ())
     pe = lm.rotary_emb(x, pos)
     cache = baselines.KVCache()
-    frozen = p.layout.frozen_spans(plan.scope) if plan is not None else ()
+    frozen = p.layout.frozen_spans(plan.scope, plan.rows) if plan is not None else ()
 
     def zero(module, args, output):  # the reference semantics: exact zeros at the frozen rows
         return reference._zero_rows(output, frozen)

@@ -14,9 +14,11 @@ Convention (the one every FLOPs figure of this project uses):
 
 Skipping: a skipped attention operator saves its frozen rows' q and o projections and their
 rows of the scores and softmax·V, never K/V (visual K/V are always computed). A skipped FFN
-saves its frozen rows' FFN. Frozen rows are the V visual rows, or V + P with plan scope
-"prefix_through_visual" (P = the text rows before the last image: before the first image
-and between images).
+saves its frozen rows' FFN. Frozen rows are the visual rows the plan's `rows` selects (V, all
+visual rows; V_video of them are video rows: "video" selects V_video, "image" V - V_video),
+plus P under plan scope "prefix_through_visual" (P = the other rows before the last selected
+visual row: text before the first one and between them, and with `rows` naming one modality
+the other modality's rows there). A video of N frames of T tokens each is N*T video rows.
 
 Functions take plain ints or sympy expressions for S, V, P and the dims; with ints the result
 is an int, with symbols a sympy expression (`evaluate` substitutes numbers).
@@ -33,6 +35,7 @@ from .plan import PlanError, SkipPlan
 from .errors import VSkipError
 
 S, V, P = sympy.symbols("S V P", integer=True, nonnegative=True)
+V_video = sympy.symbols("V_video", integer=True, nonnegative=True)  # the video rows among V
 MLP_KINDS = ("gated", "plain", "moe")
 
 # model_type values whose MLP has two matrices (fc1/fc2) instead of gate/up/down.
@@ -210,23 +213,27 @@ def ffn_flops(dims: TextDims, rows: Any, layer: int | None = None) -> Any:
     return rows * (router + experts + shared)
 
 
-def frozen_rows(V: Any = V, scope: str = "visual", P: Any = P) -> Any:
-    """Rows a skipped operator leaves unchanged: V, or V + P under 'prefix_through_visual'."""
+def frozen_rows(V: Any = V, scope: str = "visual", P: Any = P, rows: str = "visual", V_video: Any = V_video) -> Any:
+    """Rows a skipped operator leaves unchanged: the selected visual rows (V, V_video or
+    V - V_video for rows visual / video / image), + P under 'prefix_through_visual'."""
+    selected = {"visual": V, "video": V_video, "image": V - V_video}.get(rows)
+    if selected is None:
+        raise PlanError(f"unknown rows {rows!r}")
     if scope == "visual":
-        return V
+        return selected
     if scope == "prefix_through_visual":
-        return V + P
+        return selected + P
     raise PlanError(f"unknown scope {scope!r}")
 
 
 def layer_flops(
     dims: TextDims, op: str = "full", S: Any = S, V: Any = V, *, layer: int | None = None,
-    scope: str = "visual", P: Any = P,
+    scope: str = "visual", P: Any = P, rows: str = "visual", V_video: Any = V_video,
 ) -> dict[str, Any]:
     """{"attn": FLOPs, "ffn": FLOPs} of one decoder layer whose visual rows get `op`."""
     if op not in ("full", "skip_attn", "skip_ffn", "skip_both"):
         raise PlanError(f"unknown op {op!r}")
-    R = frozen_rows(V, scope, P)
+    R = frozen_rows(V, scope, P, rows, V_video)
     q_rows = S - R if op in ("skip_attn", "skip_both") else S
     ffn_rows = S - R if op in ("skip_ffn", "skip_both") else S
     return {"attn": _tidy(attn_flops(dims, q_rows, S)), "ffn": _tidy(ffn_flops(dims, ffn_rows, layer))}
@@ -239,26 +246,31 @@ def _tidy(x: Any) -> Any:
 
 def op_savings(
     dims: TextDims, layer: int, op: str, S: Any = S, V: Any = V, *, scope: str = "visual", P: Any = P,
+    rows: str = "visual", V_video: Any = V_video,
 ) -> Any:
     """FLOPs saved by skipping one operator ("attn" or "ffn") of `layer` for the frozen rows."""
     if op not in ("attn", "ffn"):
         raise ValueError(f"op must be 'attn' or 'ffn', got {op!r}")
-    full = layer_flops(dims, "full", S, V, layer=layer, scope=scope, P=P)[op]
-    skipped = layer_flops(dims, f"skip_{op}", S, V, layer=layer, scope=scope, P=P)[op]
+    sel = dict(scope=scope, P=P, rows=rows, V_video=V_video)
+    full = layer_flops(dims, "full", S, V, layer=layer, **sel)[op]
+    skipped = layer_flops(dims, f"skip_{op}", S, V, layer=layer, **sel)[op]
     return _tidy(full - skipped)
 
 
-def model_flops(dims: TextDims, plan: SkipPlan | None = None, S: Any = S, V: Any = V, P: Any = P) -> Any:
-    """Decoder prefill FLOPs of the whole model, unmodified (plan None) or under `plan`."""
+def model_flops(dims: TextDims, plan: SkipPlan | None = None, S: Any = S, V: Any = V, P: Any = P,
+                V_video: Any = V_video) -> Any:
+    """Decoder prefill FLOPs of the whole model, unmodified (plan None) or under `plan`
+    (V_video: the video rows among V, used by a plan whose rows name one modality)."""
     if plan is None and not dims.dense_layers:
         per_layer = layer_flops(dims, "full", S, V)
         return _tidy(dims.layers * (per_layer["attn"] + per_layer["ffn"]))
     _check_layers(dims, plan)
     ops = plan.ops if plan is not None else ("full",) * dims.layers
     scope = plan.scope if plan is not None else "visual"
+    rows = plan.rows if plan is not None else "visual"
     total = 0
     for i, op in enumerate(ops):
-        f = layer_flops(dims, op, S, V, layer=i, scope=scope, P=P)
+        f = layer_flops(dims, op, S, V, layer=i, scope=scope, P=P, rows=rows, V_video=V_video)
         total += f["attn"] + f["ffn"]
     return _tidy(total)
 
@@ -275,17 +287,21 @@ def evaluate(expr: Any, **values: int) -> int:
 
 
 def plan_report(
-    dims: TextDims, plan: SkipPlan | None, S_value: int, V_value: int, P_value: int = 0,
+    dims: TextDims, plan: SkipPlan | None, S_value: int, V_value: int, P_value: int = 0, V_video_value: int = 0,
 ) -> dict[str, Any]:
-    """Numbers for people and machines: full vs plan FLOPs, reduction, per-layer breakdown."""
+    """Numbers for people and machines: full vs plan FLOPs, reduction, per-layer breakdown.
+    V_value counts every visual row, V_video_value the video rows among them."""
     plan = plan if plan is not None else SkipPlan.full(_int_layers(dims))
     _check_layers(dims, plan)
     if min(S_value, V_value, P_value) < 0 or V_value + P_value > S_value:
         raise ValueError(f"need 0 <= visual ({V_value}) + prefix ({P_value}) <= sequence ({S_value})")
+    if not 0 <= V_video_value <= V_value:
+        raise ValueError(f"need 0 <= video rows ({V_video_value}) <= visual rows ({V_value})")
+    sel = dict(scope=plan.scope, P=P_value, rows=plan.rows, V_video=V_video_value)
     layers = []
     for i, op in enumerate(plan.ops):
-        full = layer_flops(dims, "full", S_value, V_value, layer=i, scope=plan.scope, P=P_value)
-        mine = layer_flops(dims, op, S_value, V_value, layer=i, scope=plan.scope, P=P_value)
+        full = layer_flops(dims, "full", S_value, V_value, layer=i, **sel)
+        mine = layer_flops(dims, op, S_value, V_value, layer=i, **sel)
         layers.append({
             "layer": i,
             "op": op,
@@ -301,7 +317,9 @@ def plan_report(
         "S": S_value,
         "V": V_value,
         "P": P_value,
+        "V_video": V_video_value,
         "scope": plan.scope,
+        "rows": plan.rows,
         "full": total_full,
         "plan": total_plan,
         "saved": total_full - total_plan,

@@ -40,20 +40,21 @@ def _(x, kept_index, kept_valid):
     return torch.empty_like(x)
 
 
-def frozen_rows(layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None) -> list[set[int]]:
-    """Per batch row, the rows a skipped operator leaves unchanged: its visual rows (or, with
-    scope 'prefix_through_visual', every row through its last visual row) and its left padding."""
+def frozen_rows(layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None,
+                rows: str = "visual") -> list[set[int]]:
+    """Per batch row, the rows a skipped operator leaves unchanged: its visual rows of the
+    modality `rows` selects (or, with scope 'prefix_through_visual', every row through the last
+    of them) and its left padding."""
     out = []
-    for r, spans in enumerate(layout.spans):
+    for r in range(layout.batch_size):
         pad = pads[r] if pads else 0
-        row = VisualLayout(layout.seq_len, (spans,))
-        frozen = {i for a, b in row.frozen_spans(scope) for i in range(a, b)}
+        frozen = {i for a, b in layout.row(r).frozen_spans(scope, rows) for i in range(a, b)}
         out.append(frozen | set(range(pad)))
     return out
 
 
 def kept_inputs(
-    layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None, device=None
+    layout: VisualLayout, scope: str = "visual", pads: Sequence[int] | None = None, device=None, rows: str = "visual"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept_index [B, K], kept_valid [B, K]) of a layout, K = max(MIN_ROWS, most kept rows).
 
@@ -64,7 +65,7 @@ def kept_inputs(
         raise LayoutError(f"{len(pads)} padding counts for a batch of {layout.batch_size} rows")
     if layout.seq_len < MIN_ROWS:
         raise LayoutError(f"a polymorphic prefill needs S >= {MIN_ROWS} rows, got {layout.seq_len} (pad on the left)")
-    frozen = frozen_rows(layout, scope, pads)
+    frozen = frozen_rows(layout, scope, pads, rows)
     kept = [[i for i in range(layout.seq_len) if i not in f] for f in frozen]
     k = max(MIN_ROWS, max(len(row) for row in kept))
     index, valid = [], []

@@ -2,10 +2,16 @@
 
 Plain data (no torch, no transformers). A plan is a versioned JSON file; everything that
 reads one refuses what it does not understand, with an error naming the problem.
+
+Schema versions: 1 (ops, scope) and 2, which adds `rows`: the visual rows a skip freezes,
+"visual" (image and video rows alike, the default), "image" or "video". A version-1 file
+reads as version 2 with rows "visual" (`migrate`), which is what it meant; plans are written
+as version 2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -13,10 +19,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 from .errors import VSkipError
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
+READS = (1, 2)  # plan file versions this build reads (1 is migrated on load)
 OPS = ("full", "skip_attn", "skip_ffn", "skip_both")
 SCOPES = ("visual", "prefix_through_visual")
-_KEYS = {"version", "num_layers", "ops", "model", "name", "provenance", "scope"}
+ROWS = ("visual", "image", "video")  # = vskip_compile.layout.ROWS
+_KEYS = {"version", "num_layers", "ops", "model", "name", "provenance", "scope", "rows"}
 
 # Text-config fields that decide whether a plan fits a model.
 _HASHED_CONFIG_KEYS = (
@@ -66,7 +74,8 @@ def config_hash(text_config: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class SkipPlan:
-    """One op per decoder layer, out of OPS; `scope` says which rows a skip freezes."""
+    """One op per decoder layer, out of OPS; `scope` and `rows` say which rows a skip freezes
+    (`rows`: every visual span, or only the image or only the video spans)."""
 
     ops: tuple[str, ...]
     num_layers: int | None = None
@@ -75,6 +84,7 @@ class SkipPlan:
     provenance: Mapping[str, Any] | None = field(default=None, compare=False)
     scope: str = "visual"
     version: int = PLAN_VERSION
+    rows: str = "visual"
 
     def __post_init__(self) -> None:
         if isinstance(self.ops, (str, bytes, Mapping)):
@@ -84,7 +94,8 @@ class SkipPlan:
             object.__setattr__(self, "num_layers", len(self.ops))
         # JSON true/false are Python bools, which are ints: refused where an int is meant.
         if not _is_int(self.version) or self.version != PLAN_VERSION:
-            raise PlanError(f"unknown plan version {self.version!r} (this build reads {PLAN_VERSION})")
+            raise PlanError(f"unknown plan version {self.version!r} (this build reads "
+                            f"{', '.join(map(str, READS))}; a version-1 plan is migrated by SkipPlan.from_dict / load)")
         if not _is_int(self.num_layers) or self.num_layers < 1:
             raise PlanError(f"num_layers must be a positive int, got {self.num_layers!r}")
         for i, op in enumerate(self.ops):
@@ -94,6 +105,8 @@ class SkipPlan:
             raise PlanError(f"plan has {len(self.ops)} ops but num_layers={self.num_layers}")
         if not isinstance(self.scope, str) or self.scope not in SCOPES:
             raise PlanError(f"unknown scope {self.scope!r}; expected one of {', '.join(SCOPES)}")
+        if not isinstance(self.rows, str) or self.rows not in ROWS:
+            raise PlanError(f"unknown rows {self.rows!r}; expected one of {', '.join(ROWS)}")
         if self.name is not None and not isinstance(self.name, str):
             raise PlanError(f"plan field 'name' must be a string, got {self.name!r} ({type(self.name).__name__})")
         for key in ("model", "provenance"):
@@ -116,8 +129,10 @@ class SkipPlan:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SkipPlan":
+        """A plan from its JSON object, of any version in READS (older ones migrated)."""
         if not isinstance(d, Mapping):
             raise PlanError(f"a plan is a JSON object, got {type(d).__name__}")
+        d = migrate(d)
         unknown = set(d) - _KEYS
         if unknown:
             raise PlanError(f"unknown plan key(s): {', '.join(sorted(unknown))}")
@@ -134,12 +149,15 @@ class SkipPlan:
             provenance=d.get("provenance"),
             scope=d.get("scope", "visual"),
             version=d["version"],
+            rows=d.get("rows", "visual"),
         )
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"version": self.version, "num_layers": self.num_layers, "ops": list(self.ops)}
         if self.scope != "visual":
             d["scope"] = self.scope
+        if self.rows != "visual":
+            d["rows"] = self.rows
         for key in ("name", "model", "provenance"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
@@ -181,7 +199,7 @@ class SkipPlan:
     def with_model(self, architecture: str, text_config: Mapping[str, Any]) -> "SkipPlan":
         """The same plan stamped with the model it was made for."""
         model = {"architecture": architecture, "config_hash": config_hash(text_config)}
-        return SkipPlan(self.ops, self.num_layers, self.name, model, self.provenance, self.scope)
+        return dataclasses.replace(self, model=model)
 
     def check_model(
         self, architecture: str, num_layers: int, text_config: Mapping[str, Any], aliases: Iterable[str] = (),
@@ -252,6 +270,8 @@ class SkipPlan:
 
     def to_opskip(self) -> dict[str, Any]:
         """This plan as an OpSkip policy dict (layers in ascending order)."""
+        if self.rows != "visual":
+            raise PlanError(f"plan rows {self.rows!r}: OpSkip policies freeze every visual row and cannot say so")
         lists: dict[str, list[int]] = {key: [] for key in _OPSKIP_LISTS}
         for layer, op in enumerate(self.ops):
             for key, key_op in _OPSKIP_LISTS.items():
@@ -276,4 +296,17 @@ class SkipPlan:
         counts = {op: self.ops.count(op) for op in OPS if op != "full" and self.ops.count(op)}
         what = ", ".join(f"{n} {op}" for op, n in counts.items()) or "no skips"
         label = f"{self.name!r} " if self.name else ""
-        return f"SkipPlan {label}[{''.join(short[o] for o in self.ops)}] ({self.num_layers} layers: {what})"
+        rows = f", {self.rows} rows only" if self.rows != "visual" else ""
+        return f"SkipPlan {label}[{''.join(short[o] for o in self.ops)}] ({self.num_layers} layers: {what}{rows})"
+
+
+def migrate(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A plan's JSON object in the current schema. Version 1 had no `rows` (every visual row
+    was frozen): it becomes version 2 with the default rows "visual". Anything else is
+    returned as it is, for the checks to accept or refuse."""
+    version = d.get("version")
+    if not (_is_int(version) and version == 1):
+        return d
+    if "rows" in d:
+        raise PlanError("plan key 'rows' needs plan version 2 (this file says version 1)")
+    return {**d, "version": PLAN_VERSION}

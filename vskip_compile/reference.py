@@ -77,9 +77,9 @@ def applied(model, plan: SkipPlan, adapter: Adapter | None = None) -> Iterator[N
             return  # decode step: the unmodified model
         if input_ids is None:
             raise ReferenceCallError("reference.applied needs input_ids to find the visual rows of a prefill")
-        layout: VisualLayout = adapter.layout(model, input_ids)
+        layout: VisualLayout = adapter.layout(model, input_ids, kwargs.get("mm_token_type_ids"))
         try:
-            state.frozen = layout.frozen_spans(plan.scope)
+            state.frozen = layout.frozen_spans(plan.scope, plan.rows)
         except LayoutError as e:
             raise ReferenceCallError(
                 f"reference.applied: batch rows have different visual layouts ({layout}); "

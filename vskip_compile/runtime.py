@@ -354,7 +354,7 @@ class CompiledVLM:
         needed = seq_len + max_new_tokens - 1
         capacity = -(-needed // self.decode_bucket) * self.decode_bucket
         graph = self._decode_graph(_DecodeKey(capacity, batch, k0.dtype, k0.device))
-        return _DecodeRun(graph, kv, rope_position_ids(position_ids)[..., -1:], capacity, pads)  # last prompt position: [B, 1] or [3, B, 1]
+        return _DecodeRun(graph, kv, last_positions(position_ids), capacity, pads)  # [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any], left_padded: bool = False) -> PrefillInputs:
@@ -383,7 +383,7 @@ class CompiledVLM:
         embeds = p.inputs_embeds
         batch, seq_len, _ = embeds.shape
         deepstack = tuple(p.deepstack or ())
-        kept_index, kept_valid = kept_inputs(p.layout, self.plan.scope, pads, device=embeds.device)
+        kept_index, kept_valid = kept_inputs(p.layout, self.plan.scope, pads, device=embeds.device, rows=self.plan.rows)
         mask = torch.arange(seq_len, device=embeds.device)[None, :] >= torch.tensor(pads, device=embeds.device)[:, None]  # [B, S]
         position_ids = rebase_positions(p.position_ids, pads)
         key = _GraphKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), batch > 1)
@@ -472,8 +472,8 @@ class CompiledVLM:
     def _greedy(self, p: PrefillInputs, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
         """New tokens [B, n] of a (left-padded) batch: prefill skip-shaped, decode compiled."""
         logits, kv = self._prefill(p, logits_to_keep=1)
-        # Step t sits at the last prompt position + t (the last prompt token is text; M-RoPE
-        # ids [3, B, 1] move on together, as HF's decode does); padding slots stay masked.
+        # Step t sits at the largest prompt position + t (M-RoPE ids [3, B, 1] move on
+        # together, as HF's decode does with its rope deltas); padding slots stay masked.
         pads = row_pads(p)
         positions = rebase_positions(p.position_ids, pads)
         decode = self._decode_run(kv, positions, max_new_tokens, pads) if max_new_tokens > 1 else None
@@ -595,6 +595,18 @@ def rebase_positions(position_ids: torch.Tensor, pads: list[int]) -> torch.Tenso
     return torch.where(real, position_ids - start, torch.zeros_like(position_ids))
 
 
+def last_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Per row, the position decoding continues from, as HF generate does: the largest prompt
+    position, on every M-RoPE axis (HF adds rope_deltas = max position + 1 - prompt length to
+    the cache position). Not the last token's: a Qwen2.5-VL video's temporal ids can run past
+    the text after it, and a prompt may end on an image. [B, S] -> [B, 1]; [3|4, B, S] -> [3, B, 1]."""
+    pos = rope_position_ids(position_ids)
+    if pos.ndim == 2:
+        return pos.amax(dim=-1, keepdim=True)  # [B, 1]
+    top = pos.amax(dim=(0, 2), keepdim=True)  # [1, B, 1]
+    return top.expand(pos.shape[0], -1, -1)  # [3, B, 1]
+
+
 def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
     """p with n padding rows in front (zero embeddings, positions and DeepStack; spans shifted)."""
 
@@ -603,7 +615,8 @@ def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
 
     batch = p.inputs_embeds.shape[0]
     mask = p.attention_mask if p.attention_mask is not None else torch.ones(batch, p.layout.seq_len, dtype=torch.long)
-    layout = VisualLayout(p.layout.seq_len + n, tuple(tuple((a + n, b + n) for a, b in row) for row in p.layout.spans))
+    layout = VisualLayout(p.layout.seq_len + n, tuple(tuple((a + n, b + n) for a, b in row) for row in p.layout.spans),
+                          p.layout.kinds)
     return PrefillInputs(
         inputs_embeds=rows(p.inputs_embeds),
         position_ids=torch.cat([p.position_ids.new_zeros(*p.position_ids.shape[:-1], n), p.position_ids], dim=-1),

@@ -145,17 +145,42 @@ class Adapter:
                 return value
         raise AdapterError(f"{type(model).__name__}: config names no image_token_id / image_token_index")
 
-    def visual_token_ids(self, model) -> tuple[int, ...]:
-        """Token ids whose rows are visual (image placeholders; Qwen adds video)."""
-        return (self.image_token_id(model),)
+    def video_token_id(self, model) -> int | None:
+        """The video placeholder id, when the config names one (Qwen, LLaVA-NeXT-Video ...)."""
+        cfg = model.config
+        for key in ("video_token_id", "video_token_index"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        return None
 
-    def layout(self, model, input_ids: torch.Tensor) -> VisualLayout:
-        """Visual spans of input_ids [B, S]; zero images give rows with no spans."""
+    def visual_token_ids(self, model) -> tuple[int, ...]:
+        """Token ids whose rows are visual: the image placeholder, and the video one if any."""
+        video = self.video_token_id(model)
+        return (self.image_token_id(model),) + (() if video is None else (video,))
+
+    def layout(self, model, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor | None = None) -> VisualLayout:
+        """Visual spans of input_ids [B, S] and their modality; zero images give rows with no
+        spans. A row is an image row by the image token id, a video row by the video token id;
+        `mm_token_type_ids` (the processor's marks: 1 image, 2 video) adds rows the ids do not
+        name and must agree with them where both do."""
         if input_ids.ndim != 2:
             raise AdapterError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        ids = torch.tensor(self.visual_token_ids(model), device=input_ids.device)
-        mask = torch.isin(input_ids, ids)  # [B, S] bool
-        return VisualLayout.from_masks(mask.tolist())
+        codes = (input_ids == self.image_token_id(model)).long()  # [B, S]: 0 text, 1 image, 2 video
+        video = self.video_token_id(model)
+        if video is not None:
+            codes = torch.where(input_ids == video, 2, codes)
+        if mm_token_type_ids is not None:
+            marks = torch.as_tensor(mm_token_type_ids).to(codes.device).long()  # [B, S]
+            if marks.shape != codes.shape:
+                raise AdapterError(f"mm_token_type_ids has shape {tuple(marks.shape)}, input_ids {tuple(codes.shape)}")
+            clash = (codes != 0) & (marks != 0) & (codes != marks)
+            if bool(clash.any()):
+                r, s = (int(i) for i in clash.nonzero()[0])
+                raise AdapterError(f"mm_token_type_ids marks row {r} position {s} as {int(marks[r, s])}, its token id "
+                                   f"{int(input_ids[r, s])} says {int(codes[r, s])} (1 image, 2 video)")
+            codes = torch.where(codes == 0, marks, codes)
+        return VisualLayout.from_codes(codes.tolist())
 
     # -- prefill inputs --------------------------------------------------------------------
     def capture_language_model_kwargs(self, model, **hf_inputs) -> dict[str, Any]:
@@ -216,7 +241,7 @@ class Adapter:
             position_ids=position_ids,
             deepstack=self.deepstack(captured, embeds),
             attention_mask=mask,
-            layout=self.layout(model, input_ids),
+            layout=self.layout(model, input_ids, hf_inputs.get("mm_token_type_ids")),
         )
 
     def __repr__(self) -> str:

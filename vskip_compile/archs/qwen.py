@@ -1,4 +1,8 @@
-"""Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE position ids, video tokens, DeepStack."""
+"""Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE: M-RoPE position ids, DeepStack.
+
+Video rows (config.video_token_id) are found by the base adapter; their M-RoPE ids (Qwen2.5-VL
+spaces frames by `second_per_grid_ts`, Qwen3-VL gives each frame its own grid between
+timestamp text) come from HF's get_rope_index, captured like the image ones."""
 
 from __future__ import annotations
 
@@ -14,9 +18,6 @@ class Qwen2_5_VLAdapter(Adapter):
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
-
-    def visual_token_ids(self, model) -> tuple[int, ...]:
-        return (self.image_token_id(model), int(model.config.video_token_id))
 
     def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
         # Text only: the text model expands arange to its 3 rotary sections.

@@ -232,6 +232,62 @@ def tiny_inputs(
     return out
 
 
+def tiny_video_inputs(model, arch: str, parts, seed: int = 0, seconds_per_grid: float = 1.0) -> dict:
+    """One-row HF inputs of a Qwen model with videos: `parts` in order, each ("text", n),
+    ("image",) or ("video", frames). A video of F frames (F even: temporal patches of 2) is
+    a (F/2, 8, 8) grid, 16 tokens per temporal patch, written as the processors write it:
+    Qwen2.5-VL one run `<vision_start> video x 16*F/2 <vision_end>` (and second_per_grid_ts),
+    Qwen3-VL one run per temporal patch, each after a timestamp token (its get_rope_index
+    splits the grid per frame and needs text between frames). mm_token_type_ids: 1 image, 2 video.
+    """
+    if arch not in _QWEN_ARCHS:
+        raise ValueError(f"tiny videos are built for {', '.join(_QWEN_ARCHS)}, not {arch!r}")
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    patch_dim = 3 * _QWEN_TPATCH * _QWEN_PATCH * _QWEN_PATCH
+    per_step = _QWEN_GRID * _QWEN_GRID // _QWEN_MERGE**2  # tokens per temporal patch
+
+    def text(n: int) -> list[int]:
+        return torch.randint(*TEXT_TOKENS, (n,), generator=gen).tolist()
+
+    ids: list[int] = []
+    n_images, video_grids = 0, []
+    for part in parts:
+        kind = part[0]
+        if kind == "text":
+            ids += text(part[1])
+        elif kind == "image":
+            n_images += 1
+            ids += [IMAGE_TOKEN_ID] * per_step
+        elif kind == "video":
+            frames = part[1]
+            if frames < _QWEN_TPATCH or frames % _QWEN_TPATCH:
+                raise ValueError(f"a tiny video needs a positive multiple of {_QWEN_TPATCH} frames, got {frames}")
+            steps = frames // _QWEN_TPATCH
+            video_grids.append([steps, _QWEN_GRID, _QWEN_GRID])
+            if arch == "qwen2_5_vl":
+                ids += [VISION_START_ID] + [VIDEO_TOKEN_ID] * (steps * per_step) + [VISION_END_ID]
+            else:
+                for _ in range(steps):
+                    ids += text(1) + [VISION_START_ID] + [VIDEO_TOKEN_ID] * per_step + [VISION_END_ID]
+        else:
+            raise ValueError(f"unknown part {part!r}; expected ('text', n), ('image',) or ('video', frames)")
+    input_ids = torch.tensor([ids])  # [1, S]
+    out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    if n_images:
+        pixel_kw, _ = _pixels(model, arch, n_images, gen)
+        out.update(pixel_kw)
+    if video_grids:
+        grid = torch.tensor(video_grids)  # [N, 3]
+        n_patches = int(grid.prod(-1).sum())
+        out["pixel_values_videos"] = torch.randn(n_patches, patch_dim, generator=gen).to(dtype)  # [sum t*h*w, C*T*p*p]
+        out["video_grid_thw"] = grid
+        if arch == "qwen2_5_vl":
+            out["second_per_grid_ts"] = torch.full((len(video_grids),), float(seconds_per_grid))
+    out["mm_token_type_ids"] = ((input_ids == IMAGE_TOKEN_ID).int() + 2 * (input_ids == VIDEO_TOKEN_ID).int())
+    return out
+
+
 def left_padded_batch(rows: list[dict]) -> dict:
     """Single-row tiny_inputs dicts of different lengths as one left-padded batch (pad id 0,
     attention_mask 0 at the padding), as a processor with padding_side='left' gives."""

@@ -1,4 +1,4 @@
-"""VSkipGenerator: a HF VLM under a skip plan that answers (text, images) prompts greedily.
+"""VSkipGenerator: a HF VLM under a skip plan that answers (text, images, videos) prompts greedily.
 
 The part of the lmms-eval model that needs no lmms_eval: load, build the prompt, generate
 with one backend, decode. Backends:
@@ -10,7 +10,8 @@ with one backend, decode. Backends:
                directory first
 
 The prompt is the model's chat template over one user turn: the images first, then the
-text (the convention of lmms-eval's Qwen models, and the easy-VQA training prompt).
+videos, then the text (the convention of lmms-eval's Qwen models, and the easy-VQA training
+prompt). A video is a file path (decoded with PyAV) or a list of frames (vskip_compile.video).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 
 class GenerationError(VSkipError, ValueError):
-    """A request asks for something the vskip model does not do (sampling, beams, video)."""
+    """A request asks for something the vskip model does not do (sampling, beams, audio)."""
 
 
 def load_processor(model_dir: str | Path):
@@ -117,13 +118,18 @@ class VSkipGenerator:
             self.engine_dir = Path(tempfile.mkdtemp(prefix="vskip-lmms-engine-"))
 
     # -- prompt --------------------------------------------------------------------------------
-    def inputs(self, text: str, images: Sequence[Any] = ()) -> dict[str, torch.Tensor]:
-        """Processor outputs (batch 1) for one user turn: images first, then text."""
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+    def inputs(self, text: str, images: Sequence[Any] = (), videos: Sequence[Any] = (),
+               max_frames: int | None = None) -> dict[str, torch.Tensor]:
+        """Processor outputs (batch 1) for one user turn: images first, then videos (a file
+        path or a frame list each), then text."""
+        from .. import video
+
+        clips = [v if isinstance(v, video.Video) else video.load_video(v, max_frames or video.MAX_FRAMES) for v in videos]
+        content = ([{"type": "image"} for _ in images] + [{"type": "video"} for _ in clips]
+                   + [{"type": "text", "text": text}])
         messages = [{"role": "user", "content": content}]
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        kw = {"images": list(images)} if images else {}
-        out = self.processor(text=[prompt], return_tensors="pt", **kw)
+        out = video.process(self.processor, prompt, list(images), clips, "pt")
         return {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
 
     # -- generate ------------------------------------------------------------------------------
@@ -168,7 +174,7 @@ class VSkipGenerator:
         return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
 
     def answer(self, text: str, images: Sequence[Any] = (), max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-               until: Iterable[str] = ()) -> str:
+               until: Iterable[str] = (), videos: Sequence[Any] = ()) -> str:
         """The greedy answer to one prompt, cut at the first stop string."""
-        new = self.generate_ids(self.inputs(text, images), max_new_tokens)
+        new = self.generate_ids(self.inputs(text, images, videos), max_new_tokens)
         return cut_at(self.decode(new), until)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import video
 from ..layout import VisualLayout
 from ..plan import SkipPlan
 from ..runtime import CompiledVLM
@@ -146,7 +147,7 @@ class Engine:
                 raise ValueError("engine 'onnx' needs engine_dir (a directory written by export_onnx)")
             self.runner = _timed_onnx_runner(engine_dir, threads)
             have = SkipPlan.from_dict(self.runner.manifest["plan"])
-            if tuple(have.ops) != tuple(plan.ops) or have.scope != plan.scope:
+            if tuple(have.ops) != tuple(plan.ops) or have.scope != plan.scope or have.rows != plan.rows:
                 raise ValueError(f"{engine_dir} was exported for plan {have}, not {plan}")
             self.cm = None
             self.max_context = int(self.runner.rt["max_cache_len"])
@@ -167,8 +168,8 @@ class Engine:
         no visual tokens, a prompt longer than the ONNX engine's max_seq_len."""
         try:
             prompt = self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
-            inputs = dict(self.processor(text=[prompt], images=chat.images, return_tensors="pt"))
-        except (ValueError, TypeError) as e:  # e.g. an image too small for the patch grid
+            inputs = video.process(self.processor, prompt, chat.images, chat.videos, "pt")
+        except (ValueError, TypeError) as e:  # e.g. an image too small for the patch grid; VideoError is a ValueError
             raise RequestError(400, f"the processor refused this input: {e}") from e
         ids = inputs["input_ids"]  # [1, S]
         n = int(ids.shape[1])

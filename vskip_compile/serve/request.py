@@ -40,6 +40,11 @@ class Limits:
     max_image_bytes: int = 4 * 1024 * 1024  # one decoded image file
     max_image_pixels: int = 2048 * 2048  # width * height, checked before the pixels are decoded
     max_images: int = 1
+    max_videos: int = 1
+    max_video_frames: int = 32  # frames a video keeps (a file is sampled down to it; a frame list may not exceed it)
+    max_video_bytes: int = 6 * 1024 * 1024  # one decoded video file, or all frames of a frame list
+    max_frame_pixels: int = 1024 * 1024  # width * height of each video frame, checked before decoding
+    max_decoded_frames: int = 4096  # frames decoded from one video file at most (sampling reads them all)
     max_text_chars: int = 4096
     max_tokens: int = 64  # largest max_tokens a request may ask for
     default_max_tokens: int = 16
@@ -55,6 +60,7 @@ class Chat:
     max_tokens: int
     model: str | None = None
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
+    videos: list[Any] = field(default_factory=list)  # vskip_compile.video.Video, in order ({"type": "video"} parts)
 
 
 def _error_type(status: int) -> str:
@@ -99,6 +105,60 @@ def decode_image(url: Any, limits: Limits, where: str):
         raise RequestError(400, f"{where}: cannot decode the image ({type(e).__name__}: {e})") from e
 
 
+def _data_url(url: Any, kind: str, limit: int, where: str) -> bytes:
+    """The bytes of a base64 `data:<kind>/...;base64,` URL of at most `limit` bytes."""
+    if not isinstance(url, str):
+        raise RequestError(400, f"{where}: the url must be a string")
+    if not url.startswith("data:"):
+        raise RequestError(400, f"{where}: only base64 data URLs are accepted (data:{kind}/...;base64,...); "
+                                "this server fetches nothing")
+    head, sep, payload = url.partition(",")
+    if not sep or not head.endswith(";base64") or not head[len("data:"):].startswith(f"{kind}/"):
+        raise RequestError(400, f"{where}: expected data:{kind}/<format>;base64,<data>")
+    if len(payload) > limit * 4 // 3 + 4:
+        raise RequestError(413, f"{where}: {kind} larger than {limit} bytes")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(400, f"{where}: invalid base64 ({e})") from e
+    if len(raw) > limit:
+        raise RequestError(413, f"{where}: {kind} larger than {limit} bytes")
+    return raw
+
+
+def decode_video(part: dict, limits: Limits, where: str):
+    """A video content part -> vskip_compile.video.Video, within the limits. Two forms:
+    {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}} (a file, decoded
+    with PyAV and sampled to max_video_frames) or {"type": "video", "video": [frame data URLs]}."""
+    from .. import video as video_mod
+
+    if part.get("type") == "video_url":
+        spec = part.get("video_url")
+        if not isinstance(spec, dict) or set(spec) != {"url"}:
+            raise RequestError(400, f"{where}: video_url must be an object {{\"url\": ...}}")
+        raw = _data_url(spec["url"], "video", limits.max_video_bytes, where)
+        try:
+            return video_mod.read_video_file(io.BytesIO(raw), limits.max_video_frames, limits.max_frame_pixels,
+                                             limits.max_decoded_frames)
+        except video_mod.VideoError as e:
+            status = {video_mod.NoDecoderError: 501, video_mod.VideoLimitError: 413}.get(type(e), 400)
+            raise RequestError(status, f"{where}: {e}") from e
+    frames = part.get("video")
+    if not isinstance(frames, list) or not frames:
+        raise RequestError(400, f"{where}: video must be a non-empty list of frame data URLs (data:image/...)")
+    if len(frames) > limits.max_video_frames:
+        raise RequestError(413, f"{where}: {len(frames)} frames, more than {limits.max_video_frames}")
+    frame_limits = Limits(max_image_bytes=limits.max_video_bytes, max_image_pixels=limits.max_frame_pixels)
+    chars = sum(len(f) for f in frames if isinstance(f, str))  # base64: 4 chars per 3 bytes, + each URL's head
+    if chars > limits.max_video_bytes * 4 // 3 + 100 * len(frames):
+        raise RequestError(413, f"{where}: frames larger than {limits.max_video_bytes} bytes together")
+    decoded = [decode_image(f, frame_limits, f"{where}.video[{i}]") for i, f in enumerate(frames)]
+    try:
+        return video_mod.load_video(decoded, max_frames=limits.max_video_frames)
+    except video_mod.VideoError as e:
+        raise RequestError(400, f"{where}: {e}") from e
+
+
 def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
     value = body.get(name)
     if value is None:
@@ -110,8 +170,8 @@ def _int_field(body: dict, name: str, low: int, high: int) -> int | None:
     return value
 
 
-def _content(content: Any, limits: Limits, where: str, images: list) -> str | list[dict[str, Any]]:
-    """One message's content for the chat template; images decoded into `images`."""
+def _content(content: Any, limits: Limits, where: str, images: list, videos: list) -> str | list[dict[str, Any]]:
+    """One message's content for the chat template; images decoded into `images`, videos into `videos`."""
     if isinstance(content, str):
         if len(content) > limits.max_text_chars:
             raise RequestError(400, f"{where}: text longer than {limits.max_text_chars} characters")
@@ -143,8 +203,16 @@ def _content(content: Any, limits: Limits, where: str, images: list) -> str | li
                 raise RequestError(400, f"{at}: more than {limits.max_images} image(s) in one request")
             images.append(decode_image(spec["url"], limits, at))
             parts.append({"type": "image"})
+        elif kind in ("video_url", "video"):
+            if set(part) - {"type", kind}:
+                raise RequestError(400, f"{at}: unknown fields {sorted(set(part) - {'type', kind})}")
+            if len(videos) >= limits.max_videos:
+                raise RequestError(400, f"{at}: more than {limits.max_videos} video(s) in one request")
+            videos.append(decode_video(part, limits, at))
+            parts.append({"type": "video"})
         else:
-            raise RequestError(400, f"{at}: unsupported part type {kind!r}; expected 'text' or 'image_url'")
+            raise RequestError(400, f"{at}: unsupported part type {kind!r}; expected 'text', 'image_url', "
+                                    "'video_url' or 'video'")
     return parts
 
 
@@ -187,6 +255,7 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list")
     images: list = []
+    videos: list = []
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
@@ -196,13 +265,13 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
             raise RequestError(400, f"{where}: unknown fields {sorted(set(m) - set(MESSAGE_FIELDS))}")
         if m.get("role") not in ROLES:
             raise RequestError(400, f"{where}: role must be one of {list(ROLES)}, got {m.get('role')!r}")
-        out.append({"role": m["role"], "content": _content(m.get("content"), limits, where, images)})
+        out.append({"role": m["role"], "content": _content(m.get("content"), limits, where, images, videos)})
     if out[-1]["role"] != "user":
         raise RequestError(400, "the last message must be the user's")
-    if not images:
+    if not images and not videos:
         raise RequestError(400, "no image: this is a vision model; send one image_url part "
-                                "(data:image/png;base64,...) with the question")
-    return Chat(messages=out, images=images, max_tokens=n_tokens, model=model)
+                                "(data:image/png;base64,...) or a video part with the question")
+    return Chat(messages=out, images=images, max_tokens=n_tokens, model=model, videos=videos)
 
 
 def completion_body(chat: Chat, model: str, text: str, prompt_tokens: int, new_ids: list[int],

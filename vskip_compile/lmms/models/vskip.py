@@ -6,7 +6,8 @@ model_args: pretrained (a local directory or a hub id), plan (a SkipPlan JSON; n
 unmodified model), backend (reference | eager | inductor | tensorrt | onnx), device, dtype
 (float32 | bfloat16 | float16), engine (ONNX engine directory, backend onnx only), threads
 (torch intra-op threads). Requests run one at a time (batch_size 1): the compiled prefill
-takes unpadded batches only. Greedy decoding only; loglikelihood is not implemented.
+takes unpadded batches only. Greedy decoding only; loglikelihood is not implemented. Visuals:
+images (PIL) and videos (a file path, decoded with PyAV, or a list of frames); audio is refused.
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ class VSkip(lmms):
             check_greedy(gen_kwargs)
             visuals = doc_to_visual(self.task_dict[task][split][doc_id]) if doc_to_visual else []
             visuals = [v for v in visuals or [] if v is not None]
-            if any(isinstance(v, (str, dict)) for v in visuals):
-                raise GenerationError(f"{task} doc {doc_id}: the vskip model takes images only, not video or audio")
+            if any(isinstance(v, dict) for v in visuals):
+                raise GenerationError(f"{task} doc {doc_id}: the vskip model takes images and videos, not audio")
+            videos = [v for v in visuals if isinstance(v, (str, list, tuple))]  # lmms-eval: a video is its file path
+            visuals = [v for v in visuals if not isinstance(v, (str, list, tuple))]
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
-            text = context.replace("<image>", "")  # lmms-eval's image placeholder: images go first
-            answer = self.gen.answer(text, visuals, max_new_tokens=max_new, until=until)
+            text = context.replace("<image>", "").replace("<video>", "")  # placeholders: visuals go first
+            answer = self.gen.answer(text, visuals, max_new_tokens=max_new, until=until, videos=videos)
             answers.append(answer)
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), answer)
         return answers
