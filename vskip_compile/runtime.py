@@ -37,7 +37,7 @@ from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
 from .errors import VSkipError
-from .sampling import Sampler
+from .sampling import SAMPLING_DEFAULTS, Sampler
 
 BACKENDS = ("inductor", "eager", "tensorrt")
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
@@ -445,7 +445,9 @@ class CompiledVLM:
 
         Greedy by default (argmax, bit-identical to the plain greedy loop). Sampling and
         processing as HF generate does them, with transformers' own processors and warpers:
-        do_sample, temperature, top_k, top_p, min_p, repetition_penalty, logits_processor (a
+        do_sample, temperature, top_k, top_p, min_p (unset ones of a sampled row take the
+        model's generation_config values, as in HF: top_k 50 unless it says otherwise),
+        repetition_penalty, logits_processor (a
         LogitsProcessorList, applied after the repetition penalty and before the warpers, as
         HF orders them), stop_strings (with tokenizer=), stopping_criteria (a
         StoppingCriteriaList, called with the whole batch), streamer (HF's put/end; put gets the
@@ -477,7 +479,8 @@ class CompiledVLM:
                    "repetition_penalty": repetition_penalty, "seed": seed, "stop_strings": stop_strings}
         try:
             sampler = Sampler.build(input_ids.shape[0], options, row_options, logits_processor=logits_processor,
-                                    tokenizer=tokenizer, device=input_ids.device, prompt_len=input_ids.shape[1])
+                                    tokenizer=tokenizer, device=input_ids.device, prompt_len=input_ids.shape[1],
+                                    defaults=_sampling_defaults(gen))
         except ValueError as e:
             raise CompileError(f"CompiledVLM.generate: {e}") from e
         too_long = [r.max_new_tokens for r in sampler.rows if (r.max_new_tokens or 0) > max_new_tokens]
@@ -656,6 +659,15 @@ def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
         attention_mask=torch.cat([mask.new_zeros(batch, n), mask.to(p.inputs_embeds.device)], dim=1),  # [B, n + S]
         layout=layout,
     )
+
+
+def _sampling_defaults(gen) -> dict[str, Any]:
+    """What HF generate samples with when temperature, top_k, top_p, min_p are not passed: the
+    model's generation_config, else transformers' global defaults (top_k 50, as HF merges them
+    in GenerationMixin._prepare_generation_config)."""
+    global_defaults = gen._get_default_generation_params()
+    return {k: getattr(gen, k, None) if getattr(gen, k, None) is not None else global_defaults.get(k)
+            for k in SAMPLING_DEFAULTS}
 
 
 def _check_generation_config(gen) -> None:

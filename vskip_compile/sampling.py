@@ -23,6 +23,8 @@ from typing import Any, Sequence
 # Options a row may set (generate() keywords, and keys of one row_options dict).
 ROW_OPTIONS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "stop_strings",
                "max_new_tokens")
+# Options of a sampled row that default to the model's generation_config when unset, as in HF.
+SAMPLING_DEFAULTS = ("temperature", "top_k", "top_p", "min_p")
 
 
 def _is_number(value: Any) -> bool:
@@ -102,8 +104,11 @@ class Sampler:
 
     @classmethod
     def build(cls, batch: int, options: dict[str, Any], row_options: Sequence[dict[str, Any]] | None = None, *,
-              logits_processor=None, tokenizer=None, device=None, prompt_len: int = 0) -> "Sampler":
-        """Rows' settings: `options` (the call's keywords), overridden per row by row_options[i].
+              logits_processor=None, tokenizer=None, device=None, prompt_len: int = 0,
+              defaults: dict[str, Any] | None = None) -> "Sampler":
+        """Rows' settings: `options` (the call's keywords), overridden per row by row_options[i];
+        a sampled row's temperature, top_k, top_p and min_p left unset take `defaults` (generate
+        passes the model's generation_config: HF generate's defaults, top_k 50 among them).
 
         ValueError naming the option for an invalid value; stop_strings need the tokenizer
         (HF's StopStringCriteria works on its vocabulary)."""
@@ -123,6 +128,11 @@ class Sampler:
             for name in ROW_OPTIONS:
                 check_option(name, opts.get(name))
             do_sample = bool(opts.get("do_sample"))
+            if do_sample and defaults:
+                for name in SAMPLING_DEFAULTS:
+                    if opts.get(name) is None and defaults.get(name) is not None:
+                        opts[name] = defaults[name]
+                        check_option(name, opts[name])
             procs = LogitsProcessorList()
             if opts.get("repetition_penalty") not in (None, 1, 1.0):
                 procs.append(lp.RepetitionPenaltyLogitsProcessor(float(opts["repetition_penalty"])))
@@ -135,7 +145,7 @@ class Sampler:
                     procs.append(lp.TopKLogitsWarper(top_k=int(opts["top_k"])))
                 if opts.get("top_p") not in (None, 1, 1.0):
                     procs.append(lp.TopPLogitsWarper(top_p=float(opts["top_p"])))
-                if opts.get("min_p") is not None:
+                if opts.get("min_p") not in (None, 0, 0.0):
                     procs.append(lp.MinPLogitsWarper(min_p=float(opts["min_p"])))
             else:
                 unused = [k for k in ("temperature", "top_k", "top_p", "min_p") if opts.get(k) is not None]

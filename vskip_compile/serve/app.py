@@ -163,6 +163,49 @@ class VLMServer:
 
 
 # -- the HTTP front -------------------------------------------------------------------------
+async def retrying(call, retry_s: float, on_retry=None, backoff_s: float = 0.5) -> AsyncIterator[dict[str, Any]]:
+    """A replica's events for one request (`call()` starts it: an async iterator of events);
+    when the replica dies (a _retriable error), `call()` again, skipping the "start" and
+    "token" events already passed on: the same request gives the same events (greedy, or
+    sampled with its fixed seed). NoReplica when no replica has started it within retry_s
+    of the first try (a replica that has started it may take its time: batches queue)."""
+    deadline = time.monotonic() + retry_s
+    passed = 0  # "start" + "token" events already passed on
+    attempt = 0
+    while True:
+        attempt += 1
+        seen = 0
+        stream = call()
+        try:
+            while True:
+                try:
+                    if seen == 0:
+                        event = await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
+                    else:
+                        event = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                if event["type"] in ("start", "token"):
+                    seen += 1
+                    if seen <= passed:
+                        continue  # passed on before the replica died: the same again
+                    passed = seen
+                if event["type"] == "done":
+                    event["info"]["attempts"] = attempt
+                yield event
+        except asyncio.TimeoutError:
+            if hasattr(stream, "cancel"):
+                stream.cancel()
+            raise NoReplica(f"no replica took the request within {retry_s:g} s ({attempt} attempt(s))") from None
+        except _retriable() as e:
+            if time.monotonic() >= deadline:
+                raise NoReplica(f"no live replica for the request within {retry_s:g} s "
+                                f"({attempt} attempts; last: {type(e).__name__})") from e
+            if on_retry is not None:
+                on_retry(attempt, e)
+            await asyncio.sleep(min(backoff_s * attempt, 2.0, max(0.0, deadline - time.monotonic())))
+
+
 app = FastAPI(title="vskip serve")
 
 
@@ -178,6 +221,18 @@ class Ingress:
         self.m_requests = metrics.Counter("vskip_requests", "chat completion requests by HTTP status", tag_keys=("status",))
         self.m_latency = metrics.Histogram("vskip_request_seconds", "request latency at the HTTP front", _SECONDS)
         self.m_retries = metrics.Counter("vskip_retries", "requests sent again after their replica died")
+        self.inflight = 0
+        self.draining = False
+
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Refuse new requests (503, Retry-After) and wait until the requests in flight are
+        answered, at most timeout_s (default: drain_s); returns how many were still in flight
+        (0: drained)."""
+        self.draining = True
+        deadline = time.monotonic() + (self.opts.drain_s if timeout_s is None else timeout_s)
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.inflight
 
     @app.get("/health")
     async def health(self) -> JSONResponse:
@@ -189,6 +244,20 @@ class Ingress:
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request):
+        if self.draining:
+            return self._finish(time.perf_counter(), self._error(503, "the server is shutting down", retry_after=True))
+        self.inflight += 1
+        done = True  # a stream's request ends when its last event is sent
+        try:
+            response = await self._chat(request)
+            if isinstance(response, StreamingResponse):
+                done = False
+            return response
+        finally:
+            if done:
+                self.inflight -= 1
+
+    async def _chat(self, request: Request):
         start = time.perf_counter()
         try:
             length = request.headers.get("content-length")
@@ -221,42 +290,15 @@ class Ingress:
             return self._finish(start, self._error(503, str(e), retry_after=True))
         return self._finish(start, self._error(503, "the replica ended the request without an answer", retry_after=True))
 
-    async def _events(self, chat: Chat) -> AsyncIterator[dict[str, Any]]:
-        """The replica's events for chat; on a replica's death, the same request again on
-        another replica, skipping what was already passed on. NoReplica after retry_s."""
-        deadline = time.monotonic() + self.opts.retry_s
-        passed = 0  # "start" + token events already passed on
-        attempt = 0
-        while True:
-            attempt += 1
-            seen = 0
-            stream = self.model.options(stream=True).generate.remote(chat)
-            try:
-                while True:
-                    left = deadline - time.monotonic() if seen == 0 else None  # a replica that started may take its time
-                    try:
-                        event = await asyncio.wait_for(stream.__anext__(), timeout=left) if left is not None \
-                            else await stream.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    if event["type"] in ("start", "token"):
-                        seen += 1
-                        if seen <= passed:
-                            continue  # streamed before the replica died: the same again
-                        passed = seen
-                    if event["type"] == "done":
-                        event["info"]["attempts"] = attempt
-                    yield event
-            except asyncio.TimeoutError:
-                stream.cancel()
-                raise NoReplica(f"no replica took the request within {self.opts.retry_s:g} s (attempt {attempt})")
-            except _retriable() as e:
-                if time.monotonic() >= deadline:
-                    raise NoReplica(f"no live replica for the request within {self.opts.retry_s:g} s "
-                                    f"({attempt} attempts; last: {type(e).__name__})") from e
-                logger.warning("replica lost during request %s (%s): sending it again", chat.id, type(e).__name__)
-                self.m_retries.inc()
-                await asyncio.sleep(min(0.5 * attempt, 2.0))
+    def _events(self, chat: Chat) -> AsyncIterator[dict[str, Any]]:
+        def call():
+            return self.model.options(stream=True).generate.remote(chat)
+
+        def on_retry(attempt: int, error: BaseException) -> None:
+            logger.warning("replica lost during request %s (%s): sending it again", chat.id, type(error).__name__)
+            self.m_retries.inc()
+
+        return retrying(call, self.opts.retry_s, on_retry)
 
     async def _sse(self, chat: Chat, model: str, first: dict[str, Any], events: AsyncIterator[dict[str, Any]],
                    start: float) -> AsyncIterator[bytes]:
@@ -282,6 +324,7 @@ class Ingress:
         except NoReplica as e:
             yield sse(error_body(503, str(e)))
         finally:
+            self.inflight -= 1
             self.m_latency.observe(time.perf_counter() - start)
 
     def _error(self, status: int, message: str, retry_after: bool = False) -> JSONResponse:
@@ -378,8 +421,26 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
     return f"http://{host}:{port}"
 
 
-def stop() -> None:
-    """Delete the application (replicas drain), stop Serve and disconnect from (or stop) Ray."""
+def drain(timeout_s: float | None = None) -> int:
+    """Graceful shutdown, first half: the HTTP front refuses new requests (503, Retry-After) and
+    waits for those in flight, at most timeout_s (default: the application's drain_s). Returns
+    how many were still in flight (0 also when no application is running)."""
+    if not ray.is_initialized() or APP_NAME not in serve.status().applications:
+        return 0
+    return serve.get_app_handle(APP_NAME).drain.remote(timeout_s).result()
+
+
+def stop(drain_first: bool = True, timeout_s: float | None = None) -> None:
+    """Drain the requests in flight (drain_first), then delete the application, stop Serve and
+    disconnect from (or stop) Ray. `vskip serve` stops this way on Ctrl-C."""
+    if drain_first and ray.is_initialized():
+        try:
+            left = drain(timeout_s)
+        except Exception as e:  # noqa: BLE001 - a broken application must not keep Serve from stopping
+            logger.warning("drain failed (%s: %s); stopping anyway", type(e).__name__, e)
+        else:
+            if left:
+                logger.warning("stopping with %d request(s) still in flight", left)
     serve.shutdown()
     ray.shutdown()
 

@@ -222,7 +222,7 @@ class Engine:
         if self.runner is not None:
             asked = [k for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty") if k in chat.sampling]
             if asked:
-                raise RequestError(400, f"{asked[0]}: engine 'onnx' decodes greedily (its runner has no logits "
+                raise RequestError(400, f"{', '.join(asked)}: engine 'onnx' decodes greedily (its runner has no logits "
                                         "processors); serve with --engine inductor or eager to sample")
         try:
             prompt = self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)

@@ -227,7 +227,8 @@ def _number(body: dict, name: str) -> float | int | None:
 def sampling_options(body: dict) -> dict[str, Any]:
     """generate() options of a request body, or RequestError (400) naming the field.
 
-    Greedy unless the request samples: temperature > 0, or temperature absent and top_p < 1,
+    Every sampling option is explicit (OpenAI's defaults for those unset), so the model's
+    generation_config does not change what a request means. Greedy unless the request samples: temperature > 0, or temperature absent and top_p < 1,
     top_k > 0 or min_p > 0 asked for (then temperature 1, OpenAI's default). temperature 0 is
     greedy, where top_p, top_k, min_p and seed have no effect (they are still checked).
     repetition_penalty applies to greedy decoding too."""
@@ -248,9 +249,10 @@ def sampling_options(body: dict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if values["repetition_penalty"] not in (None, 1):
         out["repetition_penalty"] = values["repetition_penalty"]
-    if do_sample:
+    if do_sample:  # OpenAI's defaults for what is unset: temperature 1, no top-p, top-k or min-p filter
         out["do_sample"] = True
-        out.update({k: values[k] for k in ("temperature", "top_p", "top_k", "min_p") if values[k] is not None})
+        for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0)):
+            out[name] = values[name] if values[name] is not None else default
         out["seed"] = values["seed"] if values["seed"] is not None else secrets.randbelow(2**63)
     return out
 
