@@ -72,16 +72,36 @@ def check_option(name: str, value: Any) -> None:
 _STOP_CACHE: dict = {}  # (tokenizer id, stop strings) -> StopStringCriteria, bounded below
 
 
+class _DecodedStop:
+    """Stop strings checked on the decoded text of the generated tokens: for tokenizers whose
+    vocabulary HF's StopStringCriteria cannot clean (it assumes a byte-level or SentencePiece
+    prefix; the zoo's word-level easy-VQA tokenizer raises in it)."""
+
+    def __init__(self, tokenizer, strings: tuple[str, ...]):
+        self.tokenizer, self.strings = tokenizer, strings
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.strings) for t in texts])
+
+
 def _stop_criteria(tokenizer, strings: tuple[str, ...]):
-    """HF's StopStringCriteria for these strings, kept: its token tables take a while to build
-    for a large vocabulary, and a server sees the same stop strings again and again."""
+    """HF's StopStringCriteria for these strings (or _DecodedStop where it cannot be built),
+    kept: its token tables take a while to build for a large vocabulary, and a server sees the
+    same stop strings again and again."""
     from transformers.generation.stopping_criteria import StopStringCriteria
 
     key = (id(tokenizer), strings)
     if key not in _STOP_CACHE:
         if len(_STOP_CACHE) >= 64:
             _STOP_CACHE.pop(next(iter(_STOP_CACHE)))
-        _STOP_CACHE[key] = (tokenizer, StopStringCriteria(tokenizer, list(strings)))  # the tokenizer kept: its id stays its own
+        try:
+            stop = StopStringCriteria(tokenizer, list(strings))
+        except ValueError:  # "substring not found" while cleaning the vocabulary
+            stop = _DecodedStop(tokenizer, strings)
+        _STOP_CACHE[key] = (tokenizer, stop)  # the tokenizer kept: its id stays its own
     return _STOP_CACHE[key][1]
 
 

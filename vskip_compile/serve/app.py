@@ -196,11 +196,12 @@ async def retrying(call, retry_s: float, on_retry=None, backoff_s: float = 0.5) 
         except asyncio.TimeoutError:
             if hasattr(stream, "cancel"):
                 stream.cancel()
-            raise NoReplica(f"no replica took the request within {retry_s:g} s ({attempt} attempt(s))") from None
+            raise NoReplica(f"no replica could take the request within {retry_s:g} s "
+                            f"({attempt} attempt(s); the last got no answer)") from None
         except _retriable() as e:
             if time.monotonic() >= deadline:
-                raise NoReplica(f"no live replica for the request within {retry_s:g} s "
-                                f"({attempt} attempts; last: {type(e).__name__})") from e
+                raise NoReplica(f"no replica could take the request within {retry_s:g} s "
+                                f"({attempt} attempt(s); the last: {type(e).__name__})") from e
             if on_retry is not None:
                 on_retry(attempt, e)
             await asyncio.sleep(min(backoff_s * attempt, 2.0, max(0.0, deadline - time.monotonic())))
