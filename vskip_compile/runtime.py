@@ -465,6 +465,12 @@ class CompiledVLM:
                                "(greedy or sampled decoding, one sequence per row)")
         gen = self.model.generation_config
         _check_generation_config(gen)
+        options = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                   "repetition_penalty": repetition_penalty, "seed": seed, "stop_strings": stop_strings}
+        try:
+            Sampler.resolve(options)  # the call's own options, before anything else is looked at
+        except ValueError as e:
+            raise CompileError(f"CompiledVLM.generate: {e}") from e
         max_new_tokens = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise CompileError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -475,8 +481,6 @@ class CompiledVLM:
         if pad_token_id is None and len(eos):
             pad_token_id = int(eos[0])
         input_ids = inputs["input_ids"]
-        options = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
-                   "repetition_penalty": repetition_penalty, "seed": seed, "stop_strings": stop_strings}
         try:
             sampler = Sampler.build(input_ids.shape[0], options, row_options, logits_processor=logits_processor,
                                     tokenizer=tokenizer, device=input_ids.device, prompt_len=input_ids.shape[1],

@@ -144,15 +144,8 @@ class Sampler:
             unknown = sorted(set(own) - set(ROW_OPTIONS))
             if unknown:
                 raise ValueError(f"row_options[{i}]: unknown option(s) {', '.join(unknown)}; known: {', '.join(ROW_OPTIONS)}")
-            opts = {**options, **{k: v for k, v in own.items() if v is not None}}
-            for name in ROW_OPTIONS:
-                check_option(name, opts.get(name))
+            opts = cls.resolve({**options, **{k: v for k, v in own.items() if v is not None}}, defaults)
             do_sample = bool(opts.get("do_sample"))
-            if do_sample and defaults:
-                for name in SAMPLING_DEFAULTS:
-                    if opts.get(name) is None and defaults.get(name) is not None:
-                        opts[name] = defaults[name]
-                        check_option(name, opts[name])
             procs = LogitsProcessorList()
             if opts.get("repetition_penalty") not in (None, 1, 1.0):
                 procs.append(lp.RepetitionPenaltyLogitsProcessor(float(opts["repetition_penalty"])))
@@ -167,11 +160,6 @@ class Sampler:
                     procs.append(lp.TopPLogitsWarper(top_p=float(opts["top_p"])))
                 if opts.get("min_p") not in (None, 0, 0.0):
                     procs.append(lp.MinPLogitsWarper(min_p=float(opts["min_p"])))
-            else:
-                unused = [k for k in ("temperature", "top_k", "top_p", "min_p") if opts.get(k) is not None]
-                if unused:
-                    raise ValueError(f"{', '.join(unused)} set without do_sample=True: greedy decoding would ignore "
-                                     f"{'it' if len(unused) == 1 else 'them'}")
             generator = None
             if do_sample and opts.get("seed") is not None:
                 generator = torch.Generator(device=device or "cpu").manual_seed(int(opts["seed"]))
@@ -183,6 +171,25 @@ class Sampler:
                 stop = _stop_criteria(tokenizer, strings)
             rows.append(_Row(procs, do_sample, generator, stop, opts.get("max_new_tokens")))
         return cls(rows, prompt_len)
+
+    @staticmethod
+    def resolve(opts: dict[str, Any], defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One row's options checked (ValueError naming the option) and, when it samples, its
+        unset temperature / top_k / top_p / min_p taken from defaults."""
+        opts = dict(opts)
+        for name in ROW_OPTIONS:
+            check_option(name, opts.get(name))
+        if not opts.get("do_sample"):
+            unused = [k for k in SAMPLING_DEFAULTS if opts.get(k) is not None]
+            if unused:
+                raise ValueError(f"{', '.join(unused)} set without do_sample=True: greedy decoding would ignore "
+                                 f"{'it' if len(unused) == 1 else 'them'}")
+        elif defaults:
+            for name in SAMPLING_DEFAULTS:
+                if opts.get(name) is None and defaults.get(name) is not None:
+                    opts[name] = defaults[name]
+                    check_option(name, opts[name])
+        return opts
 
     @property
     def trivial(self) -> bool:
