@@ -1,7 +1,7 @@
 """Cluster mode for real: `vskip serve --address` on a two-node Ray cluster on loopback.
 
 `ray start --head` and a second `ray start --address` (each --block, 1 CPU, node address
-127.0.0.1, its own temp dir, no dashboard) are two Ray nodes on this machine; `vskip serve
+127.0.0.2, its own temp dir, no dashboard) are two Ray nodes on this machine; `vskip serve
 --address` joins them with 2 replicas of 1 CPU each, so Ray places one replica on each node.
 A request is answered, /health is seen from replicas on both nodes, then everything this test
 started is stopped by its pid: `vskip serve` by SIGINT (it drains, deletes the application,
@@ -29,10 +29,12 @@ pytestmark = pytest.mark.cluster
 # `ray start` through this interpreter: the nodes' workers (the replicas) then run this Python
 # and import this checkout's vskip_compile, as the driver does.
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+NODE_IP = "127.0.0.2"
 
 
 def _start(cmd: list[str], log) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env["RAY_AUTH_MODE"] = "disabled"  # no token to hand from the head to the other processes
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -65,10 +67,12 @@ def test_vskip_serve_address_places_replicas_on_both_nodes(model_dir, samples, t
     plan_file = tmp_path / "plan.json"
     PLAN.save(plan_file)
     port, http = _free_port(), _free_port()
-    address = f"127.0.0.1:{port}"
+    # 127.0.0.2: a loopback address that Ray takes as given (it replaces 127.0.0.1 by the
+    # machine's network address, which this test must not use); both nodes share it.
+    address = f"{NODE_IP}:{port}"
     temp = tempfile.mkdtemp(prefix="vr", dir="/tmp")  # short: Ray's socket paths live under it
     logs = [str(tmp_path / n) for n in ("head.log", "node.log", "serve.log")]
-    common = ["--block", "--num-cpus", "1", "--node-ip-address", "127.0.0.1", "--temp-dir", temp,
+    common = ["--block", "--num-cpus", "1", "--node-ip-address", NODE_IP, "--temp-dir", temp,
               "--disable-usage-stats"]
     procs = []
     try:
@@ -81,8 +85,8 @@ def test_vskip_serve_address_places_replicas_on_both_nodes(model_dir, samples, t
             procs.append(_start([sys.executable, "-m", "vskip_compile", "serve", "--address", address,
                                  "--model", str(model_dir), "--plan", str(plan_file), "--engine", "eager",
                                  "--replicas", "2", "--replica-cpus", "1", "--max-batch-size", "2",
-                                 "--max-tokens", str(LIMITS.max_tokens), "--port", str(http)], serve_log))
-            url = f"http://127.0.0.1:{http}"
+                                 "--max-tokens", str(LIMITS.max_tokens), "--host", NODE_IP, "--port", str(http)], serve_log))
+            url = f"http://{NODE_IP}:{http}"  # Serve's proxy listens on its node's address
             _wait_for(lambda: "serving " in open(logs[2]).read() or procs[2].poll() is not None, 420,
                       "vskip serve was up", logs)
             assert procs[2].poll() is None, _tail(logs[2])

@@ -413,7 +413,11 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
         options.engine_dir = str(Path(options.engine_dir).resolve())
     if not ray.is_initialized():
         if address is not None:
-            ray.init(address=address)
+            host = address.rsplit(":", 1)[0]
+            # Ray nodes on another loopback address (127.0.0.2, ...: a cluster on this machine, as
+            # in the tests) are reached from that address, not from the machine's own one.
+            local = {"_node_ip_address": host} if host.startswith("127.") and host != "127.0.0.1" else {}
+            ray.init(address=address, **local)
         else:
             extra = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
             init_local_ray(num_cpus=num_cpus, **extra)
