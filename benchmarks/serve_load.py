@@ -126,7 +126,7 @@ async def run_round(base: str, bodies: list[bytes], order: list[int], timeout: f
 
 
 def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, list[int]]]) -> dict:
-    ok = wrong = 0
+    ok = wrong = retried = 0
     failed: dict[str, int] = {}
     latencies = []
     batches = []
@@ -141,6 +141,7 @@ def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, 
             ok += 1
             latencies.append(dt)
             batches.append(payload["vskip"]["batch"])
+            retried += payload["usage"]["vskip"].get("attempts", 1) > 1
         else:
             wrong += 1
     latencies.sort()
@@ -156,6 +157,7 @@ def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, 
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None,
         "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+        "retried": retried,  # right answers that needed a second replica (theirs died)
         "killed_replica": out["killed"],
     }
 
