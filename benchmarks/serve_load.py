@@ -222,12 +222,14 @@ async def closed_loop(base: str, bodies: list[bytes], concurrency: int, timeout:
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - start
     ok = [r for r in results if r[0] == 200]
+    failed = [r for r in results if r[0] != 200]
     lat = sorted(r[2] for r in ok)
     batches = [r[1]["usage"]["vskip"]["batch"] for r in ok]
     return {"concurrency": concurrency, "requests": len(bodies), "ok": len(ok), "wall_s": round(wall, 2),
             "rps": round(len(ok) / wall, 3), "p50_s": round(statistics.median(lat), 3) if lat else None,
             "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
             "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+            "first_failure": [failed[0][0], str(failed[0][1])[:300]] if failed else None,
             "prompt_tokens": [r[1]["usage"]["prompt_tokens"] for r in ok]}
 
 
@@ -254,6 +256,7 @@ def run_sweep(args, serve_app, Limits) -> dict:
         models["easyvqa-shipped"] = easyvqa.MODEL_DIR
     report = {"engine": args.engine, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
               "threads": args.threads, "models": {}}
+    port = _free_port()  # one Serve HTTP proxy for every deployment of the sweep
     for name, model_dir in models.items():
         layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
         plans = {"full": SkipPlan.full(layers), "plan": SkipPlan.from_ops(["skip_both"] * layers, name="skip_both-all")}
@@ -265,7 +268,7 @@ def run_sweep(args, serve_app, Limits) -> dict:
                 model_dir=str(model_dir), plan=plan.to_dict(), engine=args.engine, replicas=1, replica_cpus=1,
                 threads=args.threads, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
                 max_ongoing_requests=256, limits=Limits(max_tokens=16))
-            base = serve_app.start(options, host="127.0.0.1", port=_free_port())
+            base = serve_app.start(options, host="127.0.0.1", port=port)
             warm = sweep_prompts(2 * args.max_batch_size, args.seed + 99)  # compiles: batch buckets 1 and >= 2
             asyncio.run(closed_loop(base, warm[:1], 1, args.timeout))
             asyncio.run(closed_loop(base, warm, args.max_batch_size, args.timeout))

@@ -142,8 +142,9 @@ class VLMServer:
         self.m_queue.observe(info["queue_s"])
         self.m_prefill.observe(info["prefill_s"])
         self.m_decode.observe(info["decode_s"])
-        self.m_tokens.inc(len(answer.new_ids))
-        self.m_flops.inc(info["visual_flops_saved"])
+        for counter, value in ((self.m_tokens, len(answer.new_ids)), (self.m_flops, info["visual_flops_saved"])):
+            if value > 0:  # Ray's Counter.inc refuses 0 (an all-full plan saves nothing)
+                counter.inc(value)
         compiles = self.engine.compiles()
         if compiles > self._compiles_seen:
             self.m_compiles.inc(compiles - self._compiles_seen)
