@@ -4,6 +4,15 @@ got its own right answer.
     python benchmarks/serve_load.py --requests 300 --layouts 3            # zoo model, eager engine
     python benchmarks/serve_load.py --requests 200 --kill-replica --replicas 2
     python benchmarks/serve_load.py --requests 200 --rounds 4 --kill-replica --kill-round 3 --replicas 2
+    python benchmarks/serve_load.py --sweep --out benchmarks/results/serve_sweep.json   # full vs plan, c = 1, 8, 32
+
+--sweep: for a wide random model (hidden 1024, 4 layers, random weights, the shipped processor:
+compute-bound on a CPU) and the shipped model, the full model and a skip plan on the same
+engine and batching, closed-loop clients at concurrency 1, 8 and 32 (each client sends its next
+request when its last one is answered), prompts of random question length with the image
+before or after the question: requests/s, p50 and p99 latency, and the measured throughput
+ratio plan / full against the FLOPs-ideal ratio (decoder prefill FLOPs of flops.py over the
+same requests; max_tokens 1, so a request is its prefill).
 
 Starts a local Ray + the deployment itself, computes each distinct prompt's answer alone with
 `vskip_compile.compile(...).generate` (the reference), then fires rounds of concurrent requests
@@ -117,7 +126,7 @@ async def run_round(base: str, bodies: list[bytes], order: list[int], timeout: f
 
 
 def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, list[int]]]) -> dict:
-    ok = wrong = 0
+    ok = wrong = retried = 0
     failed: dict[str, int] = {}
     latencies = []
     batches = []
@@ -132,6 +141,7 @@ def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, 
             ok += 1
             latencies.append(dt)
             batches.append(payload["vskip"]["batch"])
+            retried += payload["usage"]["vskip"].get("attempts", 1) > 1
         else:
             wrong += 1
     latencies.sort()
@@ -147,8 +157,141 @@ def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, 
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "p99_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 3) if latencies else None,
         "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+        "retried": retried,  # right answers that needed a second replica (theirs died)
         "killed_replica": out["killed"],
     }
+
+
+# -- --sweep ------------------------------------------------------------------------------------
+def wide_model(out: Path, hidden: int = 1024, layers: int = 4, seed: int = 0) -> Path:
+    """A Qwen3-VL with the easy-VQA processor and a wide random decoder (hidden 1024, 4 layers,
+    FFN 2816, 16 heads of 64, 8 KV heads), saved to out: compute-bound on a CPU."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from vskip_compile.zoo.train_easyvqa import build_config, make_processor
+
+    processor = make_processor()
+    config = build_config(processor.tokenizer)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, int(hidden * 2.75), layers
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = hidden // 64, hidden // 128, 64
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": [8, 12, 12]}  # sums to head_dim / 2
+    config.vision_config.out_hidden_size = hidden
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config).eval()
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def sweep_prompts(n: int, seed: int) -> list[bytes]:
+    """n request bodies: random easy-VQA images, a question of random length (its words
+    repeated), the image before or after the question; max_tokens 1."""
+    from vskip_compile.zoo import easyvqa
+
+    rng = random.Random(seed)
+    test = easyvqa.test_set()[:2000]
+    bodies = []
+    for _ in range(n):
+        path, question, _ = rng.choice(test)
+        words = question.split()
+        question = " ".join(words + [rng.choice(words) for _ in range(rng.randrange(0, 12))])
+        b64 = base64.b64encode(Path(path).read_bytes()).decode()
+        parts = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{b64}"}},
+                 {"type": "text", "text": question}]
+        if rng.random() < 0.5:
+            parts.reverse()
+        bodies.append(json.dumps({"max_tokens": 1, "messages": [{"role": "user", "content": parts}]}).encode())
+    return bodies
+
+
+async def closed_loop(base: str, bodies: list[bytes], concurrency: int, timeout: float) -> dict:
+    """`concurrency` clients, each sending the next body when its last one is answered."""
+    import aiohttp
+
+    url = base + "/v1/chat/completions"
+    queue = list(range(len(bodies)))
+    results: list = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        async def client():
+            while queue:
+                results.append(await _one(session, url, bodies[queue.pop()], timeout))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    ok = [r for r in results if r[0] == 200]
+    failed = [r for r in results if r[0] != 200]
+    lat = sorted(r[2] for r in ok)
+    batches = [r[1]["usage"]["vskip"]["batch"] for r in ok]
+    return {"concurrency": concurrency, "requests": len(bodies), "ok": len(ok), "wall_s": round(wall, 2),
+            "rps": round(len(ok) / wall, 3), "p50_s": round(statistics.median(lat), 3) if lat else None,
+            "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
+            "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+            "first_failure": [failed[0][0], str(failed[0][1])[:300]] if failed else None,
+            "prompt_tokens": [r[1]["usage"]["prompt_tokens"] for r in ok]}
+
+
+def ideal_ratio(model_dir: Path, plan, prompt_tokens: list[int], visual: int) -> float:
+    """Decoder prefill FLOPs of the full model over those of the plan, summed over the requests
+    (flops.py: S = prompt tokens, V = visual tokens; the image is one span)."""
+    from vskip_compile import flops
+
+    dims = flops.TextDims.from_hf_config(json.loads((model_dir / "config.json").read_text()))
+    full = sum(flops.evaluate(flops.model_flops(dims), S=s, V=visual, P=0) for s in prompt_tokens)
+    mine = sum(flops.evaluate(flops.model_flops(dims, plan), S=s, V=visual, P=0) for s in prompt_tokens)
+    return full / mine
+
+
+def run_sweep(args, serve_app, Limits) -> dict:
+    import tempfile
+
+    from vskip_compile.plan import SkipPlan
+    from vskip_compile.zoo import easyvqa
+
+    levels = [int(c) for c in args.concurrency.split(",")]
+    models = {"wide-1024x4": wide_model(Path(tempfile.mkdtemp(prefix="vskip-wide-")))}
+    if (easyvqa.MODEL_DIR / "model.safetensors").is_file():
+        models["easyvqa-shipped"] = easyvqa.MODEL_DIR
+    report = {"engine": args.engine, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+              "threads": args.threads, "models": {}}
+    port = _free_port()  # one Serve HTTP proxy for every deployment of the sweep
+    for name, model_dir in models.items():
+        layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
+        plans = {"full": SkipPlan.full(layers), "plan": SkipPlan.from_ops(["skip_both"] * layers, name="skip_both-all")}
+        if name == "easyvqa-shipped":
+            plans["plan"] = SkipPlan.load(easyvqa.MODEL_DIR / "plans" / "opskip-b40.json")
+        entry = report["models"][name] = {"plans": {k: str(v) for k, v in plans.items()}, "runs": {}}
+        for label, plan in plans.items():
+            options = serve_app.ServeOptions(
+                model_dir=str(model_dir), plan=plan.to_dict(), engine=args.engine, replicas=1, replica_cpus=1,
+                threads=args.threads, max_batch_size=args.max_batch_size, batch_wait_s=args.batch_wait_ms / 1000,
+                max_ongoing_requests=256, limits=Limits(max_tokens=16))
+            base = serve_app.start(options, host="127.0.0.1", port=port)
+            warm = sweep_prompts(2 * args.max_batch_size, args.seed + 99)  # compiles: batch buckets 1 and >= 2
+            asyncio.run(closed_loop(base, warm[:1], 1, args.timeout))
+            asyncio.run(closed_loop(base, warm, args.max_batch_size, args.timeout))
+            runs = entry["runs"][label] = []
+            for c in levels:
+                bodies = sweep_prompts(max(args.sweep_requests, 3 * c), args.seed + c)
+                out = asyncio.run(closed_loop(base, bodies, c, args.timeout))
+                runs.append(out)
+                print(json.dumps({"model": name, "plan": label, **{k: v for k, v in out.items() if k != "prompt_tokens"}}),
+                      file=sys.stderr, flush=True)
+            serve_app.serve.delete(serve_app.APP_NAME)
+        visual = 64  # easy-VQA images: 128 px, patch 8, merge 2
+        for i, c in enumerate(levels):
+            full, mine = entry["runs"]["full"][i], entry["runs"]["plan"][i]
+            ideal = ideal_ratio(model_dir, plans["plan"], mine["prompt_tokens"], visual)
+            measured = mine["rps"] / full["rps"] if full["rps"] else None
+            entry.setdefault("ratios", []).append({
+                "concurrency": c, "flops_ideal": round(ideal, 3), "measured": None if measured is None else round(measured, 3),
+                "realized": None if measured is None else round(measured / ideal, 3)})
+        for runs in entry["runs"].values():
+            for r in runs:
+                r.pop("prompt_tokens")
+    return report
 
 
 def main(argv=None) -> int:
@@ -172,6 +315,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=1800.0, help="whole run (s); rounds stop being started after it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, help="also write the JSON report here")
+    ap.add_argument("--sweep", action="store_true", help="full model vs plan at several concurrencies (see the doc)")
+    ap.add_argument("--concurrency", default="1,8,32", help="--sweep: client counts")
+    ap.add_argument("--sweep-requests", type=int, default=32, help="--sweep: requests per level (at least 3 x concurrency)")
+    ap.add_argument("--threads", type=int, default=2, help="--sweep: intra-op threads of the replica")
     args = ap.parse_args(argv)
     if not 1 <= args.requests <= 2000 or not 1 <= args.rounds <= 10:
         ap.error("--requests must be in 1..2000 and --rounds in 1..10 (a bounded test)")
@@ -192,6 +339,21 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
+    if args.sweep:
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=False)
+        else:
+            serve_app.init_local_ray(num_cpus=2, log_to_driver=False)
+        try:
+            report = run_sweep(args, serve_app, Limits)
+        finally:
+            serve_app.stop()
+        report["total_s"] = round(time.perf_counter() - t0, 1)
+        text = json.dumps(report, indent=1)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
     model_dir = args.model or easyvqa.MODEL_DIR
     if not (model_dir / "config.json").is_file():
         ap.error(f"no model at {model_dir}; pass --model DIR")

@@ -215,8 +215,8 @@ def test_refusals(tiny_model):
         vskip_compile.compile(model, SkipPlan.full(4), backend="onnx")
     cm = vskip_compile.compile(model, SkipPlan.full(4), backend="eager")
     inputs = tiny_inputs(model, "llava")
-    with pytest.raises(CompileError, match="greedy"):
-        cm.generate(**inputs, do_sample=True)
+    with pytest.raises(CompileError, match="num_return_sequences"):
+        cm.generate(**inputs, do_sample=True, num_return_sequences=2)
     with pytest.raises(CompileError, match="temperature"):
         cm.generate(**inputs, temperature=0.7)
     original = model.generation_config.repetition_penalty

@@ -4,10 +4,12 @@ the same request run alone through `vskip_compile.compile(...).generate`.
 The model is the shipped easy-VQA Qwen3-VL under its calibrated plan; before the weights are
 shipped, a 2-layer random Qwen3-VL with the easy-VQA processor (saved with save_pretrained).
 One local Ray instance for the module; each engine is deployed in turn under the same
-application name (Ray Serve replaces the replica): "eager" (the vskip backend with the eager
-inner compiler: each (layout, batch size) is a Dynamo compile, seconds to tens of seconds on
-2 shared cores), "onnx" (an engine directory exported here once: its one prefill graph serves
-every layout), and "inductor" (one layout, marked slow: inductor's C++ compile is the longest step).
+application name (Ray Serve replaces the replicas): "eager" (the vskip backend with the eager
+inner compiler: one prefill graph per batch bucket, one decode graph per batch size and K/V
+capacity, seconds each on 2 shared cores), "onnx" (an engine directory exported here once: its
+one prefill graph serves every layout), and "inductor" (marked slow: inductor's C++ compile is
+the longest step). Requests of different lengths share one batch; sampling with a seed is
+reproducible; a stream's chunks concatenate to the answer; the `openai` client works.
 The 4xx refusals are also checked without Ray (parse_chat, then Engine.prepare), so they run
 even where a local Ray does not start.
 """
@@ -68,6 +70,19 @@ def _chat(image_url: str, question: str, **extra) -> dict:
     return {"model": "tiny", "max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": content}], **extra}
 
 
+def _stream(url: str, body: dict, timeout: float = 240) -> tuple[int, list]:
+    """POST with stream=true: (status, the server-sent events' data, parsed; "[DONE]" as is)."""
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - loopback only
+        assert r.headers["Content-Type"].startswith("text/event-stream")
+        lines = r.read().decode().split("\n")
+        status = r.status
+    assert all(line.startswith("data: ") or line == "" for line in lines), lines
+    events = [line[len("data: "):] for line in lines if line]
+    return status, [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
 def _post(url: str, body, timeout: float = 240) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"})
@@ -120,7 +135,7 @@ class _Service:
         if self.deployed != key:
             options = ServeOptions(model_dir=str(model_dir), plan=PLAN.to_dict(), engine=engine,
                                    engine_dir=None if engine_dir is None else str(engine_dir), max_batch_size=4,
-                                   batch_wait_s=3.0, replica_cpus=1, limits=LIMITS)
+                                   batch_wait_s=2.0, replica_cpus=1, limits=LIMITS)
             self.deployed = None
             start(options, host="127.0.0.1", port=self.port)
             self.deployed = key
@@ -249,7 +264,14 @@ def _bad_requests() -> dict[str, tuple[int, object]]:
         "max_tokens over the limit": (400, _chat(url, "what shape is it?", max_tokens=9)),
         "max_tokens not an integer": (400, _chat(url, "what shape is it?", max_tokens="4")),
         "prompt too long": (400, _chat(url, " ".join(["shape"] * 300))),
-        "unknown field": (400, _chat(url, "what shape is it?", top_p=0.5)),
+        "unknown field": (400, _chat(url, "what shape is it?", logit_bias={"3": 1})),
+        "temperature < 0": (400, _chat(url, "what shape is it?", temperature=-0.5)),
+        "top_p > 1": (400, _chat(url, "what shape is it?", top_p=1.5)),
+        "top_k negative": (400, _chat(url, "what shape is it?", top_k=-1)),
+        "seed not an integer": (400, _chat(url, "what shape is it?", temperature=1, seed="7")),
+        "repetition_penalty 0": (400, _chat(url, "what shape is it?", repetition_penalty=0)),
+        "stop: five strings": (400, _chat(url, "what shape is it?", stop=["a", "b", "c", "d", "e"])),
+        "stream_options without stream": (400, _chat(url, "what shape is it?", stream_options={"include_usage": True})),
         "unknown message field": (400, {"messages": [{"role": "user", "content": "hi", "name": "x"}]}),
         "unknown part field": (400, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {**text_part, "cache_control": {}}]}]}),
@@ -257,11 +279,16 @@ def _bad_requests() -> dict[str, tuple[int, object]]:
             {"type": "image_url", "image_url": {"url": url, "format": "png"}}, text_part]}]}),
         "unknown part type": (400, {"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}}, {"type": "input_audio", "input_audio": {}}]}]}),
-        "sampling": (400, _chat(url, "what shape is it?", temperature=0.7)),
-        "stream": (400, _chat(url, "what shape is it?", stream=True)),
         "not json": (400, b"{not json"),
         "not an object": (400, b"[1, 2]"),
     }
+
+
+# the field a refusal must name, for the cases that are about one field
+NAMED_FIELD = {"temperature < 0": "temperature", "top_p > 1": "top_p", "top_k negative": "top_k",
+               "seed not an integer": "seed", "repetition_penalty 0": "repetition_penalty", "stop: five strings": "stop",
+               "stream_options without stream": "stream_options", "unknown field": "logit_bias",
+               "max_tokens over the limit": "max_tokens"}
 
 
 def test_bad_requests_are_refused_without_ray(model_dir):
@@ -277,6 +304,7 @@ def test_bad_requests_are_refused_without_ray(model_dir):
             engine = engine or Engine(model_dir, PLAN, "eager", limits=LIMITS, max_batch_size=4)
             engine.prepare(chat)
         assert e.value.status == status and e.value.message, name
+        assert NAMED_FIELD.get(name, "") in e.value.message, (name, e.value.message)
         if name == "prompt too long":
             assert e.value.message.startswith("too many tokens"), e.value.message
     assert engine is not None  # "prompt too long" reached the engine
@@ -289,31 +317,130 @@ def test_bad_requests_get_4xx_and_the_replica_stays(server, samples):
         assert got == status, (name, answer)
         assert answer["error"]["message"], name
         assert answer["error"]["code"] == status and answer["error"]["type"] == "invalid_request_error", name
+        assert NAMED_FIELD.get(name, "") in answer["error"]["message"], (name, answer)
     health = _get(server, "/health")
     assert health["status"] == "ok"
-    assert sum(health["requests"].values()) >= len(cases)
+    assert sum(health["front"].values()) >= len(cases)
 
 
-def test_answers_equal_solo_compiled_generate(server, reference, samples):
-    """Concurrent requests (two share a layout, one does not) answer exactly what each request
-    alone answers through vskip_compile.compile(...).generate; the pair shares one prefill."""
+def test_mixed_lengths_share_a_batch_and_equal_each_alone(server, reference, samples):
+    """Concurrent requests of two prompt lengths (two layouts) run as ONE batch (one
+    left-padded prefill, one decode loop) and answer exactly what each request alone answers
+    through vskip_compile.compile(...).generate."""
     threads, results = _send_all(server, samples)
     want = reference(samples)  # the solo references compile here while the server compiles in its replica
     _join(threads)
     for i in range(len(samples)):
         _check_answer(*results[i], want[i])
-    pair, other = [results[i][1]["vskip"] for i in (0, 1)], results[2][1]["vskip"]
-    assert pair[0]["layout"] == pair[1]["layout"] != other["layout"]
-    assert pair[0]["batch"] == pair[1]["batch"] == 2 and other["batch"] == 1
+    info = [results[i][1]["vskip"] for i in range(len(samples))]
+    assert len({v["layout"] for v in info}) == 2  # two layouts...
+    assert [v["batch"] for v in info] == [3, 3, 3]  # ...in one batch
+    usage = results[0][1]["usage"]["vskip"]
+    for key in ("queue_s", "prefill_s", "decode_s", "batch", "compiles", "visual_flops_saved"):
+        assert key in usage, key
+    assert usage["visual_flops_saved"] > 0 and usage["queue_s"] >= 0 and usage["prefill_s"] > 0
 
-    # the same pair again: its (layout, batch 2) graph is cached and reused
+    # two of them again: the batched prefill graph is cached and reused (no per-request compile)
     before = _get(server, "/health")["graph_cache"]
-    threads, again = _send_all(server, samples[:2])
+    threads, again = _send_all(server, [samples[0], samples[2]])
     _join(threads)
-    for i in (0, 1):
-        _check_answer(*again[i], want[i])
+    for i, j in ((0, 0), (1, 2)):
+        _check_answer(*again[i], want[j])
     after = _get(server, "/health")["graph_cache"]
     assert after["misses"] == before["misses"] and after["hits"] > before["hits"]
+
+
+def test_sampling_with_a_seed_is_reproducible(server, model_dir, samples):
+    """temperature > 0: the same seed gives the same tokens (in a batch with another request or
+    alone) and equals compile(...).generate with that seed; other seeds give other tokens."""
+    from vskip_compile.serve.engine import load_model
+
+    path, question = samples[0]
+    url = _data_url(path)
+    hot = dict(temperature=8.0, max_tokens=6)  # hot enough that a trained model's answer varies
+    bodies = [_chat(url, question, seed=s, **hot) for s in (11, 11, 12, 13)]
+    results = {}
+
+    def send(i):
+        results[i] = _post(server, bodies[i])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    _join(threads)
+    ids = [results[i][1]["vskip"]["token_ids"] for i in range(len(bodies))]
+    assert all(results[i][0] == 200 for i in results), results
+    assert ids[0] == ids[1] and len({tuple(x) for x in ids[1:]}) == 3, ids
+    assert results[0][1]["usage"]["vskip"]["seed"] == 11
+    status, alone = _post(server, bodies[0])
+    assert status == 200 and alone["vskip"]["token_ids"] == ids[0]
+
+    model, processor = load_model(model_dir)
+    cm = vskip_compile.compile(model, PLAN, backend="eager")
+    inputs = easyvqa.build_inputs(processor, path, question)
+    new = cm.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=8.0, top_k=0, top_p=1.0, seed=11)
+    want = new[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    assert ids[0] == (want[: want.index(eos) + 1] if eos in want else want)
+
+
+def test_stream_chunks_concatenate_to_the_answer(server, samples):
+    """stream=true: OpenAI chat.completion.chunk events, the role first, text as decoded, the
+    finish_reason with usage last, then [DONE]; the chunks' text is the non-streamed answer."""
+    for path, question in samples[:2]:
+        body = _chat(_data_url(path), question, max_tokens=6)
+        status, plain = _post(server, body)
+        assert status == 200
+        status, events = _stream(server, body)
+        assert status == 200 and events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == plain["choices"][0]["message"]["content"]
+        assert [c["choices"][0]["finish_reason"] for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+        last = chunks[-1]
+        assert last["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+        assert last["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"]
+        assert last["vskip"]["token_ids"] == plain["vskip"]["token_ids"]
+
+
+def test_stop_sequence_cuts_the_answer(server, reference, samples):
+    """stop: the answer ends before the first stop string (not included), finish_reason stop."""
+    path, question = samples[0]
+    text, _ = reference(samples[:1])[0]
+    stop = text[1:3]  # inside the greedy answer (a shape, a color, yes or no)
+    status, body = _post(server, _chat(_data_url(path), question, stop=[stop, "zzz"]))
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == text[: text.find(stop)].strip()
+    assert body["choices"][0]["finish_reason"] == "stop"
+    status, events = _stream(server, _chat(_data_url(path), question, stop=stop))
+    assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]) == text[: text.find(stop)].strip()
+
+
+def test_the_openai_client_works(server, reference, samples):
+    """The `openai` package against the server: a completion, and a stream with sampling."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=240)
+    path, question = samples[1]
+    messages = _chat(_data_url(path), question)["messages"]
+    done = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+    text, _ = reference(samples[1:2])[0]
+    assert done.choices[0].message.content == text and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.completion_tokens >= 1
+    pieces, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, stream=True,
+                                                temperature=0.7, top_p=0.9, seed=5):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        usage = chunk.usage or usage
+    assert finish in ("stop", "length") and usage.completion_tokens >= 1
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0.7,
+                                           top_p=0.9, seed=5)
+    assert "".join(pieces) == again.choices[0].message.content  # same seed, same answer, streamed or not
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, top_p=2)
 
 
 # -- engine "onnx" --------------------------------------------------------------------------------
@@ -349,6 +476,8 @@ def test_onnx_engine_over_http(service, model_dir, onnx_engine_dir, reference, s
     status, body = _post(url, _chat(_data_url(samples[0][0]), samples[0][1]))  # still serving
     _check_answer(status, body, want[0])
     assert _get(url, "/health")["requests"] == {"200": 4}
+    status, body = _post(url, _chat(_data_url(samples[0][0]), samples[0][1], temperature=0.5))
+    assert status == 400 and "engine 'onnx' decodes greedily" in body["error"]["message"]
 
 
 # -- engine "inductor" ----------------------------------------------------------------------------

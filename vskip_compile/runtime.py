@@ -38,30 +38,30 @@ from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
 from .errors import VSkipError
+from .sampling import SAMPLING_DEFAULTS, Sampler
 
 BACKENDS = ("inductor", "eager", "tensorrt")
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
 SPECIALIZE = (None, "layout")  # None: one polymorphic graph per batch bucket; "layout": one per layout
 RECOMPILE_LIMIT = 4  # graphs one cache entry may compile (each recompile is counted and warned about)
 
-# Generation options of HF generate() that this greedy loop does not implement: refused, not ignored.
+# Generation options of HF generate() that this decode loop does not implement: refused by name,
+# not ignored (every other GenerationConfig field is refused too: see _generation_options).
 _UNSUPPORTED_GENERATE = (
     "generation_config",
-    "logits_processor",
-    "stopping_criteria",
-    "streamer",
     "num_return_sequences",
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
     "typical_p",
-    "repetition_penalty",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_h",
     "no_repeat_ngram_size",
     "length_penalty",
     "min_length",
     "min_new_tokens",
     "max_length",
+    "bad_words_ids",
+    "sequence_bias",
+    "suppress_tokens",
     "return_dict_in_generate",
     "output_scores",
     "output_logits",
@@ -435,19 +435,54 @@ class CompiledVLM:
         pad_token_id: int | None = None,
         num_beams: int = 1,
         use_cache: bool = True,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repetition_penalty: float | None = None,
+        stop_strings: str | list[str] | None = None,
+        tokenizer=None,
+        logits_processor=None,
+        stopping_criteria=None,
+        streamer=None,
+        seed: int | None = None,
+        row_options: list[dict[str, Any]] | None = None,
         **inputs,
     ) -> torch.Tensor:
-        """Greedy decoding, HF-style: returns [B, S + n] token ids (prompt included); rows that
-        reached an EOS are filled with pad_token_id until every row has finished. A left-padded
-        batch (attention_mask zeros, then ones) runs as one batch, rows of any layout together:
-        padding rows are never keys of a real row, so every row gets the tokens it gets alone."""
+        """HF-style generate: returns [B, S + n] token ids (prompt included); rows that finished
+        (EOS, a stop string, their own max_new_tokens) are filled with pad_token_id until every
+        row has finished. A left-padded batch (attention_mask zeros, then ones) runs as one
+        batch, rows of any layout together: padding rows are never keys of a real row, so every
+        row gets the tokens it gets alone.
+
+        Greedy by default (argmax, bit-identical to the plain greedy loop). Sampling and
+        processing as HF generate does them, with transformers' own processors and warpers:
+        do_sample, temperature, top_k, top_p, min_p (unset ones of a sampled row take the
+        model's generation_config values, as in HF: top_k 50 unless it says otherwise),
+        repetition_penalty, logits_processor (a
+        LogitsProcessorList, applied after the repetition penalty and before the warpers, as
+        HF orders them), stop_strings (with tokenizer=), stopping_criteria (a
+        StoppingCriteriaList, called with the whole batch), streamer (HF's put/end; put gets the
+        prompt ids, then each step's tokens [B]; a streamer that also has `finished(mask)` gets
+        the rows finished so far after each step). vskip extensions: seed (each sampled row
+        gets its own torch.Generator seeded with it; without a seed, torch's global RNG as HF),
+        row_options (one dict per row overriding do_sample, temperature, top_k, top_p, min_p,
+        repetition_penalty, seed, stop_strings, max_new_tokens for that row: a server batch).
+        Any other HF generate option is refused by name."""
         refused = sorted(k for k in inputs if k in _UNSUPPORTED_GENERATE or k in _generation_options())
         check_model_inputs(self.model, {k: v for k, v in inputs.items() if k not in refused}, "CompiledVLM.generate()")
-        if do_sample or num_beams != 1 or not use_cache or refused:
-            what = refused or [f"do_sample={do_sample}", f"num_beams={num_beams}", f"use_cache={use_cache}"]
-            raise CompileError(f"CompiledVLM.generate is greedy decoding only; unsupported: {', '.join(map(str, what))}")
+        if num_beams != 1 or not use_cache or refused:
+            what = refused or [f"num_beams={num_beams}", f"use_cache={use_cache}"]
+            raise CompileError(f"CompiledVLM.generate does not support: {', '.join(map(str, what))} "
+                               "(greedy or sampled decoding, one sequence per row)")
         gen = self.model.generation_config
         _check_generation_config(gen)
+        options = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                   "repetition_penalty": repetition_penalty, "seed": seed, "stop_strings": stop_strings}
+        try:
+            Sampler.resolve(options)  # the call's own options, before anything else is looked at
+        except ValueError as e:
+            raise CompileError(f"CompiledVLM.generate: {e}") from e
         max_new_tokens = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise CompileError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
@@ -457,20 +492,41 @@ class CompiledVLM:
         pad_token_id = gen.pad_token_id if pad_token_id is None else pad_token_id
         if pad_token_id is None and len(eos):
             pad_token_id = int(eos[0])
+        input_ids = inputs["input_ids"]
+        try:
+            sampler = Sampler.build(input_ids.shape[0], options, row_options, logits_processor=logits_processor,
+                                    tokenizer=tokenizer, device=input_ids.device, prompt_len=input_ids.shape[1],
+                                    defaults=_sampling_defaults(gen))
+        except ValueError as e:
+            raise CompileError(f"CompiledVLM.generate: {e}") from e
+        too_long = [r.max_new_tokens for r in sampler.rows if (r.max_new_tokens or 0) > max_new_tokens]
+        if too_long:
+            raise CompileError(f"row_options asks for max_new_tokens={max(too_long)}, more than the call's {max_new_tokens}")
 
-        input_ids = inputs["input_ids"] if "input_ids" in inputs else None
-        if input_ids is not None and not self.adapter.layout(self.model, input_ids).has_visual:
+        if not self.adapter.layout(self.model, input_ids).has_visual:
+            if not sampler.trivial or stopping_criteria is not None or streamer is not None or seed is not None:
+                raise CompileError("a prompt without visual tokens runs HF generate on the model itself: only greedy "
+                                   "decoding options are passed through")
             kw = dict(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
             return self.model.generate(**inputs, **kw)
 
-        input_ids = inputs["input_ids"]
         left_padding(inputs.get("attention_mask"))  # refuses anything but left padding, naming the row
         p = self._prefill_inputs(inputs, left_padded=True)
-        new = self._greedy(p, max_new_tokens, eos.to(input_ids.device), pad_token_id)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        new = self._decode(p, input_ids, max_new_tokens, eos.to(input_ids.device), pad_token_id,
+                           None if sampler.trivial else sampler, stopping_criteria, streamer)
+        if streamer is not None:
+            streamer.end()
         return torch.cat([input_ids, new], dim=1)  # [B, S + n]
 
-    def _greedy(self, p: PrefillInputs, max_new_tokens: int, eos: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
-        """New tokens [B, n] of a (left-padded) batch: prefill skip-shaped, decode compiled."""
+    def _decode(self, p: PrefillInputs, input_ids: torch.Tensor, max_new_tokens: int, eos: torch.Tensor,
+                pad_token_id: int | None, sampler: Sampler | None = None, stopping_criteria=None,
+                streamer=None) -> torch.Tensor:
+        """New tokens [B, n] of a (left-padded) batch: prefill skip-shaped, decode compiled.
+
+        The one decode loop. Without a sampler every row takes the argmax (the greedy path);
+        with one, each row's processors, RNG and stopping rules choose and end it."""
         logits, kv = self._prefill(p, logits_to_keep=1)
         # Step t sits at the largest prompt position + t (M-RoPE ids [3, B, 1] move on
         # together, as HF's decode does with its rope deltas); padding slots stay masked.
@@ -480,14 +536,26 @@ class CompiledVLM:
         embed = self.model.get_input_embeddings()
         tokens = []
         finished = torch.zeros(p.inputs_embeds.shape[0], dtype=torch.bool, device=eos.device)
+        ids = input_ids  # [B, S + t]: what processors and stopping rules read
         for t in range(max_new_tokens):
             if t:
                 logits = decode.step(embed(tokens[-1][:, None]))  # [B, 1, D] -> [B, 1, V]
-            next_token = logits[:, -1, :].argmax(dim=-1)  # [B]
+            scores = logits[:, -1, :]  # [B, V]
+            next_token = scores.argmax(dim=-1) if sampler is None else sampler.pick(ids, scores, pads)  # [B]
             if pad_token_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
             tokens.append(next_token)
             finished |= torch.isin(next_token, eos)
+            if sampler is not None or stopping_criteria is not None:
+                ids = torch.cat([ids, next_token[:, None]], dim=1)
+                if sampler is not None:
+                    finished |= sampler.stop(ids, pads)
+                if stopping_criteria is not None:
+                    finished |= stopping_criteria(ids, scores).to(finished.device)
+            if streamer is not None:
+                streamer.put(next_token.cpu())
+                if hasattr(streamer, "finished"):
+                    streamer.finished(finished.cpu())
             if bool(finished.all()):
                 break
         return torch.stack(tokens, dim=1)  # [B, n]
@@ -624,6 +692,15 @@ def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
         attention_mask=torch.cat([mask.new_zeros(batch, n), mask.to(p.inputs_embeds.device)], dim=1),  # [B, n + S]
         layout=layout,
     )
+
+
+def _sampling_defaults(gen) -> dict[str, Any]:
+    """What HF generate samples with when temperature, top_k, top_p, min_p are not passed: the
+    model's generation_config, else transformers' global defaults (top_k 50, as HF merges them
+    in GenerationMixin._prepare_generation_config)."""
+    global_defaults = gen._get_default_generation_params()
+    return {k: getattr(gen, k, None) if getattr(gen, k, None) is not None else global_defaults.get(k)
+            for k in SAMPLING_DEFAULTS}
 
 
 def _check_generation_config(gen) -> None:

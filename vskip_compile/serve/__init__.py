@@ -5,8 +5,10 @@
     from vskip_compile.serve.app import ServeOptions, start, stop   # needs the `serve` extra
     url = start(ServeOptions(model_dir="DIR", plan=plan.to_dict(), engine="inductor"), port=8000)
 
-Modules: `request` (parsing, limits, 4xx errors; no Ray, no torch), `engine` (model, processor,
-per-layout groups; no Ray), `app` (the Ray Serve deployment, batching, metrics, start/stop).
+Modules: `request` (parsing, limits, sampling fields, 4xx errors, response and SSE bodies; no Ray,
+no torch), `engine` (model, processor, one generate call per batch of any layouts; no Ray),
+`batcher` (requests into batches, one run thread; no Ray), `app` (the Ray Serve application: the
+HTTP front with retries and drain, the model replicas, metrics, start/stop).
 """
 
 from __future__ import annotations

@@ -10,15 +10,22 @@ import base64
 import binascii
 import io
 import json
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
 from ..errors import VSkipError
+from ..sampling import check_option
 
 # Top-level fields of POST /v1/chat/completions that this server understands. Anything else is
-# refused (400): silently ignoring e.g. "top_p" would return an answer the client did not ask for.
-CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "n", "user")
+# refused (400): silently ignoring e.g. "logit_bias" would return an answer the client did not
+# ask for. top_k, min_p and repetition_penalty are not OpenAI's (vLLM's names; the openai client
+# sends them through extra_body).
+CHAT_FIELDS = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p",
+               "repetition_penalty", "seed", "stop", "stream", "stream_options", "n", "user")
+MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
 MESSAGE_FIELDS = ("role", "content")
 ROLES = ("system", "user", "assistant")
 
@@ -53,7 +60,12 @@ class Limits:
 @dataclass
 class Chat:
     """A validated request: messages for the chat template ({"type": "image"} placeholders),
-    the decoded images in the same order, and the number of tokens to generate."""
+    the decoded images in the same order, the number of tokens to generate, and how.
+
+    sampling holds generate() options for this row (do_sample, temperature, top_p, top_k, min_p,
+    repetition_penalty, seed), only those that take effect; a sampled request always has a
+    seed (the client's, or one drawn here and reported back), so a retry on another replica
+    gives the same answer."""
 
     messages: list[dict[str, Any]]
     images: list[Any]  # PIL RGB images
@@ -61,6 +73,10 @@ class Chat:
     model: str | None = None
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     videos: list[Any] = field(default_factory=list)  # vskip_compile.video.Video, in order ({"type": "video"} parts)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
 
 
 def _error_type(status: int) -> str:
@@ -228,19 +244,12 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
         raise RequestError(400, "body must be a JSON object")
     unknown = sorted(set(body) - set(CHAT_FIELDS))
     if unknown:
-        raise RequestError(400, f"unknown fields {unknown}; this server accepts {list(CHAT_FIELDS)} "
-                                "(decoding is greedy)")
+        raise RequestError(400, f"unknown fields {unknown}; this server accepts {list(CHAT_FIELDS)}")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise RequestError(400, f"stream must be a boolean, got {stream!r}")
-    if stream:
-        raise RequestError(400, "stream=true is not supported")
+    include_usage = _stream_options(body.get("stream_options"), bool(stream))
     _int_field(body, "n", 1, 1)
-    temperature = body.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-        raise RequestError(400, f"temperature must be a number, got {temperature!r}")
-    if temperature not in (None, 0, 0.0):
-        raise RequestError(400, f"decoding is greedy: temperature must be 0 or absent, got {temperature!r}")
     for name in ("model", "user"):
         if body.get(name) is not None and not isinstance(body[name], str):
             raise RequestError(400, f"{name} must be a string, got {body[name]!r}")
@@ -250,6 +259,8 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     if max_tokens is not None and max_completion is not None and max_tokens != max_completion:
         raise RequestError(400, "max_tokens and max_completion_tokens differ")
     n_tokens = max_tokens or max_completion or limits.default_max_tokens
+    sampling = sampling_options(body)
+    stop = _stop(body.get("stop"))
 
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -271,7 +282,76 @@ def parse_chat(raw: bytes, limits: Limits) -> Chat:
     if not images and not videos:
         raise RequestError(400, "no image: this is a vision model; send one image_url part "
                                 "(data:image/png;base64,...) or a video part with the question")
-    return Chat(messages=out, images=images, max_tokens=n_tokens, model=model, videos=videos)
+    return Chat(messages=out, images=images, max_tokens=n_tokens, model=model, sampling=sampling, stop=stop,
+                stream=bool(stream), include_usage=include_usage, videos=videos)
+
+
+def _number(body: dict, name: str) -> float | int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise RequestError(400, f"{name} must be a number, got {value!r}")
+    return value
+
+
+def sampling_options(body: dict) -> dict[str, Any]:
+    """generate() options of a request body, or RequestError (400) naming the field.
+
+    Every sampling option is explicit (OpenAI's defaults for those unset), so the model's
+    generation_config does not change what a request means. Greedy unless the request samples: temperature > 0, or temperature absent and top_p < 1,
+    top_k > 0 or min_p > 0 asked for (then temperature 1, OpenAI's default). temperature 0 is
+    greedy, where top_p, top_k, min_p and seed have no effect (they are still checked).
+    repetition_penalty applies to greedy decoding too."""
+    values = {name: _number(body, name) for name in ("temperature", "top_p", "min_p", "repetition_penalty")}
+    values["top_k"] = body.get("top_k")
+    values["seed"] = body.get("seed")
+    temperature = values["temperature"]
+    if temperature is not None and temperature < 0:
+        raise RequestError(400, f"temperature must be >= 0 (0: greedy decoding), got {temperature!r}")
+    try:
+        for name, value in values.items():
+            if name != "temperature" or value:
+                check_option(name, value)
+    except ValueError as e:
+        raise RequestError(400, str(e)) from e
+    filters = values["top_p"] not in (None, 1) or values["top_k"] not in (None, 0) or values["min_p"] not in (None, 0)
+    do_sample = bool(temperature) if temperature is not None else filters
+    out: dict[str, Any] = {}
+    if values["repetition_penalty"] not in (None, 1):
+        out["repetition_penalty"] = values["repetition_penalty"]
+    if do_sample:  # OpenAI's defaults for what is unset: temperature 1, no top-p, top-k or min-p filter
+        out["do_sample"] = True
+        for name, default in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0)):
+            out[name] = values[name] if values[name] is not None else default
+        out["seed"] = values["seed"] if values["seed"] is not None else secrets.randbelow(2**63)
+    return out
+
+
+def _stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    strings = [value] if isinstance(value, str) else value
+    if not isinstance(strings, list) or not all(isinstance(s, str) and s for s in strings) or not 1 <= len(strings) <= MAX_STOP:
+        raise RequestError(400, f"stop must be a non-empty string or a list of 1..{MAX_STOP} non-empty strings, got {value!r}")
+    return tuple(strings)
+
+
+def _stream_options(value: Any, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not stream:
+        raise RequestError(400, "stream_options is only allowed with stream=true")
+    if not isinstance(value, dict) or set(value) - {"include_usage"} or not isinstance(value.get("include_usage", False), bool):
+        raise RequestError(400, f"stream_options must be {{\"include_usage\": true|false}}, got {value!r}")
+    return bool(value.get("include_usage", False))
+
+
+def usage(prompt_tokens: int, completion_tokens: int, info: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI usage object; its `vskip` extension holds the request's serving figures (queue wait,
+    prefill and decode seconds, batch size, compiles, visual FLOPs saved, seed)."""
+    keys = ("queue_s", "prefill_s", "decode_s", "batch", "batch_padded", "compiles", "visual_flops_saved", "seed",
+            "replica", "attempts")
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "vskip": {k: info[k] for k in keys if k in info}}
 
 
 def completion_body(chat: Chat, model: str, text: str, prompt_tokens: int, new_ids: list[int],
@@ -283,7 +363,21 @@ def completion_body(chat: Chat, model: str, text: str, prompt_tokens: int, new_i
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(new_ids),
-                  "total_tokens": prompt_tokens + len(new_ids)},
+        "usage": usage(prompt_tokens, len(new_ids), extra),
         "vskip": {"token_ids": new_ids, **extra},
     }
+
+
+def chunk_body(chat: Chat, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+               usage_: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One OpenAI chat.completion.chunk (a server-sent event's data)."""
+    out = {"id": chat.id, "object": "chat.completion.chunk", "created": created, "model": model,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: `data: <json>` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
