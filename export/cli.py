@@ -21,20 +21,11 @@ from typing import Any
 
 from ..errors import ModelDirError, VSkipError
 from ..modeldir import check as _check_model_dir
-from ..modeldir import check_processor, load_processor
+from ..modeldir import check_processor, load, load_processor
 
 
 class ImageError(VSkipError, ValueError):
     """An --image file that cannot be read as an image."""
-
-
-def load_model(model_dir: Path):
-    """The model class named by config.json's `architectures`, eval mode, fp32."""
-    import torch
-
-    from ..modeldir import load_model as load
-
-    return load(model_dir, dtype=torch.float32)
 
 
 def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_dir: Path | None = None) -> dict[str, Any]:
@@ -79,6 +70,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -93,8 +85,7 @@ def run_export(args: argparse.Namespace) -> int:
     check_processor(model_dir)
     check_out_dir(args.out)
     with console.status("loading the model and processor") as status:
-        processor = load_processor(model_dir)
-        model = load_model(model_dir)
+        model, processor = load(model_dir, dtype=torch.float32)
         inputs = build_inputs(processor, args.image, args.prompt, "pt", model_dir)
 
         def progress(message: str) -> None:

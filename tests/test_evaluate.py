@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import vskip_compile
 from vskip_compile import baselines as bl
 from vskip_compile import evaluate as ev
 from vskip_compile import reference
@@ -199,7 +200,7 @@ def _zoo():
 
 def test_zoo_harness_agrees_with_one_question_at_a_time():
     easyvqa = _zoo()
-    model, processor = ev.load_model(easyvqa.MODEL_DIR)
+    model, processor = vskip_compile.load(easyvqa.MODEL_DIR)
     h = ev.Harness(model, processor, easyvqa.test_set()[:40])
     L = model.config.text_config.num_hidden_layers
     methods = [

@@ -167,10 +167,8 @@ class _Reference:
         self.loaded = None
 
     def __call__(self, samples, backend: str = "eager"):
-        from vskip_compile.serve.engine import load_model
-
         if self.loaded is None:
-            self.loaded = load_model(self.model_dir)
+            self.loaded = vskip_compile.load(self.model_dir)
         model, processor = self.loaded
         cm = None
         out = []
@@ -323,9 +321,7 @@ def onnx_engine_dir(model_dir, samples, tmp_path_factory):
     every layout, a batch-1 decode graph."""
     pytest.importorskip("onnxruntime")
     from vskip_compile.export import export_onnx
-    from vskip_compile.serve.engine import load_model
-
-    model, processor = load_model(model_dir)
+    model, processor = vskip_compile.load(model_dir)
     path, question = samples[0]
     out = tmp_path_factory.mktemp("onnx-engine")
     export_onnx(model, PLAN, easyvqa.build_inputs(processor, path, question), out, optimize=False,

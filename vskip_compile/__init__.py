@@ -2,9 +2,10 @@
 
 from .errors import VSkipError
 from .layout import LayoutError, VisualLayout
+from .modeldir import load
 from .plan import OPS, PlanError, SkipPlan, config_hash
 
-__all__ = ["OPS", "LayoutError", "PlanError", "SkipPlan", "VSkipError", "VisualLayout", "config_hash"]
+__all__ = ["OPS", "LayoutError", "PlanError", "SkipPlan", "VSkipError", "VisualLayout", "config_hash", "load"]
 __version__ = "0.1.0"
 
 

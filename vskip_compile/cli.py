@@ -376,13 +376,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from . import calibrate, evaluate
+    from . import calibrate, evaluate, load
     from .zoo import easyvqa
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
-    model, processor = evaluate.load_model(model_dir)
+    model, processor = load(model_dir)
     train = easyvqa.train_set()
     if not 0 < args.samples <= len(train):
         raise UsageError(f"--samples must be in 1..{len(train)}")
@@ -497,7 +497,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import evaluate
+    from . import evaluate, load
     from .flops import hf_text_config as _text
     from .plan import config_hash
     from .zoo import easyvqa
@@ -505,7 +505,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = _model_dir(args)
-    model, processor = evaluate.load_model(model_dir)
+    model, processor = load(model_dir)
     plans_dir = Path(args.plans_dir) if args.plans_dir else model_dir / "plans"
     out_dir = Path(args.out_dir) if args.out_dir else model_dir / "eval"
     test = easyvqa.test_set()

@@ -746,14 +746,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def load_model(model_dir: Path):
-    """(model, processor) of an easy-VQA Qwen3-VL directory (the zoo one or a training run's);
-    a missing or corrupt file is refused naming it (modeldir.ModelDirError)."""
-    from . import modeldir
-
-    return modeldir.load(model_dir)
-
-
 @torch.no_grad()
 def verify_against_unbatched(h: Harness, methods: Sequence[Method], indices: Sequence[int]) -> dict[str, int]:
     """Per method, the questions whose harness answer (shared prefix, batched, cached vision)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..layout import VisualLayout
+from ..modeldir import load
 from ..plan import SkipPlan
 from ..runtime import CompiledVLM
 from .request import Chat, Limits, RequestError
@@ -57,17 +58,6 @@ def bucket(n: int, max_batch_size: int) -> int:
     while b < n:
         b *= 2
     return min(b, max_batch_size)
-
-
-def load_model(model_dir: str | Path, dtype: torch.dtype | None = None):
-    """(model in eval mode, processor) from a local directory, offline.
-
-    The processor class is the one processor_config.json names: the zoo's easy-VQA class, or
-    whatever AutoProcessor resolves (any HF VLM saved with save_pretrained).
-    """
-    from .. import modeldir
-
-    return modeldir.load(model_dir, dtype)
 
 
 class _TimedVLM(CompiledVLM):
@@ -129,7 +119,7 @@ class Engine:
         if max_batch_size < 1 or max_layouts < 1:
             raise ValueError("max_batch_size and max_layouts must be >= 1")
         self.model_dir = Path(model_dir)
-        self.model, self.processor = load_model(model_dir)
+        self.model, self.processor = load(model_dir)
         self.plan = plan
         self.engine = engine
         self.limits = limits
