@@ -41,6 +41,8 @@ import torch
 from . import baselines, reference, runtime
 from .archs import PrefillInputs, adapter_for
 from .baselines import TokenDrop
+from .core import KVCache, causal_mask, rope_position_ids
+from .decoding import decode_loop
 from .flops import TextDims, model_flops
 from .plan import SkipPlan
 from .errors import VSkipError
@@ -211,17 +213,6 @@ class Batch:
 
 
 # -- the shared-prefix runner ------------------------------------------------------------------------
-def _suffix_mask(kv_prefix: int, ls: int, device) -> torch.Tensor:
-    """[1, 1, Ls, kv_prefix + Ls]: every prefix row, causal within the suffix."""
-    rows = torch.arange(ls, device=device)
-    causal = rows[:, None] >= rows[None, :]
-    return torch.cat([torch.ones(ls, kv_prefix, dtype=torch.bool, device=device), causal], dim=1)[None, None]
-
-
-def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-
-
 @torch.no_grad()
 def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_tokens: int, eos: int,
                     adapter=None) -> tuple[torch.Tensor, float]:
@@ -230,7 +221,9 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     Plans: the prefix runs with the skipped updates zeroed at the frozen rows (the reference
     semantics), suffixes and decoding run the unmodified layers. VTW: the prefix drops its
     visual rows at layer K. FastV: the ranking needs each question's last row, so the prefix
-    is shared only up to layer K-1; from layer K each question runs its kept rows itself."""
+    is shared only up to layer K-1; from layer K each question runs its kept rows itself.
+    The layers, the row drops, FastV's ranking and the decode steps are the baselines' own
+    (`baselines.run_layer`, `drop_rows`, `rank_visual`, `decode_steps`, `decoding.decode_loop`)."""
     adapter = adapter or adapter_for(model)
     lm = adapter.language_model(model)
     layers = lm.layers
@@ -243,16 +236,15 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     spans = p.layout.row_spans
     Q, Ls = b.suffix.shape
     dev = p.inputs_embeds.device
-    mrope = baselines._is_mrope(model)
     t0 = time.perf_counter()
 
     # prefix, once per image: layers < J
     x = p.inputs_embeds  # [I, P, D]
-    pos = baselines._rope_positions(p.position_ids)  # [3, I, P] or [I, P]
-    next_pos = (pos.amax(dim=(0, 2)) if pos.ndim == 3 else pos.amax(dim=1)) + 1  # [I]
+    pos = rope_position_ids(p.position_ids)  # [3, I, P] or [I, P]
+    next_pos = baselines.next_positions(pos)  # [I]
     deepstack = list(p.deepstack or ())
     pe = lm.rotary_emb(x, pos)
-    cache = baselines.KVCache()
+    cache = KVCache()
     frozen = p.layout.frozen_spans(plan.scope) if plan is not None else ()
 
     def zero(module, args, output):  # the reference semantics: exact zeros at the frozen rows
@@ -261,12 +253,9 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     with reference.hooked(layers, plan, zero) if plan is not None else contextlib.nullcontext():
         for i in range(J):
             if drop is not None and not fastv and i == drop.layer:
-                rows = baselines._kept_rows(spans, x.shape[1], None, 0, x.shape[0], dev)  # [I, P-V]
-                x, pos = baselines._gather_rows(x, rows, 1), baselines._gather_rows(pos, rows, pos.ndim - 1)
-                deepstack = [baselines._gather_rows(d, rows, 1) for d in deepstack]
-                pe = lm.rotary_emb(x, pos)
-            x = layers[i](x, attention_mask=baselines._causal(x.shape[1], dev), position_embeddings=pe,
-                          position_ids=None, cache=cache, use_cache=True)
+                rows = baselines.kept_rows(spans, x.shape[1], None, 0, x.shape[0], dev)  # [I, P-V]
+                x, pos, deepstack, pe = baselines.drop_rows(lm, rows, x, pos, deepstack)
+            x = baselines.run_layer(layers[i], x, causal_mask(x.shape[1], dev), pe, cache)
             if i < len(deepstack):
                 x = x + deepstack[i]
     for i in range(J):
@@ -276,28 +265,16 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     # suffixes, per question: layers < J on the shared prefix K/V
     xs = model.get_input_embeddings()(b.suffix)  # [Q, Ls, D]
     spos = next_pos[b.owner][:, None] + torch.arange(Ls, device=dev)  # [Q, Ls]
-    spos_r = spos[None].expand(3, -1, -1) if mrope else spos
+    spos_r = adapter.text_position_ids(spos)  # [3, Q, Ls] or [Q, Ls]
     pe_s = lm.rotary_emb(xs, spos_r)
     last = b.lengths - 1  # [Q] last real suffix row
     scores = None
     for i in range(J):
-        kvp = cache.get_seq_length(i)
-        mask = _suffix_mask(kvp, Ls, dev)
+        mask = causal_mask(Ls, dev, past=cache.get_seq_length(i))  # [1, 1, Ls, kvp + Ls]
         if fastv and i == J - 1:
-            probs: list[torch.Tensor] = []
-            hook = layers[i].self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
-            try:
-                with baselines._eager_attention(layers[i].self_attn):
-                    xs = layers[i](xs, attention_mask=_additive(mask, xs.dtype), position_embeddings=pe_s,
-                                   position_ids=None, cache=cache, use_cache=True)
-            finally:
-                hook.remove()
-            row = probs[0][torch.arange(Q), :, last, :].mean(dim=1)  # [Q, kvp + Ls]
-            vis_idx = torch.tensor([r for a, e in spans for r in range(a, e)], device=dev)
-            scores = row[:, vis_idx]  # [Q, V]
+            xs, scores = baselines.rank_visual(layers[i], xs, mask, pe_s, cache, spans, last)  # scores [Q, V]
         else:
-            xs = layers[i](xs, attention_mask=mask, position_embeddings=pe_s, position_ids=None, cache=cache,
-                           use_cache=True)
+            xs = baselines.run_layer(layers[i], xs, mask, pe_s, cache)
     suffix_valid = torch.arange(Ls, device=dev)[None] < b.lengths[:, None]  # [Q, Ls]
     valid = {i: torch.cat([torch.ones(Q, cache.get_seq_length(i) - Ls, dtype=torch.bool, device=dev), suffix_valid], 1)
              for i in range(J)}
@@ -307,14 +284,11 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
         xf = torch.cat([x[b.owner], xs], dim=1)  # [Q, P + Ls, D]
         pf = torch.cat([pos[..., b.owner, :], spos_r], dim=-1)
         ds = [torch.cat([d[b.owner], torch.zeros_like(xs)], dim=1) for d in deepstack]
-        rows = baselines._kept_rows(spans, P + Ls, scores, drop.keep(p.layout.num_visual), Q, dev)  # [Q, S']
-        xf, pf = baselines._gather_rows(xf, rows, 1), baselines._gather_rows(pf, rows, pf.ndim - 1)
-        ds = [baselines._gather_rows(d, rows, 1) for d in ds]
-        pe_f = lm.rotary_emb(xf, pf)
+        rows = baselines.kept_rows(spans, P + Ls, scores, drop.keep(p.layout.num_visual), Q, dev)  # [Q, S']
+        xf, pf, ds, pe_f = baselines.drop_rows(lm, rows, xf, pf, ds)
         Sp = xf.shape[1]
         for i in range(J, L):
-            xf = layers[i](xf, attention_mask=baselines._causal(Sp, dev), position_embeddings=pe_f, position_ids=None,
-                           cache=cache, use_cache=True)
+            xf = baselines.run_layer(layers[i], xf, causal_mask(Sp, dev), pe_f, cache)
             if i < len(ds):
                 xf = xf + ds[i]
             valid[i] = torch.cat([torch.ones(Q, Sp - Ls, dtype=torch.bool, device=dev), suffix_valid], 1)
@@ -323,20 +297,9 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     logits = adapter.lm_head(model)(h)  # [Q, vocab]
     seconds = time.perf_counter() - t0
 
-    tokens = [logits.argmax(-1)]
-    done = tokens[0] == eos
     position = spos[torch.arange(Q), last] + 1  # [Q]
-    while len(tokens) < max_new_tokens and not bool(done.all()):
-        xd = model.get_input_embeddings()(tokens[-1][:, None])  # [Q, 1, D]
-        pd = position[:, None]
-        pe_d = lm.rotary_emb(xd, pd[None].expand(3, -1, -1) if mrope else pd)
-        for i in range(L):
-            valid[i] = torch.cat([valid[i], torch.ones(Q, 1, dtype=torch.bool, device=dev)], 1)
-            xd = layers[i](xd, attention_mask=valid[i][:, None, None, :], position_embeddings=pe_d, position_ids=None,
-                           cache=cache, use_cache=True)
-        tokens.append(adapter.lm_head(model)(lm.norm(xd))[:, -1].argmax(-1))
-        done = done | (tokens[-1] == eos)
-        position = position + 1
+    step = baselines.decode_steps(model, cache, position, adapter, valid)
+    tokens = decode_loop(logits, step, max_new_tokens, baselines.eos_ids(eos, dev))
     return torch.stack(tokens, dim=1), seconds
 
 
@@ -540,7 +503,7 @@ def prefill_runner(model, method: "Method", backend: str = "eager", adapter=None
     @torch.no_grad()
     def run(x: dict[str, Any]) -> torch.Tensor:
         p = adapter.prefill_inputs(model, **x)
-        return baselines.prefill(model, p, drop, baselines.KVCache(), adapter)[0]
+        return baselines.prefill(model, p, drop, KVCache(), adapter)[0]
 
     return run, BASELINE_TIMED_BY, None
 

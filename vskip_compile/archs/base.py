@@ -185,6 +185,10 @@ class Adapter:
         """What the language model computes when given no position ids (no cache): [B, S]."""
         return torch.arange(seq_len, device=device).expand(batch, seq_len)
 
+    def text_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary position ids of text rows at `positions` [B, T] (decoding, question suffixes): [B, T]."""
+        return positions
+
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
         """Full-size DeepStack injections, or None when the architecture has none."""
         return None

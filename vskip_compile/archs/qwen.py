@@ -22,6 +22,9 @@ class Qwen2_5_VLAdapter(Adapter):
         # Text only: the text model expands arange to its 3 rotary sections.
         return torch.arange(seq_len, device=device).expand(3, batch, seq_len)  # [3, B, S]
 
+    def text_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
+        return positions[None].expand(3, -1, -1)  # [3, B, T]: text rows have equal t/h/w positions
+
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Adds DeepStack: features of some vision blocks are added to the visual rows after
