@@ -768,7 +768,7 @@ def test_every_error_class_is_a_vskip_error_keeping_its_old_base():
     from vskip_compile.archs.base import AdapterError
     from vskip_compile.backend import BackendError
     from vskip_compile.cli import UsageError
-    from vskip_compile.evaluate import EvalError
+    from vskip_compile.evaluate.harness import EvalError
     from vskip_compile.export.runner import MissingGraphError
     from vskip_compile.export.weights import WeightsError
     from vskip_compile.flops import DimsError

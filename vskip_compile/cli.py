@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 from .errors import VSkipError
 from .flops import DimsError, TextDims, hf_text_config, plan_report
 from .plan import OPS, SkipPlan
-from .errors import VSkipError
 
 
 class UsageError(VSkipError, ValueError):
@@ -371,48 +370,20 @@ def add_calibrate(sub: argparse._SubParsersAction) -> None:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    import random
-
     import torch
     from tqdm import tqdm
 
-    from . import calibrate, evaluate, load
-    from .zoo import easyvqa
+    from .evaluate.experiments import calibrate_easyvqa
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = _model_dir(args)
-    model, processor = load(model_dir)
-    train = easyvqa.train_set()
-    if not 0 < args.samples <= len(train):
-        raise UsageError(f"--samples must be in 1..{len(train)}")
-    picked = sorted(random.Random(args.seed).sample(range(len(train)), args.samples))
-    h = evaluate.Harness(model, processor, [train[i] for i in picked])
-    batches = list(h.prompt_batches(range(len(picked)), args.batch_size))
-    calib = calibrate.CalibSet.build(model, batches)
-    out_dir = Path(args.out_dir) if args.out_dir else model_dir / "plans"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    budgets = args.budget if args.budget else [None]
-    fidelity = 1 - args.tolerance if args.tolerance else args.fidelity
-    extra = {"seed": args.seed, "train_indices_sha": _sha(picked), "command": _command(args),
-             "weights_sha256": _file_sha(model_dir / "model.safetensors")}
     console = _console()
-    written, report = [], []
     grans = ("op", "layer") if args.granularity == "both" else (args.granularity,)
-    for gran in grans:
-        scores = calibrate.score_candidates(model, calib, gran, progress=lambda xs: tqdm(xs, desc=f"ablate {gran}"),
-                                            workers=args.workers)
-        plans = calibrate.calibrate(model, calib, budgets, granularity=gran, fidelity=fidelity, scores=scores,
-                                    extra_provenance=extra)
-        for plan in plans:
-            path = out_dir / f"{plan.name}.json"
-            plan.save(path)
-            written.append(path)
-            pv = plan.provenance
-            report.append({"plan": plan.name, "ops": str(plan), "flops_cut": pv["flops_cut"], "fidelity": pv["fidelity"],
-                           "fidelity_met": pv["fidelity_met"], "path": str(path)})
-        if gran == "op":
-            console.print(f"Spearman rank correlation, exact ablation vs first-order estimate: {scores.spearman():.3f}")
+    calib, report = calibrate_easyvqa(
+        _model_dir(args), samples=args.samples, seed=args.seed, batch_size=args.batch_size, budgets=args.budget,
+        fidelity=1 - args.tolerance if args.tolerance else args.fidelity, granularities=grans, workers=args.workers,
+        out_dir=Path(args.out_dir) if args.out_dir else None, command=_command(args), log=console.print,
+        progress=lambda xs, desc: tqdm(xs, desc=desc))
     if args.json:
         _print_json(report)
         return 0
@@ -442,18 +413,6 @@ def _command(args: argparse.Namespace) -> str:
         else:
             parts += [flag, str(value)]
     return " ".join(parts)
-
-
-def _file_sha(path: Path) -> str | None:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-
-
-def _sha(xs) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(list(xs)).encode()).hexdigest()[:16]
 
 
 # -- vskip eval -------------------------------------------------------------------------------------
@@ -493,75 +452,23 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    import time
-
     import torch
 
-    from . import evaluate, load
-    from .flops import hf_text_config as _text
-    from .plan import config_hash
-    from .zoo import easyvqa
+    from .evaluate.experiments import EvalSettings, evaluate_easyvqa
+    from .evaluate.report import format_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = _model_dir(args)
-    model, processor = load(model_dir)
-    plans_dir = Path(args.plans_dir) if args.plans_dir else model_dir / "plans"
-    out_dir = Path(args.out_dir) if args.out_dir else model_dir / "eval"
-    test = easyvqa.test_set()
-    indices = list(range(min(args.limit, len(test)) if args.limit else len(test)))
-    t0 = time.time()
-    h = evaluate.Harness(model, processor, test)
-    S_cal = evaluate.calibration_seq_len(plans_dir) or evaluate.median([h.prompt_len(q) for q in indices])
-    try:
-        methods = evaluate.build_methods(model, args.budgets, plans_dir, args.methods, S_cal, h.num_visual,
-                                         fastv_layer=args.fastv_layer)
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
-    mismatches = {}
-    if args.verify:
-        step = max(1, len(indices) // args.verify)
-        sample = indices[::step][: args.verify]
-        mismatches = evaluate.verify_against_unbatched(h, methods, sample)
-        if any(mismatches.values()):
-            raise evaluate.EvalError(f"harness answers differ from one-at-a-time runs: {mismatches}")
-    rows = evaluate.sweep(h, methods, indices=indices, images_per_batch=args.images_per_batch, workers=args.workers)
-    timed = evaluate.timing_subset(h, indices, args.time_samples)
-    timing: dict = {"questions": 0}
-    if timed:
-        timings = evaluate.time_prefill(model, methods, [h.full_inputs(q) for q in timed], backend=args.time_backend,
-                                        repeats=max(1, args.time_repeats), adapter=h.adapter)
-        timing = {
-            "questions": len(timed),
-            "question_indices": timed,
-            "layout": {"S": h.prompt_len(timed[0]), "V": h.num_visual},
-            "backend": args.time_backend,
-            "repeats": max(1, args.time_repeats),
-            **evaluate.add_timings(rows, timings),
-            "implementations": evaluate.timing_implementations(args.time_backend),
-        }
-    meta = {
-        "title": f"easy-VQA test ({len(indices)} questions), {type(model).__name__}",
-        "command": _command(args),
-        "model_dir": str(model_dir),
-        "weights_sha256": _file_sha(model_dir / "model.safetensors"),
-        "model": {"architecture": type(model).__name__, "config_hash": config_hash(_text(model.config))},
-        "questions": len(indices),
-        "budgets": args.budgets,
-        "calibration_layout": {"S": S_cal, "V": h.num_visual},
-        "verified_questions": args.verify,
-        "verify_mismatches": mismatches,
-        "threads": torch.get_num_threads(),
-        "workers": args.workers,
-        "timing": timing,
-        "seconds": round(time.time() - t0, 1),
-        "notes": evaluate.NOTES,
-    }
-    paths = evaluate.write_results(rows, out_dir, meta)
+    settings = EvalSettings(
+        budgets=tuple(args.budgets), methods=tuple(args.methods), limit=args.limit,
+        images_per_batch=args.images_per_batch, workers=args.workers, verify=args.verify, fastv_layer=args.fastv_layer,
+        time_samples=args.time_samples, time_backend=args.time_backend, time_repeats=args.time_repeats)
+    rows, paths = evaluate_easyvqa(_model_dir(args), settings, plans_dir=Path(args.plans_dir) if args.plans_dir else None,
+                                   out_dir=Path(args.out_dir) if args.out_dir else None, command=_command(args))
     if args.json:
         _print_json(rows)
     else:
-        print(evaluate.format_table(rows))
+        print(format_table(rows))
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
