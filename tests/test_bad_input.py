@@ -661,6 +661,26 @@ def test_internal_error_prints_the_traceback_and_exits_1(monkeypatch, capsys):
     assert code == 1 and "Traceback" in err and "KeyError: 'boom'" in err and "internal error" in err
 
 
+@pytest.mark.parametrize("module, run, argv", [
+    ("vskip_compile.cli", "run_passes", ["passes"]),
+    ("vskip_compile.export.cli", "run_export", ["export", "--model", "m", "--plan", "p.json", "--prompt", "q", "--out", "o"]),
+])
+def test_a_pass_refusing_its_rewrite_is_internal_exit_1(monkeypatch, capsys, module, run, argv):
+    """SkipPassError is a VSkipError, but no input of the user's is wrong: traceback, exit 1."""
+    import importlib
+
+    import vskip_compile.cli as c
+    from vskip_compile.passes.base import SkipPassError
+
+    def refuse(args):
+        raise SkipPassError("layer 0: aten.flip has no row-wise rule")
+
+    monkeypatch.setattr(importlib.import_module(module), run, refuse)
+    code = c.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "SkipPassError" in err and "internal error" in err
+
+
 _INTERNAL = "import sys, vskip_compile.cli as c; c.run_passes = lambda a: {}['boom']; sys.exit(c.main(['passes']))"
 
 

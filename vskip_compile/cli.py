@@ -4,7 +4,8 @@ Adding a subcommand: write `add_<name>(sub)` that makes its parser with `sub.add
 and sets `run=<function(args) -> exit code>` with `set_defaults`, then list it in SUBCOMMANDS.
 Import heavy modules (torch, transformers) inside the run function so `vskip --help` stays
 fast. A problem the user can fix raises a VSkipError (UsageError here): one line on stderr
-naming what is wrong, exit code 2; any other exception is a bug: its traceback, exit code 1.
+naming what is wrong, exit code 2; any other exception, or a VSkipError marked `internal`
+(a pass that cannot prove its rewrite), is a bug: its traceback, exit code 1.
 Numbers are checked by their argparse type (`_int_in`), so a bad one names its flag.
 Rich tables for people, `--json` for machines.
 """
@@ -30,8 +31,6 @@ class UsageError(VSkipError, ValueError):
     """Bad command-line input (a missing file, a file that is not JSON, a bad number)."""
 
 
-# Errors that are the user's to fix: reported as "vskip COMMAND: error: ..." with exit code 2.
-USER_ERRORS: tuple[type[Exception], ...] = (VSkipError,)
 MAX_ROWS = 1 << 24  # no decoder has a context this long: a larger row count is a typo
 
 
@@ -615,19 +614,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command: 0 on success; a user error (VSkipError): one line on stderr, 2; any
-    other exception is ours: its traceback, 1. Bad arguments exit 2 through argparse."""
+    """Run one command: 0 on success; a user error (a VSkipError not marked `internal`): one
+    line on stderr, 2; any other exception (SkipPassError included) is ours: its traceback, 1.
+    Bad arguments exit 2 through argparse."""
     args = build_parser().parse_args(argv)
     name = " ".join(str(x) for x in (args.command, getattr(args, "verb", None)) if x)
     try:
         return args.run(args)
-    except USER_ERRORS as e:
-        print(f"vskip {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # the reader stopped early (`| head`): end quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception:  # a bug, not the user's input: show where
-        traceback.print_exc()
+    except Exception as e:
+        if isinstance(e, VSkipError) and not e.internal:
+            print(f"vskip {name}: error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+        traceback.print_exc()  # a bug, not the user's input: show where
         print(f"vskip {name}: internal error (the traceback above is a bug; please report it)", file=sys.stderr)
         return 1

@@ -19,7 +19,11 @@ from ..errors import VSkipError
 
 
 class EvalError(VSkipError, RuntimeError):
-    """The harness disagrees with an independent run: its numbers would not be trustworthy."""
+    """The harness disagrees with an independent run: its numbers would not be trustworthy.
+
+    Internal: a bug of the harness or a compiled path, not the user's input (exit 1)."""
+
+    internal = True
 
 
 class HarnessDataError(VSkipError, ValueError):
