@@ -396,7 +396,7 @@ def test_engine_manifest_refused(engine, case):
 
 @pytest.mark.parametrize("case", ["plan-all-full", "plan-all-full-rehashed", "no-content-hash"])
 def test_export_into_an_unverified_engine_refused_naming_the_directory(engine, tiny_model, case):
-    from vskip_compile.archs.tiny import tiny_inputs
+    from vskip_compile.testing.tiny import tiny_inputs
 
     _edit(engine, ENGINE_CASES[case][0])
     model = tiny_model("llava")
@@ -407,7 +407,7 @@ def test_export_into_an_unverified_engine_refused_naming_the_directory(engine, t
 
 
 def test_export_refuses_non_engine_directories(tmp_path, tiny_model):
-    from vskip_compile.archs.tiny import tiny_inputs
+    from vskip_compile.testing.tiny import tiny_inputs
 
     model = tiny_model("llava")
     plan, inputs = SkipPlan.full(len(model.model.language_model.layers)), tiny_inputs(model, "llava")

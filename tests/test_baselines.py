@@ -7,7 +7,7 @@ import torch
 
 from vskip_compile import baselines as bl
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import build_tiny, tiny_inputs
+from vskip_compile.testing.tiny import build_tiny, tiny_inputs
 from vskip_compile.core import KVCache
 from vskip_compile.flop_count import count_flops
 from vskip_compile.flops import S, V, TextDims, model_flops

@@ -21,7 +21,7 @@ import torch
 import vskip_compile
 from vskip_compile import OPS, PlanError, SkipPlan, reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import TINY_ARCHS, build_tiny, left_padded_batch, tiny_inputs
+from vskip_compile.testing.tiny import TINY_ARCHS, build_tiny, left_padded_batch, tiny_inputs
 from vskip_compile.core import DecoderCore
 from vskip_compile.runtime import CompileError
 

@@ -20,7 +20,7 @@ from vskip_compile.evaluate.shared import shared_generate
 from vskip_compile.evaluate.sweep import sweep, verify_against_unbatched
 from vskip_compile.evaluate.timing import (BASELINE_TIMED_BY, FULL_ON_BASELINES, INPUT_PREP, add_timings,
                                            compiled_timed_by, prefill_runner, time_prefill)
-from vskip_compile.archs.tiny import TEXT_TOKENS, build_tiny, tiny_inputs
+from vskip_compile.testing.tiny import TEXT_TOKENS, build_tiny, tiny_inputs
 from vskip_compile.plan import SkipPlan
 
 EOS = 2
