@@ -25,7 +25,7 @@ from vskip_compile.cli import main
 from vskip_compile.errors import ModelDirError
 from vskip_compile.export import EngineError, ManifestError, OnnxRunner, export_onnx
 from vskip_compile.export import manifest as mf
-from vskip_compile.runtime import CompileError
+from vskip_compile.config import CompileError
 from vskip_compile.serve.request import Limits, RequestError, parse_chat
 from vskip_compile.zoo import easyvqa
 

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..plan import SkipPlan
-from ..runtime import BACKENDS as COMPILE_BACKENDS
+from ..config import BACKENDS as COMPILE_BACKENDS
 from ..errors import VSkipError
 
 BACKENDS = ("reference", *COMPILE_BACKENDS, "onnx")

@@ -35,7 +35,7 @@ from ray.serve import metrics
 
 from ..layout import LayoutError
 from ..plan import SkipPlan
-from ..runtime import CompileError
+from ..config import CompileError
 from .engine import Engine, Prepared
 from .request import Limits, RequestError, completion_body, error_body, parse_chat
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..config import CompileConfig
 from ..layout import VisualLayout
 from ..modeldir import load
 from ..plan import SkipPlan
@@ -142,7 +143,7 @@ class Engine:
             self.max_context = int(self.runner.rt["max_cache_len"])
         else:
             self.runner = None
-            self.cm = _TimedVLM(self.model, plan, backend=engine, cache_size=64)  # decode graphs: per batch size and K/V capacity
+            self.cm = _TimedVLM(self.model, plan, CompileConfig(backend=engine, cache_size=64))  # decode graphs: per batch size and K/V capacity
             text = self.model.config.get_text_config()
             self.max_context = int(getattr(text, "max_position_embeddings", 1 << 30))
         self.adapter = self.cm.adapter if self.cm is not None else None
