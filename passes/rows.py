@@ -25,8 +25,6 @@ from vskip_compile.layout import Span
 from .base import (VALUE_META, PassContext, Size, SkipPassError, aten, divides, fake_mode_of, is_kept_rows_marker,
                    quotient, shape, tensor_val)
 
-_SLICE_END = 9223372036854775807
-
 
 @dataclass(frozen=True)
 class Rows:
