@@ -226,7 +226,7 @@ def decode(model, cache: KVCache, token: torch.Tensor, position: torch.Tensor, a
     adapter = adapter or adapter_for(model)
     lm = adapter.language_model(model)
     x = model.get_input_embeddings()(token[:, None])  # [B, 1, D]
-    position_embeddings = lm.rotary_emb(x, adapter.text_position_ids(position[:, None]))
+    position_embeddings = lm.rotary_emb(x, adapter.text_position_ids(model, position[:, None]))
     for i, layer in enumerate(lm.layers):
         mask = None
         if valid is not None:

@@ -15,15 +15,15 @@ class Qwen2_5_VLAdapter(Adapter):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
 
+    def mrope(self, model) -> bool:
+        return True
+
     def visual_token_ids(self, model) -> tuple[int, ...]:
         return (self.image_token_id(model), int(model.config.video_token_id))
 
     def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
         # Text only: the text model expands arange to its 3 rotary sections.
         return torch.arange(seq_len, device=device).expand(3, batch, seq_len)  # [3, B, S]
-
-    def text_position_ids(self, positions: torch.Tensor) -> torch.Tensor:
-        return positions[None].expand(3, -1, -1)  # [3, B, T]: text rows have equal t/h/w positions
 
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):

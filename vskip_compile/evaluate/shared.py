@@ -76,7 +76,7 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     # suffixes, per question: layers < J on the shared prefix K/V
     xs = model.get_input_embeddings()(b.suffix)  # [Q, Ls, D]
     spos = next_pos[b.owner][:, None] + torch.arange(Ls, device=dev)  # [Q, Ls]
-    spos_r = adapter.text_position_ids(spos)  # [3, Q, Ls] or [Q, Ls]
+    spos_r = adapter.text_position_ids(model, spos)  # [3, Q, Ls] or [Q, Ls]
     pe_s = lm.rotary_emb(xs, spos_r)
     last = b.lengths - 1  # [Q] last real suffix row
     scores = None
