@@ -16,6 +16,9 @@ Selection uses the FLOPs model: each candidate's real saving at the calibration 
 cheapest harm per saved FLOP first. Effects are not additive, so the joint plan is re-measured
 (answer agreement with the full model) and repaired greedily: drop the most harmful candidate,
 refill the budget from the order, until the agreement holds or the budget cannot be met.
+
+(About 440 lines, one concept: the calibration set, the scores and the selection share their
+candidate and score types and are read together.)
 """
 
 from __future__ import annotations
