@@ -36,7 +36,7 @@ def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, *, or
     raised here (the remaining workers are stopped)."""
     items = list(items)
     ctx = multiprocessing.get_context("fork")
-    tasks, results = ctx.SimpleQueue(), ctx.SimpleQueue()
+    tasks, results = ctx.Queue(), ctx.SimpleQueue()  # Queue: a feeder thread, putting never blocks the parent
 
     def work() -> None:
         init()
