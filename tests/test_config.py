@@ -36,3 +36,15 @@ def test_of_takes_a_config_or_its_options_not_both():
         CompileConfig.of(cache_sise=4)
     with pytest.raises(CompileError, match="version"):
         CompileConfig.from_dict({"version": 2})
+
+
+def test_compile_takes_a_config(tiny_model):
+    import vskip_compile
+    from vskip_compile import SkipPlan
+
+    model = tiny_model("llava")
+    cm = vskip_compile.compile(model, SkipPlan.full(4), config=CompileConfig(backend="eager", cache_size=2))
+    assert cm.config.backend == "eager" and cm.cache_info().maxsize == 2
+    assert vskip_compile.compile(model, SkipPlan.full(4), "eager").config == CompileConfig(backend="eager")
+    with pytest.raises(CompileError, match="not both"):
+        vskip_compile.compile(model, SkipPlan.full(4), "eager", config=CompileConfig())

@@ -9,8 +9,9 @@ __all__ = ["OPS", "LayoutError", "PlanError", "SkipPlan", "VSkipError", "VisualL
 __version__ = "0.1.0"
 
 
-def compile(model, plan, backend="inductor", **kw):
-    """vskip_compile.runtime.compile, imported lazily: the package import stays torch-free."""
+def compile(model, plan, backend=None, **kw):
+    """vskip_compile.runtime.compile, imported lazily: the package import stays torch-free.
+    backend None: the CompileConfig default ("inductor"), or `config=`'s."""
     from .runtime import compile as _compile
 
     if not isinstance(plan, SkipPlan):
