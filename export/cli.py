@@ -50,7 +50,7 @@ def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_
 
 # -- vskip export -------------------------------------------------------------------------------
 def add_export(sub: argparse._SubParsersAction) -> None:
-    from ..cli import _pos_int  # vskip_compile.cli imports this module: import at parser-build time
+    from ..cli.common import pos_int  # vskip_compile.cli imports this module: import at parser-build time
     p = sub.add_parser(
         "export",
         help="export a model under a plan as an ONNX engine directory",
@@ -63,8 +63,8 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an example image (repeatable)")
     p.add_argument("--prompt", required=True, help="the example prompt (text after the images)")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory to create or extend")
-    p.add_argument("--max-seq-len", type=_pos_int, help="longest prompt in tokens the engine serves (default 1024)")
-    p.add_argument("--max-cache-len", type=_pos_int, help="decode cache slots (default: max-seq-len + 256, rounded to 64)")
+    p.add_argument("--max-seq-len", type=pos_int, help="longest prompt in tokens the engine serves (default 1024)")
+    p.add_argument("--max-cache-len", type=pos_int, help="decode cache slots (default: max-seq-len + 256, rounded to 64)")
     p.add_argument("--no-optimize", action="store_true", help="skip torch.onnx's optimizer (faster export)")
     p.set_defaults(run=run_export)
 
@@ -109,7 +109,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 # -- vskip run ----------------------------------------------------------------------------------
 def add_run(sub: argparse._SubParsersAction) -> None:
-    from ..cli import _pos_int
+    from ..cli.common import pos_int
     p = sub.add_parser(
         "run",
         help="generate with an exported engine (onnxruntime)",
@@ -120,7 +120,7 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", action="append", default=[], metavar="IMG", help="an image (repeatable)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", metavar="DIR", help="model directory for the processor (default: the one exported from)")
-    p.add_argument("--max-new-tokens", type=_pos_int, default=32)
+    p.add_argument("--max-new-tokens", type=pos_int, default=32)
     p.add_argument("--provider", action="append", metavar="EP",
                    help="onnxruntime execution provider, in order of preference (default CPUExecutionProvider)")
     p.set_defaults(run=run_run)

@@ -654,15 +654,16 @@ def test_cli_flops_config_file_refused_naming_it(tmp_path, capsys, config, culpr
 # -- the CLI's two kinds of failure ---------------------------------------------------------------
 def test_internal_error_prints_the_traceback_and_exits_1(monkeypatch, capsys):
     import vskip_compile.cli as c
+    import vskip_compile.cli.passes as cli_passes
 
-    monkeypatch.setattr(c, "run_passes", lambda args: {}["boom"])
+    monkeypatch.setattr(cli_passes, "run_passes", lambda args: {}["boom"])
     code = c.main(["passes"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and "KeyError: 'boom'" in err and "internal error" in err
 
 
 @pytest.mark.parametrize("module, run, argv", [
-    ("vskip_compile.cli", "run_passes", ["passes"]),
+    ("vskip_compile.cli.passes", "run_passes", ["passes"]),
     ("vskip_compile.export.cli", "run_export", ["export", "--model", "m", "--plan", "p.json", "--prompt", "q", "--out", "o"]),
 ])
 def test_a_pass_refusing_its_rewrite_is_internal_exit_1(monkeypatch, capsys, module, run, argv):
@@ -681,7 +682,8 @@ def test_a_pass_refusing_its_rewrite_is_internal_exit_1(monkeypatch, capsys, mod
     assert code == 1 and "Traceback" in err and "SkipPassError" in err and "internal error" in err
 
 
-_INTERNAL = "import sys, vskip_compile.cli as c; c.run_passes = lambda a: {}['boom']; sys.exit(c.main(['passes']))"
+_INTERNAL = ("import sys, vskip_compile.cli as c, vskip_compile.cli.passes as p; p.run_passes = lambda a: {}['boom']; "
+             "sys.exit(c.main(['passes']))")
 
 
 @pytest.mark.parametrize("argv, code, culprit", [
@@ -787,7 +789,7 @@ def test_http_good_body_still_parses():
 def test_every_error_class_is_a_vskip_error_keeping_its_old_base():
     from vskip_compile.archs.base import AdapterError
     from vskip_compile.backend import BackendError
-    from vskip_compile.cli import UsageError
+    from vskip_compile.cli.common import UsageError
     from vskip_compile.evaluate.harness import EvalError
     from vskip_compile.export.runner import MissingGraphError
     from vskip_compile.export.weights import WeightsError
