@@ -70,10 +70,9 @@ def pick_prompts(layouts: int, per_layout: int, seed: int) -> list[tuple[str, st
 def references(model_dir: Path, plan, engine: str, prompts, max_tokens: int) -> list[tuple[str, list[int]]]:
     """Each prompt alone through vskip_compile.compile(...).generate: (answer text, new token ids)."""
     import vskip_compile
-    from vskip_compile.serve.engine import load_model
     from vskip_compile.zoo import easyvqa
 
-    model, processor = load_model(model_dir)
+    model, processor = vskip_compile.load(model_dir)
     cm = vskip_compile.compile(model, plan, backend="eager" if engine == "onnx" else engine)
     out = []
     for path, question in prompts:

@@ -23,20 +23,11 @@ from typing import Any
 
 from ..errors import ModelDirError, VSkipError
 from ..modeldir import check as _check_model_dir
-from ..modeldir import check_processor, load_processor
+from ..modeldir import check_processor, load, load_processor
 
 
 class ImageError(VSkipError, ValueError):
     """An --image file that cannot be read as an image."""
-
-
-def load_model(model_dir: Path):
-    """The model class named by config.json's `architectures`, eval mode, fp32."""
-    import torch
-
-    from ..modeldir import load_model as load
-
-    return load(model_dir, dtype=torch.float32)
 
 
 def video_source(arg: str) -> str | list[str]:
@@ -82,7 +73,7 @@ def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_
 
 # -- vskip export -------------------------------------------------------------------------------
 def add_export(sub: argparse._SubParsersAction) -> None:
-    from ..cli import _pos_int  # vskip_compile.cli imports this module: import at parser-build time
+    from ..cli.common import pos_int  # vskip_compile.cli imports this module: import at parser-build time
     p = sub.add_parser(
         "export",
         help="export a model under a plan as an ONNX engine directory",
@@ -96,16 +87,17 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video", action="append", default=[], metavar="VIDEO",
                    help="an example video: a file (PyAV) or comma-separated frame images (repeatable); "
                         "exports the vision graph of its grid")
-    p.add_argument("--max-frames", type=_pos_int, default=32, help="frames kept from a video file (default 32)")
+    p.add_argument("--max-frames", type=pos_int, default=32, help="frames kept from a video file (default 32)")
     p.add_argument("--prompt", required=True, help="the example prompt (text after the images)")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory to create or extend")
-    p.add_argument("--max-seq-len", type=_pos_int, help="longest prompt in tokens the engine serves (default 1024)")
-    p.add_argument("--max-cache-len", type=_pos_int, help="decode cache slots (default: max-seq-len + 256, rounded to 64)")
+    p.add_argument("--max-seq-len", type=pos_int, help="longest prompt in tokens the engine serves (default 1024)")
+    p.add_argument("--max-cache-len", type=pos_int, help="decode cache slots (default: max-seq-len + 256, rounded to 64)")
     p.add_argument("--no-optimize", action="store_true", help="skip torch.onnx's optimizer (faster export)")
     p.set_defaults(run=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
+    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -120,8 +112,7 @@ def run_export(args: argparse.Namespace) -> int:
     check_processor(model_dir)
     check_out_dir(args.out)
     with console.status("loading the model and processor") as status:
-        processor = load_processor(model_dir)
-        model = load_model(model_dir)
+        model, processor = load(model_dir, dtype=torch.float32)
         inputs = build_inputs(processor, args.image, args.prompt, "pt", model_dir, args.video, args.max_frames)
 
         def progress(message: str) -> None:
@@ -145,7 +136,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 # -- vskip run ----------------------------------------------------------------------------------
 def add_run(sub: argparse._SubParsersAction) -> None:
-    from ..cli import _pos_int
+    from ..cli.common import pos_int
     p = sub.add_parser(
         "run",
         help="generate with an exported engine (onnxruntime)",
@@ -157,10 +148,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--video", action="append", default=[], metavar="VIDEO",
                    help="a video file (decoded with PyAV: pip install 'vskip-compile[video]') or comma-separated "
                         "frame images (repeatable; after the images in the prompt)")
-    p.add_argument("--max-frames", type=_pos_int, default=32, help="frames kept from a video file, sampled uniformly (default 32)")
+    p.add_argument("--max-frames", type=pos_int, default=32, help="frames kept from a video file, sampled uniformly (default 32)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", metavar="DIR", help="model directory for the processor (default: the one exported from)")
-    p.add_argument("--max-new-tokens", type=_pos_int, default=32)
+    p.add_argument("--max-new-tokens", type=pos_int, default=32)
     p.add_argument("--provider", action="append", metavar="EP",
                    help="onnxruntime execution provider, in order of preference (default CPUExecutionProvider)")
     p.set_defaults(run=run_run)

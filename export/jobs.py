@@ -120,7 +120,7 @@ def collect(
         raise ValueError("nothing to export: give example_inputs (and optionally layouts or batch_sizes)")
     layouts = list(layouts or ()) + ([example.layout] if example is not None else [])
     if example is not None:
-        mrope, num_deepstack = example.position_ids.ndim == 3, len(example.deepstack or ())
+        mrope, num_deepstack = adapter.mrope(model), len(example.deepstack or ())
     else:
         mrope, num_deepstack = old["runtime"]["position"] == "mrope", old["runtime"]["num_deepstack"]
     max_seq_len, max_cache_len = _lengths(max_seq_len, max_cache_len, layouts, old, src, out_dir)

@@ -89,7 +89,7 @@ def prefill_graph(model, adapter: Adapter, plan: SkipPlan, example: PrefillInput
     core = DecoderCore.from_model(model, adapter, logits_to_keep=1, num_deepstack=n_ds, layout_inputs=True).eval()
     args = example_args(example, plan.scope, plan.rows)
     in_names, out_names = io_names(core.num_layers, n_ds)
-    axes = symbolic_axes(in_names, mrope=example.position_ids.ndim == 3)
+    axes = symbolic_axes(in_names, mrope=adapter.mrope(model))
     ranges = {"batch": (1, MAX_BATCH), "seq_len": (MIN_ROWS, max_seq_len), "kept": (MIN_ROWS, max_seq_len)}
     dims = {name: torch.export.Dim(name, min=lo, max=hi) for name, (lo, hi) in ranges.items()}
     flat = [{axis: dims[sym] for axis, sym in axes[name].items()} for name in in_names]  # one spec per input

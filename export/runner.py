@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..decoding import decode_loop
 from ..layout import LayoutError
 from . import host
 from . import manifest as mf
@@ -280,7 +281,6 @@ class OnnxRunner:
         ids = _to_numpy(inputs["input_ids"]).astype(np.int64)
         self.check(ids, max_new_tokens)  # before anything runs
         batch = ids.shape[0]
-        max_len = self.rt["max_cache_len"]
         rng = np.random.default_rng(seed)
 
         def pick(logits: np.ndarray) -> np.ndarray:  # [B, V] -> [B]
@@ -294,12 +294,16 @@ class OnnxRunner:
         pre = self.prefill(**inputs)
         eos = np.asarray(self.rt["eos_token_id"], dtype=np.int64)
         pad = self.rt["pad_token_id"] if self.rt["pad_token_id"] is not None else (int(eos[0]) if eos.size else 0)
-        token = pick(pre["logits"][:, -1])  # [B]
-        new_tokens = [token]
-        done = np.isin(token, eos)  # [B]
-        if max_new_tokens > 1 and not done.all():
-            decode = self._graph("decode", f"b{batch}", f"batch size {batch}")
-            names = self.manifest["graphs"]["decode"][f"b{batch}"]["inputs"]
+        new_tokens = decode_loop(pre["logits"][:, -1], self._decode_steps(pre, batch), max_new_tokens, eos, pad, pick)
+        return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
+
+    def _decode_steps(self, pre: dict[str, Any], batch: int):
+        """step(tokens [B]) -> logits [B, V] for decoding.decode_loop: the decode graph over
+        preallocated K/V buffers of max_cache_len slots, filled from the prefill on first use."""
+        state: dict[str, Any] = {}
+        max_len = self.rt["max_cache_len"]
+
+        def start() -> None:
             n = pre["kv"][0].shape[2]  # prefill rows (slots filled)
             kv_shape = (batch, self.rt["num_kv_heads"], max_len, self.rt["head_dim"])
             cache = [np.zeros(kv_shape, self.dtype) for _ in pre["kv"]]
@@ -307,19 +311,24 @@ class OnnxRunner:
                 buf[:, :, :n] = kv
             past_mask = np.arange(max_len)[None, :] < n  # [B, T]: filled slots...
             past_mask = past_mask & (np.arange(max_len)[None, :] >= np.asarray(pre["pads"])[:, None])  # ...not padding
-            position = pre["next_position"]  # [B, 1] or [3, B, 1]
-            while len(new_tokens) < max_new_tokens and not done.all():
-                embeds = np.asarray(self.embed[token], dtype=self.dtype)[:, None]  # [B, 1, D]
-                out = self._run(decode, names, [embeds, position, past_mask, *cache])
-                for buf, kv in zip(cache, out[1:]):
-                    buf[:, :, n] = kv[:, :, 0]
-                past_mask[:, n] = True
-                n += 1
-                position = position + 1
-                token = np.where(done, pad, pick(out[0][:, -1]))
-                new_tokens.append(token)
-                done |= np.isin(token, eos)
-        return np.concatenate([ids, np.stack(new_tokens, axis=1)], axis=1)
+            state.update(graph=self._graph("decode", f"b{batch}", f"batch size {batch}"),
+                         names=self.manifest["graphs"]["decode"][f"b{batch}"]["inputs"], n=n, cache=cache,
+                         past_mask=past_mask, position=pre["next_position"])  # position [B, 1] or [3, B, 1]
+
+        def step(token: np.ndarray) -> np.ndarray:
+            if not state:
+                start()
+            embeds = np.asarray(self.embed[token], dtype=self.dtype)[:, None]  # [B, 1, D]
+            cache, n = state["cache"], state["n"]
+            out = self._run(state["graph"], state["names"], [embeds, state["position"], state["past_mask"], *cache])
+            for buf, kv in zip(cache, out[1:]):
+                buf[:, :, n] = kv[:, :, 0]
+            state["past_mask"][:, n] = True
+            state["n"] = n + 1
+            state["position"] = state["position"] + 1
+            return out[0][:, -1]  # [B, V]
+
+        return step
 
 
 def _pad_to_min_rows(arr: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

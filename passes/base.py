@@ -31,7 +31,11 @@ ASSERT_OPS = (aten._assert_tensor_metadata.default,)
 
 
 class SkipPassError(VSkipError, ValueError):
-    """A pass cannot prove a rewrite correct (an op it cannot show row-wise, a missing region)."""
+    """A pass cannot prove a rewrite correct (an op it cannot show row-wise, a missing region).
+
+    Internal: no input of the user's is wrong; the CLI shows its traceback (exit 1)."""
+
+    internal = True
 
 
 @dataclass(frozen=True)

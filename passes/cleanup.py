@@ -108,4 +108,3 @@ CLEANUP = GraphPass(
     "fold the inserted slice/cat chains (slice of cat, adjacent slices), drop the layout marker, dead-code elimination",
     _cleanup,
 )
-cleanup = CLEANUP

@@ -23,4 +23,3 @@ SKIP_ATTENTION = GraphPass(
     "skip_attn/skip_both layers: q path, SDPA query rows and o_proj on kept rows; K/V on all rows",
     _skip_attention,
 )
-skip_attention = SKIP_ATTENTION

@@ -22,4 +22,3 @@ SKIP_FFN = GraphPass(
     "skip_ffn/skip_both layers: norm and MLP on kept rows, frozen rows of the residual pass through",
     _skip_ffn,
 )
-skip_ffn = SKIP_FFN

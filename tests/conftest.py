@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import build_tiny
+from vskip_compile.testing.tiny import build_tiny
 
 # Tiny models on a shared 2-core machine: one intra-op thread is 2-4x faster than two
 # threads spinning against other jobs (measured: 100 s -> 22 s for test_reference.py).

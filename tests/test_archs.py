@@ -14,7 +14,7 @@ from vskip_compile.archs import (
     PrefillInputs,
     adapter_for,
 )
-from vskip_compile.archs.tiny import (
+from vskip_compile.testing.tiny import (
     ALL_TINY_ARCHS,
     IMAGE_TOKEN_ID,
     TINY_ARCHS,
@@ -155,7 +155,7 @@ def test_every_registered_adapter_has_a_tiny_model(tiny_model):
         model = tiny_model(arch)
         tiny_types[model.config.model_type] = model
     for model_type, cls in ADAPTERS.items():
-        assert model_type in tiny_types, f"adapter {cls.__name__} ({model_type}) has no tiny model in archs/tiny.py"
+        assert model_type in tiny_types, f"adapter {cls.__name__} ({model_type}) has no tiny model in vskip_compile/testing/tiny.py"
         assert type(adapter_for(tiny_types[model_type])) is cls
 
 
@@ -163,7 +163,7 @@ def test_every_registered_adapter_has_a_tiny_model(tiny_model):
 
 
 def _tiny_mistral3():
-    from vskip_compile.archs.tiny import _TEXT
+    from vskip_compile.testing.tiny import _TEXT
 
     cfg = transformers.Mistral3Config(
         text_config=transformers.MistralConfig(**_TEXT),
@@ -190,7 +190,7 @@ def _tiny_mistral3():
 
 
 def _tiny_qwen2_vl():
-    from vskip_compile.archs.tiny import _QWEN_IDS, _TEXT
+    from vskip_compile.testing.tiny import _QWEN_IDS, _TEXT
 
     text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2)

@@ -16,7 +16,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import vskip_compile
 from vskip_compile import SkipPlan, VisualLayout, reference
-from vskip_compile.archs.tiny import build_tiny, tiny_inputs
+from vskip_compile.testing.tiny import build_tiny, tiny_inputs
 from vskip_compile.backend import BackendError, VSkipInductorPass, vskip
 
 FP32_ATOL = 1e-5

@@ -25,7 +25,7 @@ from vskip_compile.cli import main
 from vskip_compile.errors import ModelDirError
 from vskip_compile.export import EngineError, ManifestError, OnnxRunner, export_onnx
 from vskip_compile.export import manifest as mf
-from vskip_compile.runtime import CompileError
+from vskip_compile.config import CompileError
 from vskip_compile.serve.request import Limits, RequestError, parse_chat
 from vskip_compile.zoo import easyvqa
 
@@ -396,7 +396,7 @@ def test_engine_manifest_refused(engine, case):
 
 @pytest.mark.parametrize("case", ["plan-all-full", "plan-all-full-rehashed", "no-content-hash"])
 def test_export_into_an_unverified_engine_refused_naming_the_directory(engine, tiny_model, case):
-    from vskip_compile.archs.tiny import tiny_inputs
+    from vskip_compile.testing.tiny import tiny_inputs
 
     _edit(engine, ENGINE_CASES[case][0])
     model = tiny_model("llava")
@@ -407,7 +407,7 @@ def test_export_into_an_unverified_engine_refused_naming_the_directory(engine, t
 
 
 def test_export_refuses_non_engine_directories(tmp_path, tiny_model):
-    from vskip_compile.archs.tiny import tiny_inputs
+    from vskip_compile.testing.tiny import tiny_inputs
 
     model = tiny_model("llava")
     plan, inputs = SkipPlan.full(len(model.model.language_model.layers)), tiny_inputs(model, "llava")
@@ -659,14 +659,36 @@ def test_cli_flops_config_file_refused_naming_it(tmp_path, capsys, config, culpr
 # -- the CLI's two kinds of failure ---------------------------------------------------------------
 def test_internal_error_prints_the_traceback_and_exits_1(monkeypatch, capsys):
     import vskip_compile.cli as c
+    import vskip_compile.cli.passes as cli_passes
 
-    monkeypatch.setattr(c, "run_passes", lambda args: {}["boom"])
+    monkeypatch.setattr(cli_passes, "run_passes", lambda args: {}["boom"])
     code = c.main(["passes"])
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" in err and "KeyError: 'boom'" in err and "internal error" in err
 
 
-_INTERNAL = "import sys, vskip_compile.cli as c; c.run_passes = lambda a: {}['boom']; sys.exit(c.main(['passes']))"
+@pytest.mark.parametrize("module, run, argv", [
+    ("vskip_compile.cli.passes", "run_passes", ["passes"]),
+    ("vskip_compile.export.cli", "run_export", ["export", "--model", "m", "--plan", "p.json", "--prompt", "q", "--out", "o"]),
+])
+def test_a_pass_refusing_its_rewrite_is_internal_exit_1(monkeypatch, capsys, module, run, argv):
+    """SkipPassError is a VSkipError, but no input of the user's is wrong: traceback, exit 1."""
+    import importlib
+
+    import vskip_compile.cli as c
+    from vskip_compile.passes.base import SkipPassError
+
+    def refuse(args):
+        raise SkipPassError("layer 0: aten.flip has no row-wise rule")
+
+    monkeypatch.setattr(importlib.import_module(module), run, refuse)
+    code = c.main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and "SkipPassError" in err and "internal error" in err
+
+
+_INTERNAL = ("import sys, vskip_compile.cli as c, vskip_compile.cli.passes as p; p.run_passes = lambda a: {}['boom']; "
+             "sys.exit(c.main(['passes']))")
 
 
 @pytest.mark.parametrize("argv, code, culprit", [
@@ -772,8 +794,8 @@ def test_http_good_body_still_parses():
 def test_every_error_class_is_a_vskip_error_keeping_its_old_base():
     from vskip_compile.archs.base import AdapterError
     from vskip_compile.backend import BackendError
-    from vskip_compile.cli import UsageError
-    from vskip_compile.evaluate import EvalError
+    from vskip_compile.cli.common import UsageError
+    from vskip_compile.evaluate.harness import EvalError
     from vskip_compile.export.runner import MissingGraphError
     from vskip_compile.export.weights import WeightsError
     from vskip_compile.flops import DimsError

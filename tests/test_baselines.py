@@ -7,7 +7,8 @@ import torch
 
 from vskip_compile import baselines as bl
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import build_tiny, tiny_inputs
+from vskip_compile.testing.tiny import build_tiny, tiny_inputs
+from vskip_compile.core import KVCache
 from vskip_compile.flop_count import count_flops
 from vskip_compile.flops import S, V, TextDims, model_flops
 
@@ -27,7 +28,7 @@ def test_full_loop_and_drop_at_num_layers_equal_the_model(tiny):
     with torch.no_grad():
         ref = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, inputs["input_ids"].shape[1]:]
         logits = model(**inputs).logits[:, -1]
-        mine, _ = bl.prefill(model, p, bl.TokenDrop(4), bl.KVCache())
+        mine, _ = bl.prefill(model, p, bl.TokenDrop(4), KVCache())
     assert torch.equal(bl.generate(model, p, None, 3), ref)
     assert torch.equal(bl.generate(model, p, bl.TokenDrop(4), 3), ref)
     assert torch.equal(bl.generate(model, p, bl.TokenDrop(4, 0.5), 3), ref)
@@ -41,7 +42,7 @@ def test_flops_formulas_equal_a_direct_count(tiny, drop):
     dims = TextDims.from_hf_config(model.config)
     batch, seq_len = p.inputs_embeds.shape[:2]
     nv = p.layout.num_visual
-    counted = count_flops(bl.prefill, model, p, drop, bl.KVCache(), adapter)
+    counted = count_flops(bl.prefill, model, p, drop, KVCache(), adapter)
     head = adapter.lm_head(model).weight  # [vocab, D], run on the last row only
     lm_head = 2 * batch * head.shape[0] * head.shape[1]
     assert counted - lm_head == batch * bl.token_drop_flops(dims, drop, seq_len, nv)
@@ -71,7 +72,7 @@ def test_decode_on_the_dropped_cache_equals_rerunning_the_pruned_prompt(tiny):
         pytest.skip("the random model answered with an image placeholder id")
     with torch.no_grad():
         p2 = adapter.prefill_inputs(model, **longer)
-        logits, _ = bl.prefill(model, p2, drop, bl.KVCache())
+        logits, _ = bl.prefill(model, p2, drop, KVCache())
     assert torch.equal(logits.argmax(-1), tokens[:, 1])
 
 

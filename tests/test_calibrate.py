@@ -7,7 +7,7 @@ import torch
 
 from vskip_compile import calibrate as cal
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import build_tiny, tiny_inputs
+from vskip_compile.testing.tiny import build_tiny, tiny_inputs
 from vskip_compile.flops import TextDims, model_flops, plan_report
 from vskip_compile.plan import SkipPlan
 

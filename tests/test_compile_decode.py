@@ -23,7 +23,7 @@ import torch
 
 import vskip_compile
 from vskip_compile import OPS, SkipPlan, reference, runtime
-from vskip_compile.archs.tiny import TINY_ARCHS, left_padded_batch, tiny_inputs
+from vskip_compile.testing.tiny import TINY_ARCHS, left_padded_batch, tiny_inputs
 
 FP32_ATOL = 1e-5
 NEW_TOKENS = 6

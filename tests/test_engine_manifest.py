@@ -16,7 +16,7 @@ import torch
 
 from vskip_compile import PlanError, SkipPlan
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import tiny_inputs
+from vskip_compile.testing.tiny import tiny_inputs
 from vskip_compile.export import EngineError, ManifestError, OnnxRunner, export_onnx, export_tensorrt
 from vskip_compile.export import jobs as jb
 from vskip_compile.export import manifest as mf

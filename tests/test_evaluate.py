@@ -9,11 +9,18 @@ import sys
 import pytest
 import torch
 
+import vskip_compile
 from vskip_compile import baselines as bl
-from vskip_compile import evaluate as ev
 from vskip_compile import reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import TEXT_TOKENS, build_tiny, tiny_inputs
+from vskip_compile.evaluate.harness import Batch, Harness
+from vskip_compile.evaluate.methods import Method
+from vskip_compile.evaluate.report import TABLE_COLUMNS, format_table, write_results
+from vskip_compile.evaluate.shared import shared_generate
+from vskip_compile.evaluate.sweep import sweep, verify_against_unbatched
+from vskip_compile.evaluate.timing import (BASELINE_TIMED_BY, FULL_ON_BASELINES, INPUT_PREP, add_timings,
+                                           compiled_timed_by, prefill_runner, time_prefill)
+from vskip_compile.testing.tiny import TEXT_TOKENS, build_tiny, tiny_inputs
 from vskip_compile.plan import SkipPlan
 
 EOS = 2
@@ -32,7 +39,7 @@ def tiny_batch():
         suffix[r, :n] = torch.randint(*TEXT_TOKENS, (n,), generator=gen)
     with torch.no_grad():
         prefix = adapter_for(model).prefill_inputs(model, **base)
-    batch = ev.Batch([0, 1, 2], prefix, suffix, torch.tensor(lengths), owner)
+    batch = Batch([0, 1, 2], prefix, suffix, torch.tensor(lengths), owner)
     return model, base, batch
 
 
@@ -58,7 +65,7 @@ def _one_question(base, batch, q):
 def test_shared_prefix_runner_equals_reference_generate(tiny_batch, plan_ops):
     model, base, batch = tiny_batch
     plan = SkipPlan.from_ops(plan_ops)
-    tokens, seconds = ev.shared_generate(model, batch, plan, 3, EOS)
+    tokens, seconds = shared_generate(model, batch, plan, 3, EOS)
     assert seconds > 0
     for q in range(3):
         inputs = _one_question(base, batch, q)
@@ -72,7 +79,7 @@ def test_shared_prefix_runner_equals_reference_generate(tiny_batch, plan_ops):
 def test_shared_prefix_runner_equals_whole_prompt_drop_loop(tiny_batch, drop):
     model, base, batch = tiny_batch
     adapter = adapter_for(model)
-    tokens, _ = ev.shared_generate(model, batch, drop, 3, EOS)
+    tokens, _ = shared_generate(model, batch, drop, 3, EOS)
     for q in range(3):
         with torch.no_grad():
             p = adapter.prefill_inputs(model, **_one_question(base, batch, q))
@@ -89,21 +96,21 @@ def test_table_schema(tmp_path):
         {"method": "vtw-b40", "family": "vtw", "budget": 0.4, "params": "{}", "accuracy": 0.6,
          "accuracy_kept": 0.66, "agreement_with_full": 0.6, "flops_cut": 0.45, "prefill_ms_per_question": 0.5, "n": 10},
     ]
-    paths = ev.write_results(rows, tmp_path, {"command": "vskip eval --limit 10"})
+    paths = write_results(rows, tmp_path, {"command": "vskip eval --limit 10"})
     data = json.loads(paths["json"].read_text())
-    assert data["command"] == "vskip eval --limit 10" and data["columns"] == list(ev.TABLE_COLUMNS)
+    assert data["command"] == "vskip eval --limit 10" and data["columns"] == list(TABLE_COLUMNS)
     assert [r["method"] for r in data["rows"]] == ["full", "opskip-b40", "vtw-b40"]
     with paths["csv"].open() as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == list(ev.TABLE_COLUMNS) and len(table) == 3
+    assert list(table[0]) == list(TABLE_COLUMNS) and len(table) == 3
     assert paths["png"].stat().st_size > 1000
-    assert "opskip-b40" in ev.format_table(rows) and "not timed" in ev.format_table(rows)
-    rows[1].update(prefill_speedup=1.3, timed_by=ev.compiled_timed_by("eager"))
-    paths = ev.write_results(rows, tmp_path, {"command": "vskip eval --limit 10"})
+    assert "opskip-b40" in format_table(rows) and "not timed" in format_table(rows)
+    rows[1].update(prefill_speedup=1.3, timed_by=compiled_timed_by("eager"))
+    paths = write_results(rows, tmp_path, {"command": "vskip eval --limit 10"})
     with paths["csv"].open() as f:
         table = list(csv.DictReader(f))
-    assert table[1]["timed_by"] == ev.compiled_timed_by("eager") and table[0]["timed_by"] == ""
-    assert "1.300x" in ev.format_table(rows)
+    assert table[1]["timed_by"] == compiled_timed_by("eager") and table[0]["timed_by"] == ""
+    assert "1.300x" in format_table(rows)
 
 
 # -- prefill timing: each method on its real implementation ------------------------------------------
@@ -113,7 +120,7 @@ def test_results_without_matplotlib_keep_json_and_csv(tmp_path, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ModuleNotFoundError
     rows = [{"method": "full", "family": "full", "budget": None, "params": "", "accuracy": 0.9, "accuracy_kept": 1.0,
              "agreement_with_full": 1.0, "flops_cut": 0.0, "prefill_ms_per_question": 1.0, "n": 10}]
-    paths = ev.write_results(rows, tmp_path, {"command": "vskip eval"})
+    paths = write_results(rows, tmp_path, {"command": "vskip eval"})
     assert set(paths) == {"json", "csv"} and not (tmp_path / "pareto.png").exists()
     assert json.loads(paths["json"].read_text())["rows"] == rows
     assert "matplotlib is not installed" in capsys.readouterr().err
@@ -121,26 +128,26 @@ def test_results_without_matplotlib_keep_json_and_csv(tmp_path, monkeypatch, cap
 def test_time_prefill_runs_plans_compiled_and_drops_on_the_dropping_loop(tiny_batch):
     model, base, batch = tiny_batch
     inputs = [_one_question(base, batch, q) for q in (0, 2, 0)]  # two distinct prompts (layouts)
-    full = ev.Method("full", "full", None, plan=SkipPlan.full(4))
-    ops = ev.Method("opskip-x", "opskip", 0.4, plan=SkipPlan.from_ops(["full", "skip_attn", "skip_ffn", "skip_both"]))
-    vtw = ev.Method("vtw-x", "vtw", 0.4, drop=bl.TokenDrop(2))
-    fastv = ev.Method("fastv-x", "fastv", 0.4, drop=bl.TokenDrop(2, 0.5))
+    full = Method("full", "full", None, plan=SkipPlan.full(4))
+    ops = Method("opskip-x", "opskip", 0.4, plan=SkipPlan.from_ops(["full", "skip_attn", "skip_ffn", "skip_both"]))
+    vtw = Method("vtw-x", "vtw", 0.4, drop=bl.TokenDrop(2))
+    fastv = Method("fastv-x", "fastv", 0.4, drop=bl.TokenDrop(2, 0.5))
     methods = [full, ops, vtw, fastv]
     repeats = 2
-    timings = ev.time_prefill(model, methods, inputs, backend="eager", repeats=repeats, progress=False)
-    assert set(timings) == {m.name for m in methods} | {ev.FULL_ON_BASELINES, ev.INPUT_PREP}
+    timings = time_prefill(model, methods, inputs, backend="eager", repeats=repeats, progress=False)
+    assert set(timings) == {m.name for m in methods} | {FULL_ON_BASELINES, INPUT_PREP}
     calls = len(inputs) * (1 + repeats)  # warm-up, then the timed rounds
     for m in (full, ops):  # through CompiledVLM: one polymorphic graph for both layouts, every other call a hit
         t = timings[m.name]
-        assert t.timed_by == ev.compiled_timed_by("eager")
+        assert t.timed_by == compiled_timed_by("eager")
         assert t.cache_info.misses == 1 and t.cache_info.hits == calls - 1 and t.cache_info.compiles == 1
         assert t.max_abs_diff is not None and t.max_abs_diff <= 1e-3
-    for name in ("vtw-x", "fastv-x", ev.FULL_ON_BASELINES):
-        assert timings[name].timed_by == ev.BASELINE_TIMED_BY and timings[name].cache_info is None
+    for name in ("vtw-x", "fastv-x", FULL_ON_BASELINES):
+        assert timings[name].timed_by == BASELINE_TIMED_BY and timings[name].cache_info is None
     assert all(len(t.ms) == len(inputs) and all(ms > 0 for ms in t.ms) for t in timings.values())
 
     rows = [{"method": m.name, "family": m.family, "prefill_ms_per_question": None} for m in methods]
-    meta = ev.add_timings(rows, timings)
+    meta = add_timings(rows, timings)
     for r in rows:
         t = timings[r["method"]]
         assert r["timed_by"] == t.timed_by and r["prefill_ms_per_question"] == t.median_ms
@@ -148,10 +155,10 @@ def test_time_prefill_runs_plans_compiled_and_drops_on_the_dropping_loop(tiny_ba
     # speed-up against the full model on the same implementation
     assert rows[0]["prefill_speedup"] == 1.0
     assert rows[1]["prefill_speedup"] == timings["full"].median_ms / timings["opskip-x"].median_ms
-    assert rows[2]["prefill_speedup"] == timings[ev.FULL_ON_BASELINES].median_ms / timings["vtw-x"].median_ms
+    assert rows[2]["prefill_speedup"] == timings[FULL_ON_BASELINES].median_ms / timings["vtw-x"].median_ms
     assert rows[1]["compiled_graphs"] == 1 and "compiled_graphs" not in rows[2]  # one polymorphic graph, two layouts
-    assert set(meta["full_model_prefill_ms_by_implementation"]) == {ev.compiled_timed_by("eager"), ev.BASELINE_TIMED_BY}
-    assert meta["input_prep_ms"] == timings[ev.INPUT_PREP].median_ms
+    assert set(meta["full_model_prefill_ms_by_implementation"]) == {compiled_timed_by("eager"), BASELINE_TIMED_BY}
+    assert meta["input_prep_ms"] == timings[INPUT_PREP].median_ms
 
 
 @pytest.mark.parametrize("drop", [bl.TokenDrop(2), bl.TokenDrop(2, 0.5), bl.TokenDrop(4)])
@@ -160,8 +167,8 @@ def test_timed_drop_path_shortens_the_sequence(tiny_batch, drop):
     model, base, batch = tiny_batch
     x = _one_question(base, batch, 1)
     S, V = x["input_ids"].shape[1], 16
-    run, timed_by, compiled = ev.prefill_runner(model, ev.Method("d", drop.kind, None, drop=drop))
-    assert compiled is None and timed_by == ev.BASELINE_TIMED_BY
+    run, timed_by, compiled = prefill_runner(model, Method("d", drop.kind, None, drop=drop))
+    assert compiled is None and timed_by == BASELINE_TIMED_BY
     seen = {}
     layers = adapter_for(model).layers(model)
     handles = [layer.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0].shape[1] if a else
@@ -180,12 +187,12 @@ def test_timed_drop_path_shortens_the_sequence(tiny_batch, drop):
 def test_time_prefill_refuses_an_unknown_backend(tiny_batch):
     model, _, _ = tiny_batch
     with pytest.raises(ValueError, match="backend"):
-        ev.time_prefill(model, [ev.Method("full", "full", None, plan=SkipPlan.full(4))], [{}], backend="tensorrt")
+        time_prefill(model, [Method("full", "full", None, plan=SkipPlan.full(4))], [{}], backend="tensorrt")
 
 
 def test_methods_need_the_full_model_first():
     with pytest.raises(ValueError, match="full model"):
-        ev.sweep(None, [ev.Method("vtw-b40", "vtw", 0.4, drop=bl.TokenDrop(2))])
+        sweep(None, [Method("vtw-b40", "vtw", 0.4, drop=bl.TokenDrop(2))])
 
 
 # -- the zoo model, when its weights are there ------------------------------------------------------
@@ -199,17 +206,17 @@ def _zoo():
 
 def test_zoo_harness_agrees_with_one_question_at_a_time():
     easyvqa = _zoo()
-    model, processor = ev.load_model(easyvqa.MODEL_DIR)
-    h = ev.Harness(model, processor, easyvqa.test_set()[:40])
+    model, processor = vskip_compile.load(easyvqa.MODEL_DIR)
+    h = Harness(model, processor, easyvqa.test_set()[:40])
     L = model.config.text_config.num_hidden_layers
     methods = [
-        ev.Method("full", "full", None, plan=SkipPlan.full(L)),
-        ev.Method("ops", "opskip", None, plan=SkipPlan.from_ops(["full", "skip_attn"] + ["skip_both"] * (L - 2))),
-        ev.Method("vtw", "vtw", None, drop=bl.TokenDrop(L // 2)),
-        ev.Method("fastv", "fastv", None, drop=bl.TokenDrop(2, 0.5)),
+        Method("full", "full", None, plan=SkipPlan.full(L)),
+        Method("ops", "opskip", None, plan=SkipPlan.from_ops(["full", "skip_attn"] + ["skip_both"] * (L - 2))),
+        Method("vtw", "vtw", None, drop=bl.TokenDrop(L // 2)),
+        Method("fastv", "fastv", None, drop=bl.TokenDrop(2, 0.5)),
     ]
-    assert ev.verify_against_unbatched(h, methods, list(range(0, 40, 5))) == {m.name: 0 for m in methods}
-    rows = ev.sweep(h, methods, progress=False)
+    assert verify_against_unbatched(h, methods, list(range(0, 40, 5))) == {m.name: 0 for m in methods}
+    rows = sweep(h, methods, progress=False)
     assert rows[0]["accuracy"] > 0.8 and rows[0]["flops_cut"] == 0.0
 
 

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from vskip_compile import OPS, SkipPlan, VisualLayout
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import TINY_ARCHS, left_padded_batch, tiny_inputs
+from vskip_compile.testing.tiny import TINY_ARCHS, left_padded_batch, tiny_inputs
 from vskip_compile.export import MissingGraphError, OnnxRunner, PromptTooLongError, export_onnx
 from vskip_compile.export import host
 from vskip_compile.reference import applied
@@ -112,7 +112,7 @@ def _row_inputs(model, arch, row: dict, seed: int) -> dict:
 
 
 def _batch(singles: list[dict]) -> dict:
-    """Rows as one left-padded batch (archs.tiny.left_padded_batch), rows without images too:
+    """Rows as one left-padded batch (testing.tiny.left_padded_batch), rows without images too:
     image inputs are the concatenation of the rows that have them."""
     if len(singles) == 1:
         return singles[0]

@@ -15,7 +15,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 import vskip_compile
 from vskip_compile import SkipPlan, reference
-from vskip_compile.archs.tiny import build_tiny, left_padded_batch, tiny_inputs
+from vskip_compile.testing.tiny import build_tiny, left_padded_batch, tiny_inputs
 from vskip_compile.attention_ops import FLEX_ATTENTION
 from vskip_compile.passes.rules import NotRowwise, _flex_query_buffers
 from vskip_compile.runtime import CompileError

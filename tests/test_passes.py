@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any
 
 import pytest
 import torch
 import transformers
 from torch import fx, nn
-from torch._dynamo.backends.common import aot_autograd
 
 from vskip_compile import SkipPlan, VisualLayout
+from vskip_compile.core import KVCache, causal_mask
+from vskip_compile.testing.graphs import aot_graph, count_ops
 from vskip_compile.passes import (
     PASSES,
     PassContext,
@@ -62,17 +62,6 @@ def build_lm(kind: str, layers: int = 2, seed: int = 0) -> nn.Module:
     return models[kind](cfg).eval()
 
 
-class _KV:
-    """A stand-in cache that hands each layer's K/V ([B, KV, S, E]) back to the stack."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, k, v, layer_idx, *args, **kwargs):
-        self.kv[layer_idx] = (k, v)
-        return k, v
-
-
 class Stack(nn.Module):
     """x [B, S, D], position ids [B, S], DeepStack adds -> (h, k_0, v_0, ..., k_L-1, v_L-1)."""
 
@@ -81,11 +70,9 @@ class Stack(nn.Module):
         self.lm, self.causal = lm, causal
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, *deepstack: torch.Tensor):
-        seq = x.shape[1]
-        rows = torch.arange(seq, device=x.device)
-        mask = (rows[:, None] >= rows[None, :]).view(1, 1, seq, seq) if self.causal == "explicit" else None
+        mask = causal_mask(x.shape[1], x.device) if self.causal == "explicit" else None  # [1, 1, S, S]
         cos_sin = self.lm.rotary_emb(x, pos)
-        cache, h = _KV(), x
+        cache, h = KVCache(), x
         for i, layer in enumerate(self.lm.layers):
             h = layer(h, attention_mask=mask, position_embeddings=cos_sin, position_ids=None, cache=cache, use_cache=True)
             h = h[0] if isinstance(h, tuple) else h
@@ -139,25 +126,6 @@ def exported(kind: str, batch: int = B, seq: int = S, causal: str = "explicit", 
     if decompose:
         ep = ep.run_decompositions()  # SDPA -> bmm/_softmax math form, linear -> mm
     return ep.module(), inputs
-
-
-def aot_graph(stack: nn.Module, inputs: tuple) -> tuple[fx.GraphModule, list[Any]]:
-    """AOT autograd's forward graph of stack (Dynamo, inference) and the real arguments it takes."""
-    captured: dict[str, Any] = {}
-
-    def fw_compiler(gm: fx.GraphModule, example_inputs):
-        captured["gm"] = gm
-
-        def run(*args):
-            captured["args"] = list(args)
-            return gm(*args)
-
-        return run
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(stack, backend=aot_autograd(fw_compiler=fw_compiler), fullgraph=True, dynamic=False)(*inputs)
-    return captured["gm"], captured["args"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -257,7 +225,7 @@ def test_aot_graph_matches_oracle(kind):
 def test_decomposed_math_attention_matches_oracle():
     """ep.run_decompositions(): SDPA as bmm/_softmax/where/any, linear as mm; all row-wise rules."""
     gm, inputs = exported("qwen3", decompose=True)
-    assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
+    assert count_ops(gm, "scaled_dot_product") == 0
     plan = SkipPlan(("skip_both", "skip_attn"))
     res = rewrite_and_check(gm, inputs, stack_for("qwen3"), plan, VisualLayout.single(S, [(2, 6), (8, 13)], B))
     assert res.counters["attn_rewritten"] == 2 and res.counters["ffn_rewritten"] == 1
@@ -309,7 +277,7 @@ def test_every_row_frozen_with_chained_regions(form, ops):
         gm, args, inputs = aot_cached("qwen2")
         res = rewrite_and_check(gm, inputs, stack_for("qwen2"), plan, layout, run_args=args)
     assert (res.counters["attn_rewritten"], res.counters["ffn_rewritten"]) == counts(plan)
-    n_sdpa = sum("scaled_dot_product" in str(n.target) for n in res.gm.graph.nodes)
+    n_sdpa = count_ops(res.gm, "scaled_dot_product")
     assert n_sdpa == plan.num_layers - counts(plan)[0]  # a dropped attention leaves no SDPA behind
 
 
@@ -537,7 +505,7 @@ def test_flops_drop_by_the_skipped_rows():
 def test_decoder_core_of_tiny_qwen3_vl_with_deepstack(tiny_model, manual):
     """The project's DecoderCore (logits + K/V, DeepStack adds) of a tiny Qwen3-VL, exported."""
     from vskip_compile.archs import adapter_for
-    from vskip_compile.archs.tiny import tiny_inputs
+    from vskip_compile.testing.tiny import tiny_inputs
     from vskip_compile.core import DecoderCore
 
     model = tiny_model("qwen3_vl")

@@ -25,12 +25,12 @@ import re
 import pytest
 import torch
 from torch import fx, nn
-from torch._dynamo.backends.common import aot_autograd
 
 import vskip_compile
 from vskip_compile import SkipPlan, VisualLayout, reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import VOCAB, tiny_inputs
+from vskip_compile.testing.graphs import aot_graph
+from vskip_compile.testing.tiny import VOCAB, tiny_inputs
 from vskip_compile.core import DecoderCore
 from vskip_compile.flop_count import count_flops
 from vskip_compile.flops import TextDims, model_flops
@@ -76,25 +76,6 @@ def want(model, inputs):
     return logits, tokens, full
 
 
-def _aot_graph(core: nn.Module, args: tuple) -> tuple[fx.GraphModule, list]:
-    """AOT autograd's forward graph of core (Dynamo, inference) and the real arguments it takes."""
-    captured: dict = {}
-
-    def fw_compiler(gm, example_inputs):
-        captured["gm"] = gm
-
-        def run(*a):
-            captured["args"] = list(a)
-            return gm(*a)
-
-        return run
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(core, backend=aot_autograd(fw_compiler=fw_compiler), fullgraph=True, dynamic=False)(*args)
-    return captured["gm"], captured["args"]
-
-
 def _core_and_args(model, inputs):
     adapter = adapter_for(model)
     p = adapter.prefill_inputs(model, **inputs)
@@ -128,7 +109,7 @@ def test_compile_equals_reference_on_moe(model, inputs, want):
 @pytest.fixture(scope="module")
 def traced(model, inputs):
     core, args, layout = _core_and_args(model, inputs)
-    gm, graph_args = _aot_graph(core, args)
+    gm, graph_args = aot_graph(core, args)
     return gm, graph_args, layout
 
 

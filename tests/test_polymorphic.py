@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import vskip_compile
 from vskip_compile import OPS, SkipPlan, reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import ALL_TINY_ARCHS, tiny_inputs
+from vskip_compile.testing.tiny import ALL_TINY_ARCHS, tiny_inputs
 from vskip_compile.kept_rows import kept_inputs
 from vskip_compile.layout import VisualLayout
 

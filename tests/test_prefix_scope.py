@@ -20,7 +20,7 @@ import torch
 import vskip_compile
 from vskip_compile import SkipPlan, reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import TINY_ARCHS, build_tiny, tiny_inputs
+from vskip_compile.testing.tiny import TINY_ARCHS, build_tiny, tiny_inputs
 from vskip_compile.core import DecoderCore
 from vskip_compile.flop_count import count_flops
 from vskip_compile.flops import TextDims, model_flops

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from vskip_compile import OPS, PlanError, SkipPlan
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import IMAGE_TOKEN_ID, TINY_ARCHS, tiny_inputs
+from vskip_compile.testing.tiny import IMAGE_TOKEN_ID, TINY_ARCHS, tiny_inputs
 from vskip_compile.reference import ReferenceCallError, applied
 
 MIXED = ("skip_both", "skip_attn", "skip_ffn", "full")

@@ -182,10 +182,8 @@ class _Reference:
         self.loaded = None
 
     def __call__(self, samples, backend: str = "eager"):
-        from vskip_compile.serve.engine import load_model
-
         if self.loaded is None:
-            self.loaded = load_model(self.model_dir)
+            self.loaded = vskip_compile.load(self.model_dir)
         model, processor = self.loaded
         cm = None
         out = []
@@ -353,7 +351,7 @@ def test_mixed_lengths_share_a_batch_and_equal_each_alone(server, reference, sam
 def test_sampling_with_a_seed_is_reproducible(server, model_dir, samples):
     """temperature > 0: the same seed gives the same tokens (in a batch with another request or
     alone) and equals compile(...).generate with that seed; other seeds give other tokens."""
-    from vskip_compile.serve.engine import load_model
+    from vskip_compile import load
 
     path, question = samples[0]
     url = _data_url(path)
@@ -375,7 +373,7 @@ def test_sampling_with_a_seed_is_reproducible(server, model_dir, samples):
     status, alone = _post(server, bodies[0])
     assert status == 200 and alone["vskip"]["token_ids"] == ids[0]
 
-    model, processor = load_model(model_dir)
+    model, processor = load(model_dir)
     cm = vskip_compile.compile(model, PLAN, backend="eager")
     inputs = easyvqa.build_inputs(processor, path, question)
     new = cm.generate(**inputs, max_new_tokens=6, do_sample=True, temperature=8.0, top_k=0, top_p=1.0, seed=11)
@@ -450,9 +448,7 @@ def onnx_engine_dir(model_dir, samples, tmp_path_factory):
     every layout, a batch-1 decode graph."""
     pytest.importorskip("onnxruntime")
     from vskip_compile.export import export_onnx
-    from vskip_compile.serve.engine import load_model
-
-    model, processor = load_model(model_dir)
+    model, processor = vskip_compile.load(model_dir)
     path, question = samples[0]
     out = tmp_path_factory.mktemp("onnx-engine")
     export_onnx(model, PLAN, easyvqa.build_inputs(processor, path, question), out, optimize=False,

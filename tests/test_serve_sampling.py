@@ -14,7 +14,7 @@ import torch
 
 import vskip_compile
 from vskip_compile import SkipPlan, reference
-from vskip_compile.archs.tiny import left_padded_batch, tiny_inputs
+from vskip_compile.testing.tiny import left_padded_batch, tiny_inputs
 from vskip_compile.runtime import CompileError
 from vskip_compile.sampling import ROW_OPTIONS, check_option
 

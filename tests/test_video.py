@@ -15,7 +15,7 @@ import torch
 import vskip_compile
 from vskip_compile import SkipPlan, reference
 from vskip_compile.archs import adapter_for
-from vskip_compile.archs.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, left_padded_batch, tiny_video_inputs
+from vskip_compile.testing.tiny import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, left_padded_batch, tiny_video_inputs
 from vskip_compile.core import DecoderCore
 from vskip_compile.flops import TextDims, model_flops
 from vskip_compile.runtime import last_positions

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vskip_compile import SkipPlan
-from vskip_compile.archs.tiny import tiny_video_inputs
+from vskip_compile.testing.tiny import tiny_video_inputs
 from vskip_compile.export import OnnxRunner, export_onnx, host
 from vskip_compile.reference import applied
 

@@ -28,12 +28,13 @@ from typing import Any, Mapping
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from .config import BACKENDS
+from .errors import VSkipError
 from .layout import VisualLayout
 from .plan import SkipPlan
-from .errors import VSkipError
 
-INNER_BACKENDS = ("inductor", "eager", "tensorrt")
-_OPTION_KEYS = {"plan", "layout", "inner", "attn_module", "ffn_module", "layer_pattern"}
+PASS_OPTION_KEYS = ("attn_module", "ffn_module", "layer_pattern")  # PassContext fields an option may set
+OPTION_KEYS = ("plan", "layout", "inner", *PASS_OPTION_KEYS)
 
 
 class BackendError(VSkipError, ValueError):
@@ -43,16 +44,16 @@ class BackendError(VSkipError, ValueError):
 def _pass_context(options: Mapping[str, Any]):
     from vskip_compile.passes import PassContext
 
-    kw = {k: options[k] for k in ("attn_module", "ffn_module", "layer_pattern") if k in options}
+    kw = {k: options[k] for k in PASS_OPTION_KEYS if k in options}
     return PassContext(options["plan"], options["layout"], **kw)
 
 
 def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Validated options; refuses a missing plan or layout instead of compiling an unskipped graph."""
     options = dict(options or {})
-    unknown = set(options) - _OPTION_KEYS
+    unknown = set(options) - set(OPTION_KEYS)
     if unknown:
-        raise BackendError(f"unknown vskip option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTION_KEYS))}")
+        raise BackendError(f"unknown vskip option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTION_KEYS))}")
     if "plan" not in options:
         raise BackendError(
             "the vskip backend needs options with a 'plan' (a SkipPlan): "
@@ -67,8 +68,8 @@ def _parse_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
             f"got {type(options['layout']).__name__}"
         )
     options.setdefault("inner", "inductor")
-    if options["inner"] not in INNER_BACKENDS:
-        raise BackendError(f"unknown inner backend {options['inner']!r}; expected one of {', '.join(INNER_BACKENDS)}")
+    if options["inner"] not in BACKENDS:
+        raise BackendError(f"unknown inner backend {options['inner']!r}; expected one of {', '.join(BACKENDS)}")
     return options
 
 
@@ -103,7 +104,7 @@ class VSkipInductorPass(CustomGraphPass):
         key = {
             "plan": o["plan"].to_dict(),
             "layout": None if o["layout"] is None else [o["layout"].seq_len, [list(map(list, row)) for row in o["layout"].spans]],
-            "pass_options": {k: o.get(k) for k in ("attn_module", "ffn_module", "layer_pattern")},
+            "pass_options": {k: o.get(k) for k in PASS_OPTION_KEYS},
             "source": _passes_source_hash(),
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()

@@ -8,10 +8,10 @@
 
 Dropping changes the sequence, so it cannot be a row-freeze plan: `prefill` runs the HF decoder
 layers itself (eager, explicit causal mask, rotary embeddings recomputed from the kept rows'
-positions, DeepStack adds sliced alike) and fills a `KVCache` with the K/V each layer really
-saw; `decode` continues greedily on that cache (one text row per step, positions continuing
-after the prompt's largest position, as HF's M-RoPE decode does). With K = num_layers nothing is
-dropped and the result is the unmodified model.
+positions, DeepStack adds sliced alike) and fills a `core.KVCache` with the K/V each layer
+really saw; `decode` steps continue greedily on that cache through `decoding.decode_loop` (one
+text row per step, positions continuing after the prompt's largest position, as HF's M-RoPE
+decode does). With K = num_layers nothing is dropped and the result is the unmodified model.
 
 FLOPs (2 per multiply-add, full attention rectangle, as `vskip_compile.flops`): layers before K
 run S rows, layers from K on run S' = S - V + keep rows for both the attention (queries and
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .archs import Adapter, PrefillInputs, adapter_for
+from .core import KVCache, additive_mask, causal_mask, rope_position_ids
+from .decoding import decode_loop
 from .flops import S, V, TextDims, _tidy, attn_flops, ffn_flops
 
 
@@ -110,34 +112,11 @@ def fastv_for_budget(dims: TextDims, budget: float, S_value: int, V_value: int, 
 
 
 # -- running it ------------------------------------------------------------------------------------
-class KVCache:
-    """Per-layer K/V that grows by concatenation: what HF attention's `cache.update` needs.
-
-    Layers may hold different lengths (tokens dropped from layer K on)."""
-
-    def __init__(self) -> None:
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        if layer_idx in self.kv:
-            k, v = self.kv[layer_idx]
-            key_states = torch.cat([k, key_states], dim=2)  # [B, KV, S+n, E]
-            value_states = torch.cat([v, value_states], dim=2)
-        self.kv[layer_idx] = (key_states, value_states)
-        return key_states, value_states
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.kv[layer_idx][0].shape[2]) if layer_idx in self.kv else 0
-
-
-def _causal(seq_len: int, device, additive_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[1, 1, S, S] causal mask: bool (SDPA) or additive float (eager attention)."""
-    rows = torch.arange(seq_len, device=device)
-    allowed = (rows[:, None] >= rows[None, :]).view(1, 1, seq_len, seq_len)
-    if additive_dtype is None:
-        return allowed
-    mask = torch.zeros(allowed.shape, dtype=additive_dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+def run_layer(layer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | None, position_embeddings,
+              cache: KVCache) -> torch.Tensor:
+    """One HF decoder layer, eager, with an explicit mask and the K/V stand-in."""
+    return layer(x, attention_mask=mask, position_embeddings=position_embeddings, position_ids=None, cache=cache,
+                 use_cache=True)
 
 
 @contextlib.contextmanager
@@ -152,11 +131,21 @@ def _eager_attention(attn: torch.nn.Module):
         config._attn_implementation = before
 
 
-def _rope_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """What the rotary embedding takes: Qwen's [4, B, S] form loses its text row."""
-    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
-        return position_ids[1:]
-    return position_ids
+def rank_visual(layer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, position_embeddings, cache: KVCache,
+                spans, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer output, FastV scores [B, V]): runs `layer` with eager attention (it returns the
+    probabilities) and scores each visual key by the attention query row last[b] pays it,
+    mean over heads. mask: boolean [.., rows, keys]; spans: the visual key columns."""
+    probs: list[torch.Tensor] = []
+    hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
+    try:
+        with _eager_attention(layer.self_attn):
+            x = run_layer(layer, x, additive_mask(mask, x.dtype), position_embeddings, cache)
+    finally:
+        hook.remove()
+    row = probs[0][torch.arange(x.shape[0]), :, last, :].mean(dim=1)  # [B, keys]
+    vis_idx = torch.tensor([r for a, b in spans for r in range(a, b)], device=x.device)
+    return x, row[:, vis_idx]  # [B, V]
 
 
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
@@ -167,7 +156,7 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.gather(x, dim, index)
 
 
-def _kept_rows(layout_spans, seq_len: int, scores: torch.Tensor | None, keep: int, batch: int, device) -> torch.Tensor:
+def kept_rows(layout_spans, seq_len: int, scores: torch.Tensor | None, keep: int, batch: int, device) -> torch.Tensor:
     """Rows [B, S'] (ascending) that stay: every non-visual row and the `keep` best visual rows."""
     visual = torch.zeros(seq_len, dtype=torch.bool, device=device)
     for a, b in layout_spans:
@@ -179,6 +168,19 @@ def _kept_rows(layout_spans, seq_len: int, scores: torch.Tensor | None, keep: in
         top = scores.topk(keep, dim=-1).indices  # [B, keep] into the visual rows
         rows = torch.cat([rows, vis_idx[top]], dim=1)
     return rows.sort(dim=1).values  # [B, S']
+
+
+def drop_rows(lm: torch.nn.Module, rows: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, deepstack):
+    """(x, positions, DeepStack adds, rotary embeddings) of the sequence cut to `rows` [B, S']."""
+    x = _gather_rows(x, rows, 1)  # [B, S', D]
+    pos = _gather_rows(pos, rows, pos.ndim - 1)  # [3, B, S'] or [B, S']
+    deepstack = [_gather_rows(d, rows, 1) for d in deepstack]
+    return x, pos, deepstack, lm.rotary_emb(x, pos)
+
+
+def next_positions(pos: torch.Tensor) -> torch.Tensor:
+    """[B]: the position after the prompt's largest one (rotary ids [3, B, S] or [B, S])."""
+    return (pos.amax(dim=(0, 2)) if pos.ndim == 3 else pos.amax(dim=1)) + 1
 
 
 def prefill(
@@ -194,61 +196,63 @@ def prefill(
     spans = p.layout.row_spans
     x = p.inputs_embeds  # [B, S, D]
     batch, seq_len, _ = x.shape
-    pos = _rope_positions(p.position_ids)  # [3, B, S] or [B, S]
-    next_pos = (pos.amax(dim=(0, 2)) if pos.ndim == 3 else pos.amax(dim=1)) + 1  # [B]
+    pos = rope_position_ids(p.position_ids)  # [3, B, S] or [B, S]
+    next_pos = next_positions(pos)  # [B]
     deepstack = list(p.deepstack or ())
     position_embeddings = lm.rotary_emb(x, pos)
-    layers = lm.layers
     scores = None
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(lm.layers):
         if drop is not None and i == drop.layer:
-            keep = drop.keep(p.layout.num_visual)
-            rows = _kept_rows(spans, seq_len, scores, keep, batch, x.device)  # [B, S']
-            x = _gather_rows(x, rows, 1)
-            pos = _gather_rows(pos, rows, pos.ndim - 1)
-            deepstack = [_gather_rows(d, rows, 1) for d in deepstack]
-            position_embeddings = lm.rotary_emb(x, pos)
+            rows = kept_rows(spans, seq_len, scores, drop.keep(p.layout.num_visual), batch, x.device)  # [B, S']
+            x, pos, deepstack, position_embeddings = drop_rows(lm, rows, x, pos, deepstack)
             seq_len = rows.shape[1]
-        rank_here = drop is not None and drop.keep_ratio > 0 and i == drop.layer - 1
-        if rank_here:
-            probs: list[torch.Tensor] = []
-            hook = layer.self_attn.register_forward_hook(lambda m, a, out: probs.append(out[1]))
-            try:
-                with _eager_attention(layer.self_attn):
-                    x = layer(x, attention_mask=_causal(seq_len, x.device, x.dtype), position_embeddings=position_embeddings,
-                              position_ids=None, cache=cache, use_cache=True)
-            finally:
-                hook.remove()
-            last = probs[0][:, :, -1, :].mean(dim=1)  # [B, S]: attention of the last prompt row
-            vis_idx = torch.tensor([r for a, b in spans for r in range(a, b)], device=x.device)
-            scores = last[:, vis_idx]  # [B, V]
+        mask = causal_mask(seq_len, x.device)
+        if drop is not None and drop.keep_ratio > 0 and i == drop.layer - 1:
+            last = torch.full((batch,), seq_len - 1, device=x.device)  # the last prompt row ranks
+            x, scores = rank_visual(layer, x, mask, position_embeddings, cache, spans, last)  # scores [B, V]
         else:
-            x = layer(x, attention_mask=_causal(seq_len, x.device), position_embeddings=position_embeddings,
-                      position_ids=None, cache=cache, use_cache=True)
+            x = run_layer(layer, x, mask, position_embeddings, cache)
         if i < len(deepstack):
             x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
     h = lm.norm(x[:, -1:, :])  # [B, 1, D]
     return adapter.lm_head(model)(h)[:, -1, :], next_pos
 
 
-def decode(model, cache: KVCache, token: torch.Tensor, position: torch.Tensor, adapter: Adapter | None = None) -> torch.Tensor:
-    """Logits [B, vocab] of one decode step: the unmodified model on `cache` (grows it)."""
+def decode(model, cache: KVCache, token: torch.Tensor, position: torch.Tensor, adapter: Adapter | None = None,
+           valid: dict[int, torch.Tensor] | None = None) -> torch.Tensor:
+    """Logits [B, vocab] of one decode step at `position` [B]: the unmodified model on `cache`
+    (grows it). valid: per layer, the cache slots [B, T] a row attends to (grown by this step's
+    slot here); None: every slot."""
     adapter = adapter or adapter_for(model)
     lm = adapter.language_model(model)
     x = model.get_input_embeddings()(token[:, None])  # [B, 1, D]
-    pos = position[:, None]  # [B, 1]
-    if _is_mrope(model):
-        pos = pos[None].expand(3, -1, -1)  # [3, B, 1]: text rows have equal t/h/w positions
-    position_embeddings = lm.rotary_emb(x, pos)
-    for layer in lm.layers:
-        x = layer(x, attention_mask=None, position_embeddings=position_embeddings, position_ids=None,
-                  cache=cache, use_cache=True)
+    position_embeddings = lm.rotary_emb(x, adapter.text_position_ids(model, position[:, None]))
+    for i, layer in enumerate(lm.layers):
+        mask = None
+        if valid is not None:
+            valid[i] = torch.cat([valid[i], torch.ones_like(valid[i][:, :1])], dim=1)  # [B, T + 1]
+            mask = valid[i][:, None, None, :]  # [B, 1, 1, T + 1]
+        x = run_layer(layer, x, mask, position_embeddings, cache)
     return adapter.lm_head(model)(lm.norm(x))[:, -1, :]
 
 
-def _is_mrope(model) -> bool:
-    rope = getattr(model.config.get_text_config(), "rope_parameters", None) or {}
-    return "mrope_section" in rope
+def decode_steps(model, cache: KVCache, position: torch.Tensor, adapter: Adapter,
+                 valid: dict[int, torch.Tensor] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """step(tokens [B]) -> logits [B, vocab] for decoding.decode_loop: `decode` from `position`
+    [B] on, one position further each call."""
+    at = [position]
+
+    def step(token: torch.Tensor) -> torch.Tensor:
+        logits = decode(model, cache, token, at[0], adapter, valid)
+        at[0] = at[0] + 1
+        return logits
+
+    return step
+
+
+def eos_ids(eos_token_id: int | None, device) -> torch.Tensor | None:
+    """The eos id as decoding.decode_loop takes it."""
+    return None if eos_token_id is None else torch.tensor([eos_token_id], device=device)
 
 
 @torch.no_grad()
@@ -260,12 +264,5 @@ def generate(
     adapter = adapter or adapter_for(model)
     cache = KVCache()
     logits, position = prefill(model, p, drop, cache, adapter)
-    tokens = [logits.argmax(-1)]  # [B]
-    done = tokens[0] == eos_token_id if eos_token_id is not None else torch.zeros_like(tokens[0], dtype=torch.bool)
-    while len(tokens) < max_new_tokens and not bool(done.all()):
-        logits = decode(model, cache, tokens[-1], position, adapter)
-        position = position + 1
-        tokens.append(logits.argmax(-1))
-        if eos_token_id is not None:
-            done = done | (tokens[-1] == eos_token_id)
-    return torch.stack(tokens, dim=1)
+    step = decode_steps(model, cache, position, adapter)
+    return torch.stack(decode_loop(logits, step, max_new_tokens, eos_ids(eos_token_id, logits.device)), dim=1)

@@ -16,6 +16,9 @@ Selection uses the FLOPs model: each candidate's real saving at the calibration 
 cheapest harm per saved FLOP first. Effects are not additive, so the joint plan is re-measured
 (answer agreement with the full model) and repaired greedily: drop the most harmful candidate,
 refill the budget from the order, until the agreement holds or the budget cannot be met.
+
+(About 440 lines, one concept: the calibration set, the scores and the selection share their
+candidate and score types and are read together.)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 
 from .archs import Adapter, adapter_for
 from .flops import TextDims, model_flops, op_savings
+from .forkpool import fork_map
 from .plan import SkipPlan
 from . import reference
 
@@ -179,15 +183,6 @@ def _ablate(model, calib: CalibSet, full: list[torch.Tensor], key: tuple[int, st
     return dlogp / calib.size, kl / calib.size, same / calib.size
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _ablate_in_worker(key: tuple[int, str]) -> tuple[float, float, float]:
-    torch.set_num_threads(1)
-    w = _WORKER
-    return _ablate(w["model"], w["calib"], w["full"], key, w["adapter"])
-
-
 @torch.no_grad()
 def exact_scores(model, calib: CalibSet, ops: Sequence[str] = ("attn", "ffn"), adapter: Adapter | None = None,
                  progress: Callable[[Iterable], Iterable] | None = None, workers: int = 1) -> Scores:
@@ -198,13 +193,8 @@ def exact_scores(model, calib: CalibSet, ops: Sequence[str] = ("attn", "ffn"), a
     full = [answer_logprobs(model, b, None, adapter) for b in calib.batches]
     keys = [(layer, op) for layer in range(L) for op in ops]
     if workers > 1:
-        import multiprocessing
-
-        _WORKER.update(model=model, calib=calib, full=full, adapter=adapter)
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            results = pool.imap(_ablate_in_worker, keys)
-            results = list(progress(results) if progress else results)
-        _WORKER.clear()
+        results = fork_map(lambda key: _ablate(model, calib, full, key, adapter), keys, workers)
+        results = list(progress(results) if progress else results)
     else:
         results = [_ablate(model, calib, full, key, adapter) for key in (progress(keys) if progress else keys)]
     out = Scores()

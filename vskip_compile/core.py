@@ -38,29 +38,49 @@ from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
 
 
-class _KVRecorder:
-    """Stands in for a HF `Cache` during prefill: keeps each layer's K/V and returns them as is.
+class KVCache:
+    """Stands in for a HF `Cache`: keeps each layer's K/V, grown by concatenation.
 
     5.24 attention calls `cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)`
     with K after RoPE, shape [B, KV, S, E]: exactly what a DynamicCache stores for decoding.
+    A prefill's first update returns K/V as they are (what DecoderCore records); eager decoding
+    (the token-dropping baselines, the eval harness) appends to it. Layers may hold different
+    lengths (tokens dropped from some layer on).
     """
 
     def __init__(self) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv:
+            k, v = self.kv[layer_idx]
+            key_states = torch.cat([k, key_states], dim=2)  # [B, KV, S+n, E]
+            value_states = torch.cat([v, value_states], dim=2)
         self.kv[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.kv[layer_idx][0].shape[2]) if layer_idx in self.kv else 0
 
-def causal_mask(seq_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean [1, 1, S, S] mask, True where a query row may attend (key <= query).
+
+def causal_mask(seq_len: int, device: torch.device, past: int = 0) -> torch.Tensor:
+    """Boolean [1, 1, S, past + S] mask, True where a query row may attend: every one of `past`
+    cached keys before the S new rows, and causally among the new rows (key <= query).
 
     Explicit rather than SDPA's `is_causal`: slicing the query rows of a skipped operator must
     slice the mask rows too, which `is_causal` (top-left aligned) cannot express.
     """
     rows = torch.arange(seq_len, device=device)
-    return (rows[:, None] >= rows[None, :]).view(1, 1, seq_len, seq_len)  # [1, 1, S, S]
+    mask = rows[:, None] >= rows[None, :]  # [S, S]
+    if past:
+        cached = torch.ones(seq_len, past, dtype=torch.bool, device=device)  # [S, past]
+        return torch.cat([cached, mask], dim=1)[None, None]  # [1, 1, S, past + S]
+    return mask.view(1, 1, seq_len, seq_len)  # [1, 1, S, S]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as eager attention's additive float one: 0 where allowed, dtype's min elsewhere."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -174,7 +194,7 @@ class DecoderCore(nn.Module):
             attention_mask = None
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
-        recorder = _KVRecorder()
+        recorder = KVCache()
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
         if self.attention == "flex":
             if attention_mask is None:

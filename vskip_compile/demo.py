@@ -56,7 +56,7 @@ def _zoo_plan(easyvqa, layers: int) -> SkipPlan:
 
 
 def _tiny_setup(n: int):
-    from .archs.tiny import build_tiny, tiny_inputs
+    from .testing.tiny import build_tiny, tiny_inputs
 
     model = build_tiny("qwen3_vl", seed=0)
     plan = _hand_plan(model.config.text_config.num_hidden_layers, "demo-hand-plan")

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .config import ATTENTIONS  # noqa: F401  (the kernels DecoderCore takes)
+
 NAME = "vskip_flex"  # the name under transformers' AttentionInterface
 
 
@@ -43,7 +45,6 @@ def materialized(x: torch.Tensor) -> torch.Tensor:
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
-ATTENTIONS = ("sdpa", "flex")  # DecoderCore's attention kernels
 
 
 class FlexMask(NamedTuple):

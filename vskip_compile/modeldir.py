@@ -2,8 +2,10 @@
 
 transformers reports a corrupt config.json, a truncated model.safetensors or a missing tokenizer
 file as a traceback that names no file (or, for tokenizer files, as a wrong image-token count
-much later). Every command and API that loads a model directory goes through `load_model` /
-`load_processor` here, which check the files first and raise ModelDirError naming the file.
+much later). Every command and API that loads a model directory goes through `load`
+(`vskip_compile.load`; `load_model` / `load_processor` where only one half is needed), which
+checks the files first and raises ModelDirError naming the file. The processor classes that
+transformers cannot auto-load (the zoo's easy-VQA one) are named in PROCESSORS, here only.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def load_processor(model_dir: str | Path):
 
 
 def load(model_dir: str | Path, dtype=None):
-    """(model, processor) of a model directory; every file is checked before either loads."""
+    """(model, processor) of a model directory, offline, the model in eval mode; every file is
+    checked before either loads. dtype None = transformers' default."""
     check(model_dir)
     check_processor(model_dir)
     return load_model(model_dir, dtype), load_processor(model_dir)

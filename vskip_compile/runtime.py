@@ -32,17 +32,13 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .archs import PrefillInputs, adapter_for
 from .backend import vskip
+from .config import CompileConfig, CompileError
 from .core import DecodeStep, DecoderCore, rope_position_ids
-from .flex import ATTENTIONS
 from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
-from .errors import VSkipError
 from .sampling import SAMPLING_DEFAULTS, Sampler
 
-BACKENDS = ("inductor", "eager", "tensorrt")
-DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
-SPECIALIZE = (None, "layout")  # None: one polymorphic graph per batch bucket; "layout": one per layout
 RECOMPILE_LIMIT = 4  # graphs one cache entry may compile (each recompile is counted and warned about)
 
 # Generation options of HF generate() that this decode loop does not implement: refused by name,
@@ -83,10 +79,6 @@ _GREEDY_CHANGING_CONFIG = (
     "begin_suppress_tokens",
     "sequence_bias",
 )
-
-
-class CompileError(VSkipError, ValueError):
-    """compile() or a CompiledVLM call got something it cannot serve correctly."""
 
 
 class CacheInfo(NamedTuple):
@@ -238,52 +230,31 @@ class CompiledVLM:
     """A HF VLM whose prefill runs through specialized skip-shaped graphs.
 
     Holds the model (not a copy): weights are shared, and the model itself stays unmodified.
-    cache_size bounds each graph cache (prefill and decode separately); decode_bucket rounds
-    the decode K/V capacity up, trading masked attention slots for fewer decode graphs.
+    `config` (vskip_compile.config.CompileConfig) names the backend, bounds each graph cache
+    (prefill and decode separately) and the decode K/V capacity rounding.
     """
 
-    def __init__(
-        self,
-        model,
-        plan: SkipPlan,
-        backend: str = "inductor",
-        adapter=None,
-        cache_size: int = 8,
-        decode_bucket: int = DECODE_BUCKET,
-        specialize: str | None = None,
-        attention: str = "sdpa",
-    ):
-        if backend not in BACKENDS:
-            raise CompileError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        if backend == "tensorrt":
+    def __init__(self, model, plan: SkipPlan, config: CompileConfig = CompileConfig(), adapter=None):
+        if not isinstance(config, CompileConfig):
+            raise CompileError(f"config must be a CompileConfig, got {type(config).__name__}")
+        if config.backend == "tensorrt":
             from .backend import _check_tensorrt
 
             _check_tensorrt()
-        if cache_size < 1:
-            raise CompileError(f"cache_size must be >= 1, got {cache_size}")
-        if decode_bucket < 1:
-            raise CompileError(f"decode_bucket must be >= 1, got {decode_bucket}")
-        if specialize not in SPECIALIZE:
-            raise CompileError(f"specialize must be one of {SPECIALIZE}, got {specialize!r}")
-        if attention not in ATTENTIONS:
-            raise CompileError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
-        if attention == "flex" and backend == "inductor" and specialize is None and _device(model).type == "cpu":
+        if (config.attention == "flex" and config.backend == "inductor" and config.specialize is None
+                and _device(model).type == "cpu"):
             raise CompileError(
                 "attention='flex' with backend='inductor' on CPU needs specialize='layout': torch 2.13's CPU flex "
                 "template miscompiles dynamic shapes (it renames size symbols by plain string replacement, "
                 "cpp_flex_attention_template.py); use a GPU, static graphs, or attention='sdpa'"
             )
-        self.specialize = specialize
-        self.attention = attention
+        self.config = config
         self.model = model
         self.plan = plan
-        self.backend = backend
         self.adapter = adapter or adapter_for(model)
         self.adapter.check_plan(model, plan)
-        self.cache_size = cache_size
-        self.decode_bucket = decode_bucket
-        self._graphs = _LRU(cache_size)  # _GraphKey -> compiled prefill
-        self._decode_graphs = _LRU(cache_size)  # _DecodeKey -> compiled decode step
+        self._graphs = _LRU(config.cache_size)  # _GraphKey -> compiled prefill
+        self._decode_graphs = _LRU(config.cache_size)  # _DecodeKey -> compiled decode step
         self._cores: dict[tuple[int, int], DecoderCore] = {}
         self._decode_step: DecodeStep | None = None
 
@@ -306,16 +277,16 @@ class CompiledVLM:
         key = (logits_to_keep, num_deepstack)
         core = self._cores.get(key)
         if core is None:  # setdefault is atomic: two threads racing here end up sharing one core
-            layout_inputs = self.specialize is None
+            layout_inputs = self.config.specialize is None
             core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs,
-                                          self.attention)
+                                          self.config.attention)
             core = self._cores.setdefault(key, core)
         return core
 
     def _graph(self, key: _GraphKey):
         """The compiled polymorphic prefill for key: LRU hit, or a new torch.compile (compiled
         on its first call, with the sequence, kept-row and, batched, batch sizes symbolic)."""
-        options = {"plan": self.plan, "layout": key.layout, "inner": self.backend}
+        options = {"plan": self.plan, "layout": key.layout, "inner": self.config.backend}
 
         def build():
             core = self._core(key.logits_to_keep, key.num_deepstack)
@@ -337,7 +308,7 @@ class CompiledVLM:
             key,
             lambda: torch.compile(
                 self._decode_step,
-                backend=_Counted(_decode_backend(self.backend), self._decode_graphs, "decode graph", DecodeStep.forward.__code__),
+                backend=_Counted(_decode_backend(self.config.backend), self._decode_graphs, "decode graph", DecodeStep.forward.__code__),
                 fullgraph=True,
                 dynamic=False,
                 isolate_recompiles=True,
@@ -352,7 +323,8 @@ class CompiledVLM:
         k0 = kv[0][0]  # [B, KV, S, E]
         batch, _, seq_len, _ = k0.shape
         needed = seq_len + max_new_tokens - 1
-        capacity = -(-needed // self.decode_bucket) * self.decode_bucket
+        bucket = self.config.decode_bucket
+        capacity = -(-needed // bucket) * bucket
         graph = self._decode_graph(_DecodeKey(capacity, batch, k0.dtype, k0.device))
         return _DecodeRun(graph, kv, last_positions(position_ids), capacity, pads)  # [B, 1] or [3, B, 1]
 
@@ -374,7 +346,7 @@ class CompiledVLM:
         """Logits [B, n, V] and per-layer (k, v) [B, KV, S, E] of the whole batch in ONE call
         of the polymorphic graph: rows of any layout and left padding (padding rows are
         frozen, never keys of a real row; each row's positions start at 0 as if alone)."""
-        if self.specialize == "layout":
+        if self.config.specialize == "layout":
             return self._prefill_static(p, logits_to_keep)
         pads = row_pads(p)
         grow = max(0, MIN_ROWS - p.inputs_embeds.shape[1])
@@ -562,7 +534,7 @@ class CompiledVLM:
 
     def __repr__(self) -> str:
         return (
-            f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.backend!r}, "
+            f"CompiledVLM({type(self.model).__name__}, {self.plan}, backend={self.config.backend!r}, "
             f"prefill {self.cache_info()}, decode {self.decode_cache_info()})"
         )
 
@@ -716,26 +688,19 @@ def _check_generation_config(gen) -> None:
         )
 
 
-def compile(
-    model,
-    plan: SkipPlan,
-    backend: str = "inductor",
-    adapter=None,
-    cache_size: int = 8,
-    decode_bucket: int = DECODE_BUCKET,
-    specialize: str | None = None,
-    attention: str = "sdpa",
-) -> CompiledVLM:
+def compile(model, plan: SkipPlan, backend: str | None = None, adapter=None, *, config: CompileConfig | None = None,
+            **options) -> CompiledVLM:
     """Compile `model` under `plan` (backend: "inductor", "eager" or "tensorrt"): the prefill
     skip-shaped, the decode step unmodified, both with that backend.
 
-    Refuses a plan made for another model and an unknown backend here, before any input.
-    Graphs compile lazily: one prefill graph per batch bucket (one row; several rows) serves
-    every layout, length and left padding (sequence and kept-row counts are symbolic); decode
-    graphs per K/V capacity (prompt + new tokens, rounded up to decode_bucket) and batch size.
-    specialize="layout" compiles a static prefill graph per layout instead (for comparison).
-    attention="flex" runs the prefill's attention as FlexAttention with its mask computed in the
-    kernel from per-row vectors (vskip_compile.flex): no S x S mask, for long contexts.
+    `config` is a CompileConfig, or its fields come as keywords (backend, cache_size,
+    decode_bucket, specialize, attention), not both. Refuses a plan made for another model and an unknown
+    backend or option here, before any input. Graphs compile lazily: one prefill graph per
+    batch bucket (one row; several rows) serves every layout, length and left padding
+    (sequence and kept-row counts are symbolic); decode graphs per K/V capacity (prompt + new
+    tokens, rounded up to decode_bucket) and batch size. specialize="layout" compiles a static
+    prefill graph per layout instead (for comparison). attention="flex" runs the prefill's
+    attention as FlexAttention, its mask computed in the kernel from per-row vectors
+    (vskip_compile.flex): no S x S mask.
     """
-    return CompiledVLM(model, plan, backend=backend, adapter=adapter, cache_size=cache_size, decode_bucket=decode_bucket,
-                       specialize=specialize, attention=attention)
+    return CompiledVLM(model, plan, CompileConfig.of(config, backend=backend, **options), adapter)

@@ -210,6 +210,17 @@ class Adapter:
         """What the language model computes when given no position ids (no cache): [B, S]."""
         return torch.arange(seq_len, device=device).expand(batch, seq_len)
 
+    def mrope(self, model) -> bool:
+        """Whether the rotary embedding takes M-RoPE position ids [3, B, S] (t, h, w) rather
+        than [B, S]: the text config's rope parameters name an mrope_section."""
+        rope = getattr(model.config.get_text_config(), "rope_parameters", None) or {}
+        return "mrope_section" in rope
+
+    def text_position_ids(self, model, positions: torch.Tensor) -> torch.Tensor:
+        """Rotary position ids of text rows at `positions` [B, T] (decoding, question suffixes):
+        [B, T], or [3, B, T] with M-RoPE (text rows have equal t/h/w positions)."""
+        return positions[None].expand(3, -1, -1) if self.mrope(model) else positions
+
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
         """Full-size DeepStack injections, or None when the architecture has none."""
         return None

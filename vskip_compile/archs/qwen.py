@@ -19,6 +19,9 @@ class Qwen2_5_VLAdapter(Adapter):
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
 
+    def mrope(self, model) -> bool:
+        return True
+
     def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
         # Text only: the text model expands arange to its 3 rotary sections.
         return torch.arange(seq_len, device=device).expand(3, batch, seq_len)  # [3, B, S]

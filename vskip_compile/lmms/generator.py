@@ -16,7 +16,6 @@ prompt). A video is a file path (decoded with PyAV) or a list of frames (vskip_c
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from ..plan import SkipPlan
-from ..runtime import BACKENDS as COMPILE_BACKENDS
+from ..config import BACKENDS as COMPILE_BACKENDS
 from ..errors import VSkipError
 
 BACKENDS = ("reference", *COMPILE_BACKENDS, "onnx")
@@ -37,26 +36,6 @@ log = logging.getLogger(__name__)
 
 class GenerationError(VSkipError, ValueError):
     """A request asks for something the vskip model does not do (sampling, beams, audio)."""
-
-
-def load_processor(model_dir: str | Path):
-    """The model's processor; the zoo's easy-VQA processor class when the directory names it
-    (AutoProcessor does not know that class)."""
-    config = Path(model_dir) / "processor_config.json"
-    if config.exists() and json.loads(config.read_text()).get("processor_class") == "EasyVQAQwen3VLProcessor":
-        from ..zoo.easyvqa_processor import EasyVQAQwen3VLProcessor
-
-        return EasyVQAQwen3VLProcessor.from_pretrained(model_dir)
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(model_dir)
-
-
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: str):
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype)
-    return model.to(device).eval()
 
 
 def check_greedy(gen_kwargs: dict[str, Any]) -> None:
@@ -98,8 +77,12 @@ class VSkipGenerator:
             raise ValueError(f"engine= is the ONNX engine directory; it needs backend=onnx, not {backend!r}")
         self.backend = backend
         self.device = device
-        self.model = model if model is not None else load_model(pretrained, DTYPES[dtype], device)
-        self.processor = processor if processor is not None else load_processor(pretrained)
+        if model is None or processor is None:
+            from .. import load
+
+            model, processor = load(pretrained, DTYPES[dtype])
+            model = model.to(device)
+        self.model, self.processor = model, processor
         from ..archs import adapter_for
 
         self.adapter = adapter_for(self.model)

@@ -36,7 +36,7 @@ from ray.serve import metrics
 
 from ..layout import LayoutError
 from ..plan import SkipPlan
-from ..runtime import CompileError
+from ..config import CompileError
 from .batcher import Batcher, Closed
 from .engine import Answer, Engine
 from .request import (Chat, Limits, RequestError, chunk_body, completion_body, error_body, parse_chat, sse,

@@ -28,7 +28,9 @@ from typing import Any, Protocol
 import torch
 
 from .. import video
+from ..config import CompileConfig
 from ..layout import VisualLayout
+from ..modeldir import load
 from ..plan import SkipPlan
 from ..runtime import CompiledVLM
 from .request import Chat, Limits, RequestError
@@ -74,17 +76,6 @@ def bucket(n: int, max_batch_size: int) -> int:
     while b < n:
         b *= 2
     return min(b, max_batch_size)
-
-
-def load_model(model_dir: str | Path, dtype: torch.dtype | None = None):
-    """(model in eval mode, processor) from a local directory, offline.
-
-    The processor class is the one processor_config.json names: the zoo's easy-VQA class, or
-    whatever AutoProcessor resolves (any HF VLM saved with save_pretrained).
-    """
-    from .. import modeldir
-
-    return modeldir.load(model_dir, dtype)
 
 
 def left_pad_batch(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -186,7 +177,7 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model_dir = Path(model_dir)
-        self.model, self.processor = load_model(model_dir)
+        self.model, self.processor = load(model_dir)
         self.tokenizer = self.processor.tokenizer
         self.plan = plan
         self.engine = engine
@@ -209,7 +200,7 @@ class Engine:
             self.max_context = int(self.runner.rt["max_cache_len"])
         else:
             self.runner = None
-            self.cm = _TimedVLM(self.model, plan, backend=engine, cache_size=64)  # decode graphs: per batch size and K/V capacity
+            self.cm = _TimedVLM(self.model, plan, CompileConfig(backend=engine, cache_size=64))  # decode graphs: per batch size and K/V capacity
             text = self.model.config.get_text_config()
             self.max_context = int(getattr(text, "max_position_embeddings", 1 << 30))
         self.adapter = self.cm.adapter if self.cm is not None else None

@@ -104,9 +104,9 @@ def parse_answer(processor, new_token_ids) -> str:
 
 def load(dtype: torch.dtype = torch.float32, model_dir: str | Path | None = None):
     """(model, processor) from `MODEL_DIR` (or `model_dir`), offline; the model in eval mode."""
-    from .. import modeldir
+    from .. import load as load_dir
 
-    return modeldir.load(Path(model_dir) if model_dir is not None else MODEL_DIR, dtype)
+    return load_dir(Path(model_dir) if model_dir is not None else MODEL_DIR, dtype)
 
 
 def _image_key(image):
