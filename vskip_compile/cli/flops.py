@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..flops import plan_report
-from .common import UsageError, add_model_args, load_plan, make_console, model_dims, print_json, row_count
+from .common import UsageError, add_model_args, int_in, load_plan, make_console, model_dims, print_json, row_count
 
 
 def add_flops(sub: argparse._SubParsersAction) -> None:

@@ -45,11 +45,6 @@ def add_plan(sub: argparse._SubParsersAction) -> None:
     mig.add_argument("--out", metavar="PLAN.json", help="write the plan here (default: print it)")
     mig.set_defaults(run=run_plan_migrate)
 
-    mig = verbs.add_parser("migrate", help="a plan file of an older schema version -> the current one")
-    mig.add_argument("plan", metavar="PLAN.json")
-    mig.add_argument("--out", metavar="PLAN.json", help="write the plan here (default: print it)")
-    mig.set_defaults(run=run_plan_migrate)
-
 
 def run_plan_show(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan)
