@@ -33,6 +33,7 @@ import inspect
 import torch
 from torch import nn
 
+from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
 
@@ -74,6 +75,52 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return causal_mask(seq_len, attention_mask.device) & (keys | own)  # [B, 1, S, S]
 
 
+class CoreError(VSkipError, NotImplementedError):
+    """A language model whose attention pattern the traced core does not reproduce."""
+
+
+def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
+    """Per decoder layer, the sliding window its attention keeps (None: full causal), read
+    from config.layer_types / sliding_window as HF builds its mask mapping. Refuses (CoreError,
+    naming the layer type) patterns the core does not build: chunked attention, linear
+    attention, per-layer-type rotary embeddings."""
+    config = language_model.config
+    n = len(language_model.layers)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:  # Mistral-style: a sliding_window in the config applies to every layer
+        types = ["sliding_attention" if isinstance(window, int) else "full_attention"] * n
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style: layer_types name windows it never uses
+        types = ["full_attention"] * n
+    rotary = getattr(language_model, "rotary_emb", None)
+    if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+        raise CoreError(f"{type(language_model).__name__}: its rotary embedding differs per layer type "
+                        "(rotary_emb(x, position_ids, layer_type)); the vskip core computes one")
+    out: list[int | None] = []
+    for i, t in enumerate(types[:n]):
+        if t == "full_attention":
+            out.append(None)
+        elif t == "sliding_attention" and isinstance(window, int) and window > 0:
+            out.append(window)
+        else:
+            raise CoreError(f"{type(language_model).__name__}: decoder layer {i} has attention type {t!r} "
+                            f"(sliding_window {window!r}); the vskip core builds full and sliding-window causal masks only")
+    return tuple(out)
+
+
+def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor | None = None) -> torch.Tensor:
+    """mask [B, 1, Q, T] restricted to keys within `window` rows of each query (HF's
+    sliding_window_overlay: key > query - window); query_index [Q] or [B, Q] gives the query
+    rows' sequence indices (default: the last Q of T). window None: mask as is."""
+    if window is None:
+        return mask
+    keys = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+    if query_index is None:
+        query_index = keys[-mask.shape[-2]:]  # [Q]
+    near = keys > query_index[..., :, None] - window  # [Q, T] or [B, Q, T]
+    return mask & (near[None, None] if near.ndim == 2 else near[:, None])  # [B, 1, Q, T]
+
+
 def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Position ids as the rotary embedding reads them: Qwen's 4-row [text; t; h; w] form
     ([4, B, S]) keeps its last 3 rows; [3, B, S] and [B, S] pass as they are."""
@@ -89,18 +136,20 @@ def cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
-def run_layers(language_model: nn.Module, x: torch.Tensor, mask: torch.Tensor, position_embeddings, cache,
+def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
                experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
-    """The decoder layers over x [B, S, D] with an explicit mask and a cache stand-in, DeepStack
-    added after layers 0..n-1. MoE experts run their traceable implementation while traced
-    (restored after), so the prefill and the decode step trace alike."""
+    """The decoder layers over x [B, S, D] with an explicit mask (one for all layers, or a
+    sequence of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
+    MoE experts run their traceable implementation while traced (restored after), so the
+    prefill and the decode step trace alike."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
     saved = use_traceable_experts(switch)
+    masks = mask if isinstance(mask, (list, tuple)) else [mask] * len(language_model.layers)
     try:
         for i, layer in enumerate(language_model.layers):
             x = layer(
                 x,
-                attention_mask=mask,
+                attention_mask=masks[i],
                 position_embeddings=position_embeddings,
                 position_ids=None,
                 use_cache=True,
@@ -130,10 +179,7 @@ class DecoderCore(nn.Module):
         layout_inputs: bool = False,
     ):
         super().__init__()
-        config = language_model.config
-        layer_types = getattr(config, "layer_types", None) or ()
-        if getattr(config, "use_sliding_window", False) and any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError("sliding-window attention layers are not supported by the vskip core")
+        self.windows = attention_windows(language_model)
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if num_deepstack > len(language_model.layers):
@@ -169,8 +215,9 @@ class DecoderCore(nn.Module):
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
         recorder = _KVRecorder()
+        masks = [windowed(mask, w) for w in self.windows]  # sliding-window layers: their own mask
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
-        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack,
+        x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs, deepstack,
                        self.cache_kw)
         x = self.lm.norm(x)
         if self.logits_to_keep:
@@ -207,6 +254,7 @@ class DecodeStep(nn.Module):
         self.lm_head = lm_head
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
         self.cache_kw = cache_keyword(language_model.layers[0])
+        self.windows = attention_windows(language_model)
 
     @property
     def num_layers(self) -> int:
@@ -218,8 +266,12 @@ class DecodeStep(nn.Module):
         cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
         self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
         mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
+        slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
+        query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n
+        # sliding layers: the past slots within the window of slot n; the new row (index T) always
+        masks = [windowed(mask, w, query) for w in self.windows]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
-        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, cache, self.experts_configs,
+        x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
                        cache_kw=self.cache_kw)  # [B, 1, D]
         logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
