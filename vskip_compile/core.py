@@ -86,6 +86,7 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
     attention, per-layer-type rotary embeddings."""
     config = language_model.config
     n = len(language_model.layers)
+    check_structure(language_model)
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if not types:  # Mistral-style: a sliding_window in the config applies to every layer
@@ -106,6 +107,15 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
             raise CoreError(f"{type(language_model).__name__}: decoder layer {i} has attention type {t!r} "
                             f"(sliding_window {window!r}); the vskip core builds full and sliding-window causal masks only")
     return tuple(out)
+
+
+def check_structure(language_model: nn.Module) -> None:
+    """Refuse (CoreError, naming the missing part) a text model the core cannot call: it needs
+    .layers, a final .norm and one .rotary_emb giving each layer its (cos, sin)."""
+    missing = [name for name in ("layers", "norm", "rotary_emb") if not isinstance(getattr(language_model, name, None), nn.Module)]
+    if missing:
+        raise CoreError(f"{type(language_model).__name__} has no {' / '.join(missing)} module: the vskip core calls "
+                        "lm.layers with lm.rotary_emb's (cos, sin) and applies lm.norm")
 
 
 def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,6 +165,7 @@ def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embedd
                 use_cache=True,
                 **{cache_kw: cache},
             )
+            x = x[0] if isinstance(x, tuple) else x  # layers that still return (hidden_states, ...)
             if i < len(deepstack):
                 x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
     finally:

@@ -39,10 +39,17 @@ def _image_processor(model):
         entry = IMAGE_PROCESSOR_MAPPING[type(model.config)]
     except KeyError:
         return None
-    classes = list(entry.values()) if isinstance(entry, dict) else list(entry) if isinstance(entry, tuple) else [entry]
+    if isinstance(entry, dict):  # backends: PIL first (torchvision is not a dependency)
+        classes = [entry[k] for k in sorted(entry, key=lambda k: k != "pil")]
+    else:
+        classes = list(entry) if isinstance(entry, tuple) else [entry]
     for cls in classes:
-        if cls is not None:
+        if cls is None:
+            continue
+        try:
             return cls()
+        except (ImportError, ValueError, TypeError):  # a backend whose library is missing: the next one
+            continue
     return None
 
 
@@ -54,6 +61,38 @@ def _image_size(model) -> tuple[int, int]:
         side = side[0]
     side = side if isinstance(side, int) and 0 < side <= 1024 else DEFAULT_SIDE
     return side, side
+
+
+# processor attribute -> vision config fields that give it
+_PATCH_FIELDS = {"patch_size": ("patch_size",), "merge_size": ("spatial_merge_size", "merge_size"),
+                 "temporal_patch_size": ("temporal_patch_size",)}
+
+
+def _match_patches(model, processor) -> None:
+    """A default-constructed processor told the vision config's patch geometry (a processor
+    saved with the model already has it)."""
+    vision = getattr(model.config, "vision_config", None)
+    for attr, fields in _PATCH_FIELDS.items():
+        values = [getattr(vision, f, None) for f in fields]
+        value = next((v for v in values if isinstance(v, int)), None)
+        if value is not None and isinstance(getattr(processor, attr, None), int):
+            setattr(processor, attr, value)
+
+
+def _fixed_size(model, processor, side: int) -> dict[str, dict[str, int]]:
+    """Size overrides that make a fixed-resolution processor produce the vision config's
+    image_size (a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`
+    set to side. Nothing for dynamic-resolution towers (no image_size: Qwen's area bounds)."""
+    if not isinstance(getattr(getattr(model.config, "vision_config", None), "image_size", None), int):
+        return {}
+    out = {}
+    for attr in ("size", "crop_size"):
+        value = getattr(processor, attr, None)
+        fields = {k: getattr(value, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
+        fields = {k: side for k, v in fields.items() if isinstance(v, int)}
+        if fields:
+            out[attr] = fields
+    return out
 
 
 def _count_rows(features: Any) -> int:
@@ -74,13 +113,15 @@ def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.
     """Image-processor outputs for one random image and the image tokens it yields (asked from
     the model's get_image_features). processor: the model directory's own image processor,
     else the family's class with defaults. Raises (any error) when the family does not fit."""
-    processor = processor or _image_processor(model)
     if processor is None:
-        raise AdapterError(f"no image processor class registered for {type(model.config).__name__}")
+        processor = _image_processor(model)
+        if processor is None:
+            raise AdapterError(f"no image processor class registered for {type(model.config).__name__}")
+        _match_patches(model, processor)
     height, width = _image_size(model)
     gen = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
-    out = processor(images=[image], return_tensors="pt")
+    out = processor(images=[image], return_tensors="pt", **_fixed_size(model, processor, height))
     dtype = next(model.parameters()).dtype
     kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
     inner = getattr(model, "model", model)
