@@ -87,6 +87,7 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
     config = language_model.config
     n = len(language_model.layers)
     check_structure(language_model)
+    layer_mask(torch.ones(1, dtype=torch.bool), language_model, torch.float32)  # refuses other implementations now
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if not types:  # Mistral-style: a sliding_window in the config applies to every layer
@@ -116,6 +117,19 @@ def check_structure(language_model: nn.Module) -> None:
     if missing:
         raise CoreError(f"{type(language_model).__name__} has no {' / '.join(missing)} module: the vskip core calls "
                         "lm.layers with lm.rotary_emb's (cos, sin) and applies lm.norm")
+
+
+def layer_mask(mask: torch.Tensor, language_model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask (True: may attend) in the form the model's attention reads: as is for
+    SDPA, additive (0 / dtype min, as HF's create_causal_mask builds it) for eager attention,
+    whose `attn_weights + mask` would add a boolean as 0/1. Other implementations: CoreError."""
+    impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise CoreError(f"{type(language_model).__name__}: attention implementation {impl!r}; the vskip core "
+                    "traces 'sdpa' or 'eager' attention")
 
 
 def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,7 +240,8 @@ class DecoderCore(nn.Module):
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
         recorder = _KVRecorder()
-        masks = [windowed(mask, w) for w in self.windows]  # sliding-window layers: their own mask
+        dtype = inputs_embeds.dtype
+        masks = [layer_mask(windowed(mask, w), self.lm, dtype) for w in self.windows]  # each layer its own mask
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs, deepstack,
                        self.cache_kw)
@@ -280,7 +295,7 @@ class DecodeStep(nn.Module):
         slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
         query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n
         # sliding layers: the past slots within the window of slot n; the new row (index T) always
-        masks = [windowed(mask, w, query) for w in self.windows]
+        masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
                        cache_kw=self.cache_kw)  # [B, 1, D]
