@@ -23,7 +23,7 @@ from .base import Adapter, AdapterError
 
 IMAGE_TOKENS_WITHOUT_PIXELS = 16
 TEXT_BEFORE, TEXT_AFTER = 3, 5
-DEFAULT_SIDE = 64
+DEFAULT_SIDE = 112
 MAX_IMAGE_TOKENS = 1024  # more rows than this from one image: the probe refuses (too slow to check)
 
 
@@ -54,7 +54,7 @@ def _image_processor(model):
 
 
 def _image_size(model) -> tuple[int, int]:
-    """The vision config's image_size, else 64 px (dynamic-resolution towers: a few tokens)."""
+    """The vision config's image_size, else 112 px (dynamic-resolution towers: a few tokens)."""
     vision = getattr(model.config, "vision_config", None)
     side = getattr(vision, "image_size", None)
     if isinstance(side, (list, tuple)):

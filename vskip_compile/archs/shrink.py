@@ -35,6 +35,16 @@ SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_co
                    "qformer_config", "vq_config", "encoder_config", "decoder_config")
 
 
+# Rope fields that the real checkpoints' config.json set and the config classes' defaults leave
+# to the modeling code (GLM-4V reads mrope_section with a default that only fits the real
+# partial rotary factor): without them a family's default config does not even run.
+CHECKPOINT_ROPE = {
+    "glm4v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+    "glm4v_moe": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+    "glm46v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+}
+
+
 def registered_families() -> dict[str, str]:
     """model_type -> class name of transformers' image-text-to-text registry (each entry)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -48,6 +58,8 @@ def tiny_config(model_type: str):
 
     config = CONFIG_MAPPING[model_type]()
     text = config.get_text_config()
+    if model_type in CHECKPOINT_ROPE and isinstance(getattr(text, "rope_parameters", None), dict):
+        text.rope_parameters.update(CHECKPOINT_ROPE[model_type])
     _shrink_text(text)
     for key in SUB_CONFIG_KEYS:
         sub = getattr(config, key, None)
