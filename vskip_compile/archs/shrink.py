@@ -9,7 +9,7 @@ and shrunk generically, field by field, wherever a field of that name exists:
   windows are exercised on short prompts), layer_types cut to the layer count keeping one
   layer of each kind, M-RoPE sections rescaled to the new head_dim / 2;
 - vision / audio / projector configs: hidden 32, FFN 64, 1 layer (or depth), 2 heads, output
-  widths that feed the text model set to its hidden size;
+  widths that feed the text model set to its hidden size, a fixed image_size cut to 8x8 patches;
 - token ids above the small vocabulary (256) are moved into 200..255.
 
 A family whose constraints this does not meet fails to build: the sweep records that as a
@@ -24,13 +24,14 @@ import torch
 
 VOCAB = 256
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            head_dim=16, max_position_embeddings=512)
+            head_dim=16, max_position_embeddings=2048)
 MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
            shared_expert_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
               embed_dim=32, head_dim=16)
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
+IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
 SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_config", "perceiver_config",
                    "qformer_config", "vq_config", "encoder_config", "decoder_config")
 
@@ -144,6 +145,9 @@ def _shrink_other(cfg, text_hidden: int, top: bool = False) -> None:
         vf = getattr(cfg, "vision_feature_layer", None)
         if isinstance(vf, int) and vf >= 0:
             cfg.vision_feature_layer = 0
+        side, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
+        if isinstance(side, int) and isinstance(patch, int) and side > IMAGE_PATCHES * patch:
+            cfg.image_size = IMAGE_PATCHES * patch  # fixed-resolution towers: 8x8 patches
     for key in OUT_WIDTHS:
         _set(cfg, key, text_hidden)
     vf = getattr(cfg, "vision_feature_layer", None)
