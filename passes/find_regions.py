@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from .base import GraphPass, PassContext, SkipPassError, aten, module_path
+from .base import GraphPass, PassContext, SkipPassError, aten, module_path, shape
 from .rows import geometry
 
 ADD_OPS = (aten.add.Tensor,)
@@ -148,9 +148,9 @@ def _parallel_region(close: fx.Node, ctx: PassContext, pattern: re.Pattern[str],
     if close.target not in ADD_OPS or len(close.args) < 2:
         return None
     a, b = close.args[:2]
-    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or "val" not in close.meta:
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not isinstance(close.meta.get("val"), torch.Tensor):
         return None
-    stream = tuple(close.meta["val"].shape)
+    stream = shape(close)  # sympy sizes: comparing SymInts would add guards to the graph's shape env
     if len(stream) != 3:
         return None  # not the residual stream [B, S, D]
     for first, output in ((a, b), (b, a)):
@@ -163,8 +163,7 @@ def _parallel_region(close: fx.Node, ctx: PassContext, pattern: re.Pattern[str],
             continue
         base = None
         for n in sorted(_ancestors(first) & reach, key=order.__getitem__, reverse=True):
-            v = n.meta.get("val")
-            if isinstance(v, torch.Tensor) and tuple(v.shape) == stream:
+            if isinstance(n.meta.get("val"), torch.Tensor) and shape(n) == stream:
                 base = n
                 break
         if base is None:
