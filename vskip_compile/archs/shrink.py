@@ -31,6 +31,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1
               embed_dim=32, head_dim=16)
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
+MAX_PARAMETERS = 20_000_000  # a tiny model; more means the shrink missed a part
 IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
 SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_config", "perceiver_config",
                    "qformer_config", "vq_config", "encoder_config", "decoder_config")
@@ -80,6 +81,11 @@ def build_family(model_type: str, seed: int = 0):
     config = tiny_config(model_type)
     cls = getattr(transformers, name)
     config._attn_implementation = "sdpa"
+    with torch.device("meta"):  # size first: a sub-config the shrink did not reach can be huge
+        size = sum(p.numel() for p in cls(config).parameters())
+    if size > MAX_PARAMETERS:
+        raise ValueError(f"the shrunk {name} still has {size / 1e6:.0f} M parameters (> {MAX_PARAMETERS / 1e6:.0f} M): "
+                         "a sub-config the generic shrink does not reach")
     torch.manual_seed(seed)
     try:
         model = cls(config)
