@@ -81,19 +81,18 @@ def build_family(model_type: str, seed: int = 0):
     config = tiny_config(model_type)
     cls = getattr(transformers, name)
     config._attn_implementation = "sdpa"
-    with torch.device("meta"):  # size first: a sub-config the shrink did not reach can be huge
-        size = sum(p.numel() for p in cls(config).parameters())
+    try:
+        with torch.device("meta"):  # size first: a sub-config the shrink did not reach can be huge
+            size = sum(p.numel() for p in cls(config).parameters())
+    except (ValueError, NotImplementedError):  # a class without SDPA support: its eager attention
+        config._attn_implementation = "eager"
+        with torch.device("meta"):
+            size = sum(p.numel() for p in cls(config).parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"the shrunk {name} still has {size / 1e6:.0f} M parameters (> {MAX_PARAMETERS / 1e6:.0f} M): "
                          "a sub-config the generic shrink does not reach")
     torch.manual_seed(seed)
-    try:
-        model = cls(config)
-    except (ValueError, NotImplementedError):  # a class without SDPA support: its eager attention
-        config._attn_implementation = "eager"
-        torch.manual_seed(seed)
-        model = cls(config)
-    return model.float().eval()
+    return cls(config).float().eval()
 
 
 def _set(cfg, key: str, value: Any) -> None:
