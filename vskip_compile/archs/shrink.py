@@ -31,7 +31,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1
               embed_dim=32, head_dim=16)
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
-MAX_PARAMETERS = 20_000_000  # a tiny model; more means the shrink missed a part
+MAX_PARAMETERS = 200_000_000  # 0.8 GB fp32; more means the shrink missed a part (and risks memory)
 IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
 SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_config", "perceiver_config",
                    "qformer_config", "vq_config", "encoder_config", "decoder_config")
@@ -96,7 +96,13 @@ def build_family(model_type: str, seed: int = 0):
 
 
 def _set(cfg, key: str, value: Any) -> None:
-    if hasattr(cfg, key) and getattr(cfg, key) is not None and not isinstance(getattr(cfg, key), bool):
+    """cfg.key = value where the config has an int there (a list is per-layer or per-stage: left
+    alone; an attribute that refuses a global read, per-layer in the config class, too)."""
+    try:
+        current = getattr(cfg, key, None)
+    except Exception:  # transformers' per-layer attributes raise on a global read
+        return
+    if isinstance(current, int) and not isinstance(current, bool):
         setattr(cfg, key, value)
 
 
