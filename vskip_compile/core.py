@@ -110,6 +110,12 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
     return tuple(out)
 
 
+# Text-config fields that HF applies outside the decoder layers (Granite: embeddings times
+# embedding_multiplier inside the text model, logits / logits_scaling; Gemma: logit soft-capping),
+# with the value that means "not applied". The core calls the layers itself: refuse, never differ.
+OUTSIDE_LAYERS = {"embedding_multiplier": 1.0, "logits_scaling": 1.0, "final_logit_softcapping": None}
+
+
 def check_structure(language_model: nn.Module) -> None:
     """Refuse (CoreError, naming the missing part) a text model the core cannot call: it needs
     .layers, a final .norm and one .rotary_emb giving each layer its (cos, sin)."""
@@ -117,6 +123,12 @@ def check_structure(language_model: nn.Module) -> None:
     if missing:
         raise CoreError(f"{type(language_model).__name__} has no {' / '.join(missing)} module: the vskip core calls "
                         "lm.layers with lm.rotary_emb's (cos, sin) and applies lm.norm")
+    config = language_model.config
+    for field, neutral in OUTSIDE_LAYERS.items():
+        value = getattr(config, field, neutral)
+        if value != neutral:
+            raise CoreError(f"{type(language_model).__name__}: config.{field} = {value!r} is applied outside the decoder "
+                            "layers (to the embeddings or the logits), which the vskip core does not reproduce")
 
 
 def layer_mask(mask: torch.Tensor, language_model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
