@@ -9,9 +9,10 @@ Steps, each of which may end the check with a named reason:
 2. structure: the adapter's language model and prefill inputs, the prefill traced (the same
    DecoderCore graph `compile` builds), and per layer whether the passes can skip attention
    and FFN (each tried alone; a refusal names op, layer and node);
-3. parity: a random plan of skippable ops, compiled (eager inner backend by default), against
-   the eager reference (vskip_compile.reference): all logits within ATOL and the greedy tokens
-   equal.
+3. parity: a random plan of skippable ops against the eager reference
+   (vskip_compile.reference): all logits within ATOL (eager inner backend: the traced graph
+   rewritten and run, as that backend runs it, without a second trace) and NEW_TOKENS greedy
+   tokens of CompiledVLM.generate equal.
 
 Verdicts: "pass" (every operator skippable and parity holds), "refused" (a VSkipError: the
 reason names what), "fail" (parity broken, or a crash inside vskip: a bug), "unbuilt" (the
