@@ -304,9 +304,10 @@ class DecodeStep(nn.Module):
         cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
         self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
         mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
-        slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
-        query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n
-        # sliding layers: the past slots within the window of slot n; the new row (index T) always
+        query = None
+        if any(w is not None for w in self.windows):  # sliding layers: past slots within the window of slot n
+            slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
+            query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n (row T: itself)
         masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
