@@ -44,6 +44,7 @@ CHECKPOINT_ROPE = {
     "glm4v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glm4v_moe": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glm46v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+    "qwen2_5_vl": {"mrope_section": [16, 24, 24]},
 }
 
 
