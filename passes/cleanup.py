@@ -3,9 +3,11 @@
 Only nodes the skip passes inserted (meta['vskip']) are touched, so the model's own slices
 and cats stay as traced. Folds, to a fixed point:
 - slice(cat(p0, p1, ..), d, a, b) along the cat's dim  -> the pieces it covers (or a slice of one);
-- slice(slice(x, d, a0, ..), d, a, b)                  -> slice(x, d, a0 + a, a0 + b);
+- slice(slice(x, d, a0, e0), d, a, b)                 -> slice(x, d, a0 + a, min(a0 + b, e0));
 - cat(.., slice(x, d, a, b), slice(x, d, b, c), .., d) -> cat(.., slice(x, d, a, c), ..);
 - a slice over a whole axis -> its input, a cat of one piece -> the piece.
+Slices with a step other than 1 (the model's own, re-emitted on the kept rows, RoPE's
+x[..., 1::2]) are never folded.
 With skip_both, the FFN's kept input (a slice of the attention's merged residual) folds back
 to the attention's kept rows. The `vskip.kept_rows` layout marker, read by the skip passes,
 is replaced by its input (also in graphs nothing else touched).
@@ -28,13 +30,20 @@ def _slice_args(node: fx.Node) -> tuple[fx.Node, int, int, int]:
     return src, dim, start, end
 
 
+def _unit_step(node: fx.Node) -> bool:
+    """A slice with step 1 (a re-emitted model slice such as RoPE's x[..., 1::2] is not one)."""
+    return (node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)) == 1
+
+
 def _fold_slice(node: fx.Node, b: Builder) -> fx.Node | None:
+    if not _unit_step(node):
+        return None
     src, dim, start, end = _slice_args(node)
     if start == 0 and end == shape(src)[dim]:
         return src
-    if _ours(src, aten.slice.Tensor) and _slice_args(src)[1] == dim:
-        inner, _, a0, _ = _slice_args(src)
-        return b.slice(inner, dim, a0 + start, a0 + end, like=node)
+    if _ours(src, aten.slice.Tensor) and _slice_args(src)[1] == dim and _unit_step(src):
+        inner, _, a0, e0 = _slice_args(src)
+        return b.slice(inner, dim, a0 + start, min(a0 + end, e0), like=node)  # the inner slice's end bounds it
     if _ours(src, aten.cat.default) and src.args[1] == dim:
         offs, acc = [], 0
         for p in src.args[0]:
@@ -57,7 +66,7 @@ def _fold_cat(node: fx.Node, b: Builder) -> fx.Node | None:
     changed = False
     for p in parts:
         q = merged[-1] if merged else None
-        if _ours(p, aten.slice.Tensor) and _ours(q, aten.slice.Tensor):
+        if _ours(p, aten.slice.Tensor) and _ours(q, aten.slice.Tensor) and _unit_step(p) and _unit_step(q):
             ps, pd, pa, pe = _slice_args(p)
             qs, qd, qa, qe = _slice_args(q)
             if ps is qs and pd == qd == dim and qe == pa:

@@ -8,6 +8,10 @@ depends on them). The module paths of those nodes (`nn_module_stack`, e.g.
 knows a model: a post-norm (Gemma), q/k norms (Qwen3) or a DeepStack add after the layer
 change nothing.
 
+A parallel block (`h' = h + Attn(n(h)) + FFN(n(h))`, one residual sum, Cohere) closes its
+second operator at the second add of that sum, with the first add (h + the other operator's
+update) as the rows a skip leaves: see `_parallel_region`.
+
 The pass form (`find_regions`) modifies nothing: it checks that every layer the plan skips
 has exactly one region of that kind and counts the regions found.
 """
@@ -17,9 +21,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import fx
 
-from .base import GraphPass, PassContext, SkipPassError, aten, module_path
+from .base import GraphPass, PassContext, SkipPassError, aten, module_path, shape
 from .rows import geometry
 
 ADD_OPS = (aten.add.Tensor,)
@@ -102,12 +107,72 @@ def find_all_regions(graph: fx.Graph, ctx: PassContext) -> dict[tuple[int, str],
         else:
             continue
         nodes = _between(residual, output, order)
-        ops = {op for op in (_operator_of(module_path(n), ctx, pattern) for n in nodes) if op is not None}
+        ops = _ops(nodes, ctx, pattern)
         if len(ops) != 1:
             continue  # neither operator (not a layer's residual add), or both (a parallel block)
         (layer, kind), = ops
         found.setdefault((layer, kind), []).append(Region(layer, kind, close, residual, output, nodes))
+    closes = {r.close for regions in found.values() for r in regions}
+    for close in graph.nodes:
+        region = close not in closes and _parallel_region(close, ctx, pattern, order)
+        if region:
+            found.setdefault((region.layer, region.kind), []).append(region)
     return found
+
+
+def _ops(nodes, ctx: PassContext, pattern: re.Pattern[str]) -> set[tuple[int, str]]:
+    return {op for op in (_operator_of(module_path(n), ctx, pattern) for n in nodes) if op is not None}
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for x in stack.pop().all_input_nodes:
+            if x not in seen:
+                seen.add(x)
+                stack.append(x)
+    return seen
+
+
+def _parallel_region(close: fx.Node, ctx: PassContext, pattern: re.Pattern[str], order) -> Region | None:
+    """The second operator of a parallel block, `h' = (h + A(n(h))) + F(n(h))` (either
+    operator first), or None.
+
+    `close = first + output` where neither depends on the other: `output` is the second
+    operator's output (its node's module path is that operator's), `first` is h plus the
+    other operator's update (or, once that operator was rewritten, its merged rows). The base
+    is their latest common ancestor of the residual stream's shape (h, or the shared normed
+    input n(h)); the region is the nodes between the base and `output`, and the frozen rows
+    take `first`: skipping F leaves h + A, skipping both leaves h.
+    """
+    if close.target not in ADD_OPS or len(close.args) < 2:
+        return None
+    a, b = close.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or not isinstance(close.meta.get("val"), torch.Tensor):
+        return None
+    stream = shape(close)  # sympy sizes: comparing SymInts would add guards to the graph's shape env
+    if len(stream) != 3:
+        return None  # not the residual stream [B, S, D]
+    for first, output in ((a, b), (b, a)):
+        op = _operator_of(module_path(output), ctx, pattern)
+        if op is None:
+            continue
+        layer, kind = op
+        reach = _ancestors(output)
+        if first in reach:
+            continue
+        base = None
+        for n in sorted(_ancestors(first) & reach, key=order.__getitem__, reverse=True):
+            if isinstance(n.meta.get("val"), torch.Tensor) and shape(n) == stream:
+                base = n
+                break
+        if base is None:
+            continue
+        nodes = _between(base, output, order)
+        other = {(layer, k) for k in (ATTN, FFN) if k != kind}
+        if _ops(nodes, ctx, pattern) == {op} and other & _ops(_between(base, first, order) | {first}, ctx, pattern):
+            return Region(layer, kind, close, first, output, nodes)
+    return None
 
 
 def regions_for(graph: fx.Graph, ctx: PassContext, kind: str) -> list[Region]:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from torch import fx
 
-from .base import MODIFYING_COUNTERS, GraphPass, PassContext, PassResult, copy_graph_module, finish, is_kept_rows_marker
+from vskip_compile.errors import VSkipError
+
+from .base import (MODIFYING_COUNTERS, GraphPass, PassContext, PassResult, SkipPassError, copy_graph_module, finish,
+                   is_kept_rows_marker)
 from .cleanup import CLEANUP
 from .find_regions import FIND_REGIONS
 from .skip_attention import SKIP_ATTENTION
@@ -30,12 +33,28 @@ def _run_all(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
     for p in PASSES:
         if p is CLEANUP and not modified and not any(is_kept_rows_marker(n) for n in graph.nodes):
             continue  # nothing was rewritten: the graph stays exactly as traced
-        out = p.on_graph(graph, ctx)
+        out = _guarded(p, graph, ctx)
         modified = modified or any(v for k, v in out.items() if k in MODIFYING_COUNTERS)
         counters.update(out)
     if modified:
         finish(graph)
     return counters
+
+
+def _guarded(p: GraphPass, graph: fx.Graph, ctx: PassContext) -> dict[str, int]:
+    """p.on_graph, where any failure that is not already a named refusal becomes one
+    (SkipPassError naming the pass): an unknown structure is refused, never a crash. The
+    callers run on a copy (run_passes) or a scratch graph first (run_passes_on_graph), so a
+    half-done rewrite never reaches the caller's graph."""
+    try:
+        return p.on_graph(graph, ctx)
+    except VSkipError:
+        raise
+    except Exception as e:
+        raise SkipPassError(
+            f"pass {p.name} failed on a structure it does not know ({type(e).__name__}: {' '.join(str(e).split())}); "
+            "the graph is left as traced"
+        ) from e
 
 
 def _modified(counters: dict[str, int]) -> bool:

@@ -98,6 +98,10 @@ def plan_rewrite(region: Region, geo: Geometry) -> RewritePlan:
                 sliced.add(node)
                 continue
             raise _refuse(region, node, str(e)) from None
+        except SkipPassError:
+            raise
+        except Exception as e:  # a rule meeting a structure it was not written for: refuse, never crash
+            raise _refuse(region, node, f"its rule failed ({type(e).__name__}: {' '.join(str(e).split())})") from e
         rules[node] = res
         if not live:
             dead.add(node)
@@ -131,11 +135,17 @@ def apply_rewrite(p: RewritePlan, geo: Geometry, b: Builder) -> int:
     with graph.inserting_before(close):
         new: dict[fx.Node, fx.Node] = {}
         for node in sorted(p.demand, key=order.__getitem__):
-            if node in p.sliced:
-                new[node] = b.slice_rows(node, p.demand[node], geo)
-            else:
-                wanted = {a for a, need in p.rules[node].demands if need is not None}
-                new[node] = p.rules[node].rebuild(lambda a, w=wanted: new[a] if a in w else a, b, geo)
+            try:
+                if node in p.sliced:
+                    new[node] = b.slice_rows(node, p.demand[node], geo)
+                else:
+                    wanted = {a for a, need in p.rules[node].demands if need is not None}
+                    new[node] = p.rules[node].rebuild(lambda a, w=wanted: new[a] if a in w else a, b, geo)
+            except SkipPassError:
+                raise
+            except Exception as e:  # re-emitting on the kept rows failed (e.g. sizes that do not line up)
+                raise _refuse(p.region, node, f"re-emitting it on the kept rows failed "
+                                              f"({type(e).__name__}: {' '.join(str(e).split())})") from e
         merged = b.merge_rows(new[close], residual, p.rows, geo, like=close)  # [B, S, D]
     close.replace_all_uses_with(merged)
     erase_unused(p.dead | {close})

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from . import flex
+from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
 
@@ -95,6 +96,88 @@ def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return causal_mask(seq_len, attention_mask.device) & (keys | own)  # [B, 1, S, S]
 
 
+class CoreError(VSkipError, NotImplementedError):
+    """A language model whose attention pattern the traced core does not reproduce."""
+
+
+def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
+    """Per decoder layer, the sliding window its attention keeps (None: full causal), read
+    from config.layer_types / sliding_window as HF builds its mask mapping. Refuses (CoreError,
+    naming the layer type) patterns the core does not build: chunked attention, linear
+    attention, per-layer-type rotary embeddings."""
+    config = language_model.config
+    n = len(language_model.layers)
+    check_structure(language_model)
+    layer_mask(torch.ones(1, dtype=torch.bool), language_model, torch.float32)  # refuses other implementations now
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:  # Mistral-style: a sliding_window in the config applies to every layer
+        types = ["sliding_attention" if isinstance(window, int) else "full_attention"] * n
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style: layer_types name windows it never uses
+        types = ["full_attention"] * n
+    rotary = getattr(language_model, "rotary_emb", None)
+    if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
+        raise CoreError(f"{type(language_model).__name__}: its rotary embedding differs per layer type "
+                        "(rotary_emb(x, position_ids, layer_type)); the vskip core computes one")
+    out: list[int | None] = []
+    for i, t in enumerate(types[:n]):
+        if t == "full_attention":
+            out.append(None)
+        elif t == "sliding_attention" and isinstance(window, int) and window > 0:
+            out.append(window)
+        else:
+            raise CoreError(f"{type(language_model).__name__}: decoder layer {i} has attention type {t!r} "
+                            f"(sliding_window {window!r}); the vskip core builds full and sliding-window causal masks only")
+    return tuple(out)
+
+
+# Text-config fields that HF applies outside the decoder layers (Granite: embeddings times
+# embedding_multiplier inside the text model, logits / logits_scaling; Gemma: logit soft-capping),
+# with the value that means "not applied". The core calls the layers itself: refuse, never differ.
+OUTSIDE_LAYERS = {"embedding_multiplier": 1.0, "logits_scaling": 1.0, "final_logit_softcapping": None}
+
+
+def check_structure(language_model: nn.Module) -> None:
+    """Refuse (CoreError, naming the missing part) a text model the core cannot call: it needs
+    .layers, a final .norm and one .rotary_emb giving each layer its (cos, sin)."""
+    missing = [name for name in ("layers", "norm", "rotary_emb") if not isinstance(getattr(language_model, name, None), nn.Module)]
+    if missing:
+        raise CoreError(f"{type(language_model).__name__} has no {' / '.join(missing)} module: the vskip core calls "
+                        "lm.layers with lm.rotary_emb's (cos, sin) and applies lm.norm")
+    config = language_model.config
+    for field, neutral in OUTSIDE_LAYERS.items():
+        value = getattr(config, field, neutral)
+        if value != neutral:
+            raise CoreError(f"{type(language_model).__name__}: config.{field} = {value!r} is applied outside the decoder "
+                            "layers (to the embeddings or the logits), which the vskip core does not reproduce")
+
+
+def layer_mask(mask: torch.Tensor, language_model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean mask (True: may attend) in the form the model's attention reads: as is for
+    SDPA, additive (0 / dtype min, as HF's create_causal_mask builds it) for eager attention,
+    whose `attn_weights + mask` would add a boolean as 0/1. Other implementations: CoreError."""
+    impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    raise CoreError(f"{type(language_model).__name__}: attention implementation {impl!r}; the vskip core "
+                    "traces 'sdpa' or 'eager' attention")
+
+
+def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor | None = None) -> torch.Tensor:
+    """mask [B, 1, Q, T] restricted to keys within `window` rows of each query (HF's
+    sliding_window_overlay: key > query - window); query_index [Q] or [B, Q] gives the query
+    rows' sequence indices (default: the last Q of T). window None: mask as is."""
+    if window is None:
+        return mask
+    keys = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+    if query_index is None:
+        query_index = keys[-mask.shape[-2]:]  # [Q]
+    near = keys > query_index[..., :, None] - window  # [Q, T] or [B, Q, T]
+    return mask & (near[None, None] if near.ndim == 2 else near[:, None])  # [B, 1, Q, T]
+
+
 def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
     """Position ids as the rotary embedding reads them: Qwen's 4-row [text; t; h; w] form
     ([4, B, S]) keeps its last 3 rows; [3, B, S] and [B, S] pass as they are."""
@@ -110,23 +193,26 @@ def cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
-def run_layers(language_model: nn.Module, x: torch.Tensor, mask: torch.Tensor, position_embeddings, cache,
+def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
                experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
-    """The decoder layers over x [B, S, D] with an explicit mask and a cache stand-in, DeepStack
-    added after layers 0..n-1. MoE experts run their traceable implementation while traced
-    (restored after), so the prefill and the decode step trace alike."""
+    """The decoder layers over x [B, S, D] with an explicit mask (one for all layers, or a list
+    of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
+    MoE experts run their traceable implementation while traced (restored after), so the
+    prefill and the decode step trace alike."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
     saved = use_traceable_experts(switch)
+    masks = mask if isinstance(mask, list) else [mask] * len(language_model.layers)  # a FlexMask is a tuple: one for all
     try:
         for i, layer in enumerate(language_model.layers):
             x = layer(
                 x,
-                attention_mask=mask,
+                attention_mask=masks[i],
                 position_embeddings=position_embeddings,
                 position_ids=None,
                 use_cache=True,
                 **{cache_kw: cache},
             )
+            x = x[0] if isinstance(x, tuple) else x  # layers that still return (hidden_states, ...)
             if i < len(deepstack):
                 x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
     finally:
@@ -152,12 +238,12 @@ class DecoderCore(nn.Module):
         attention: str = "sdpa",
     ):
         super().__init__()
-        config = language_model.config
-        layer_types = getattr(config, "layer_types", None) or ()
-        if getattr(config, "use_sliding_window", False) and any(t != "full_attention" for t in layer_types):
-            raise NotImplementedError("sliding-window attention layers are not supported by the vskip core")
+        self.windows = attention_windows(language_model)
         if attention not in flex.ATTENTIONS:
             raise ValueError(f"attention must be one of {flex.ATTENTIONS}, got {attention!r}")
+        if attention == "flex" and any(w is not None for w in self.windows):
+            raise CoreError("attention='flex' does not express sliding-window layers (vskip_compile.flex masks "
+                            "causally only); use attention='sdpa'")
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if num_deepstack > len(language_model.layers):
@@ -200,15 +286,17 @@ class DecoderCore(nn.Module):
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
             with flex.flex_attention_used(self.lm.config):
-                x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds), position_embeddings, recorder,
-                               self.experts_configs, deepstack, self.cache_kw)
+                x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
+                               position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
         else:
             if attention_mask is None:
                 mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.device)  # [1, 1, S, S]
             else:
                 mask = padded_causal_mask(attention_mask)  # [B, 1, S, S]
-            x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, recorder, self.experts_configs, deepstack,
-                           self.cache_kw)
+            dtype = inputs_embeds.dtype
+            masks = [layer_mask(windowed(mask, w), self.lm, dtype) for w in self.windows]  # each layer its own mask
+            x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
+                           deepstack, self.cache_kw)
         x = self.lm.norm(x)
         if self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
@@ -244,6 +332,7 @@ class DecodeStep(nn.Module):
         self.lm_head = lm_head
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
         self.cache_kw = cache_keyword(language_model.layers[0])
+        self.windows = attention_windows(language_model)
 
     @property
     def num_layers(self) -> int:
@@ -255,8 +344,13 @@ class DecodeStep(nn.Module):
         cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
         self_slot = torch.ones_like(past_mask[:, :1])  # [B, 1]
         mask = torch.cat([past_mask, self_slot], dim=1)[:, None, None, :]  # [B, 1, 1, T+1]
+        query = None
+        if any(w is not None for w in self.windows):  # sliding layers: past slots within the window of slot n
+            slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
+            query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n (row T: itself)
+        masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
-        x = run_layers(self.lm, inputs_embeds, mask, position_embeddings, cache, self.experts_configs,
+        x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
                        cache_kw=self.cache_kw)  # [B, 1, D]
         logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 from ..errors import VSkipError
 from ..export.cli import add_export, add_run  # imports only argparse
 from .bench import add_bench
+from .check import add_check
 from .demo import add_demo
 from .experiments import add_calibrate, add_eval
 from .flops import add_flops
@@ -34,6 +35,7 @@ from .serve import add_serve
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_flops, add_plan, add_passes, add_demo, add_calibrate, add_eval, add_bench, add_export, add_run, add_serve,
+    add_check,
 ]
 
 

@@ -1,0 +1,166 @@
+"""Random prefill inputs for any HF VLM, built by asking the model (no processor, no hub).
+
+    inputs, info = probe_inputs(model, seed=0)
+
+One random image goes through the family's own image processor class (transformers' auto
+mapping, default settings); the model's `get_image_features` says how many rows of features
+it yields, which is the number of image tokens to place in input_ids (text, image tokens,
+text). `mm_token_type_ids` / `token_type_ids`, where the forward takes them (and pixels are
+given), are 1 at the image rows (Qwen's M-RoPE, Gemma 3's bidirectional image attention). When no pixel inputs
+can be built this way, the image tokens go in without pixels (`info["pixels"]` False): the
+language model still sees visual rows at the image-token positions, so a parity check of
+the compiled decoder stays meaningful, but the vision tower is not exercised.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from .base import Adapter, AdapterError
+
+IMAGE_TOKENS_WITHOUT_PIXELS = 16
+TEXT_BEFORE, TEXT_AFTER = 3, 5
+DEFAULT_SIDE = 112
+MAX_IMAGE_TOKENS = 1024  # more rows than this from one image: the probe refuses (too slow to check)
+
+
+def _forward_params(model) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _image_processor(model):
+    """The family's image processor class with its defaults, or None."""
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    try:
+        entry = IMAGE_PROCESSOR_MAPPING[type(model.config)]
+    except KeyError:
+        return None
+    if isinstance(entry, dict):  # backends: PIL first (torchvision is not a dependency)
+        classes = [entry[k] for k in sorted(entry, key=lambda k: k != "pil")]
+    else:
+        classes = list(entry) if isinstance(entry, tuple) else [entry]
+    for cls in classes:
+        if cls is None:
+            continue
+        try:
+            return cls()
+        except (ImportError, ValueError, TypeError):  # a backend whose library is missing: the next one
+            continue
+    return None
+
+
+def _image_size(model) -> tuple[int, int]:
+    """The vision config's image_size, else 112 px (dynamic-resolution towers: a few tokens)."""
+    vision = getattr(model.config, "vision_config", None)
+    side = getattr(vision, "image_size", None)
+    if isinstance(side, (list, tuple)):
+        side = side[0]
+    side = side if isinstance(side, int) and 0 < side <= 1024 else DEFAULT_SIDE
+    return side, side
+
+
+# processor attribute -> vision config fields that give it
+_PATCH_FIELDS = {"patch_size": ("patch_size",), "merge_size": ("spatial_merge_size", "merge_size"),
+                 "temporal_patch_size": ("temporal_patch_size",)}
+
+
+def _match_patches(model, processor) -> None:
+    """A default-constructed processor told the vision config's patch geometry (a processor
+    saved with the model already has it)."""
+    vision = getattr(model.config, "vision_config", None)
+    for attr, fields in _PATCH_FIELDS.items():
+        values = [getattr(vision, f, None) for f in fields]
+        value = next((v for v in values if isinstance(v, int)), None)
+        if value is not None and isinstance(getattr(processor, attr, None), int):
+            setattr(processor, attr, value)
+
+
+def _fixed_size(model, processor, side: int) -> dict[str, dict[str, int]]:
+    """Size overrides that make a fixed-resolution processor produce the vision config's
+    image_size (a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`
+    set to side. Nothing for dynamic-resolution towers (no image_size: Qwen's area bounds)."""
+    if not isinstance(getattr(getattr(model.config, "vision_config", None), "image_size", None), int):
+        return {}
+    out = {}
+    for attr in ("size", "crop_size"):
+        value = getattr(processor, attr, None)
+        fields = {k: getattr(value, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
+        fields = {k: side for k, v in fields.items() if isinstance(v, int)}
+        if fields:
+            out[attr] = fields
+    return out
+
+
+def _count_rows(features: Any) -> int:
+    """Rows of image features: a tensor [..., D] (all but the last dim), a list/tuple of
+    them, or a model output with pooler_output / last_hidden_state."""
+    if hasattr(features, "pooler_output") and getattr(features, "pooler_output") is not None:
+        features = features.pooler_output
+    elif hasattr(features, "last_hidden_state"):
+        features = features.last_hidden_state
+    if isinstance(features, torch.Tensor):
+        return int(features.numel() // features.shape[-1])
+    if isinstance(features, (list, tuple)):
+        return sum(_count_rows(f) for f in features)
+    raise TypeError(f"image features of type {type(features).__name__}")
+
+
+def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.Tensor], int]:
+    """Image-processor outputs for one random image and the image tokens it yields (asked from
+    the model's get_image_features). processor: the model directory's own image processor,
+    else the family's class with defaults. Raises (any error) when the family does not fit."""
+    if processor is None:
+        processor = _image_processor(model)
+        if processor is None:
+            raise AdapterError(f"no image processor class registered for {type(model.config).__name__}")
+        _match_patches(model, processor)
+    height, width = _image_size(model)
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
+    out = processor(images=[image], return_tensors="pt", **_fixed_size(model, processor, height))
+    dtype = next(model.parameters()).dtype
+    kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
+    inner = getattr(model, "model", model)
+    get = getattr(model, "get_image_features", None) or getattr(inner, "get_image_features")
+    params = set(inspect.signature(get).parameters)
+    with torch.no_grad():
+        features = get(**{k: v for k, v in kw.items() if k in params or "kwargs" in params})
+    n = _count_rows(features)
+    if not 0 < n <= MAX_IMAGE_TOKENS:
+        raise AdapterError(f"one image yields {n} image-feature rows (outside 1..{MAX_IMAGE_TOKENS})")
+    forward = _forward_params(model)
+    return {k: v for k, v in kw.items() if k in forward}, n
+
+
+def probe_inputs(model, adapter: Adapter | None = None, seed: int = 0, pixels: bool = True,
+                 processor=None) -> tuple[dict, dict]:
+    """(HF forward inputs of one prompt, info): text, one image's tokens, text."""
+    from .registry import adapter_for
+
+    adapter = adapter or adapter_for(model)
+    token = adapter.image_token_id(model)
+    kw, n, why = {}, IMAGE_TOKENS_WITHOUT_PIXELS, None
+    if pixels:
+        try:
+            kw, n = pixel_inputs(model, seed, processor)
+        except Exception as e:  # the family's processor or feature call does not fit: no pixels, say why
+            kw, why = {}, f"{type(e).__name__}: {' '.join(str(e).split())[:160]}"
+    vocab = model.config.get_text_config().vocab_size
+    special = {v for k, v in vars(model.config).items() if k.endswith(("_token_id", "_token_index")) and isinstance(v, int)}
+    text_ids = [t for t in range(4, min(vocab, 200)) if t not in special] or [t for t in range(vocab) if t != token]
+    gen = torch.Generator().manual_seed(seed)
+
+    def text(k: int) -> list[int]:
+        return [text_ids[i] for i in torch.randint(0, len(text_ids), (k,), generator=gen).tolist()]
+
+    ids = torch.tensor([text(TEXT_BEFORE) + [token] * n + text(TEXT_AFTER)])  # [1, S]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **kw}
+    forward = _forward_params(model)
+    for key in ("mm_token_type_ids", "token_type_ids"):
+        if key in forward and kw:  # without pixels the image tokens are plain text to the model
+            inputs[key] = (ids == token).to(torch.int32 if key == "mm_token_type_ids" else torch.long)
+    return inputs, {"pixels": bool(kw), "image_tokens": n, "no_pixels_reason": why}
