@@ -85,12 +85,9 @@ def rebase_positions(position_ids: np.ndarray, pads: Sequence[int]) -> np.ndarra
 
 
 def last_positions(position_ids: np.ndarray) -> np.ndarray:
-    """Per row, the largest prompt position (every M-RoPE axis): where HF's decode continues
-    from (runtime.last_positions). [B, S] -> [B, 1]; [3, B, S] -> [3, B, 1]."""
-    if position_ids.ndim == 2:
-        return position_ids.max(axis=-1, keepdims=True)  # [B, 1]
-    top = position_ids.max(axis=(0, 2), keepdims=True)  # [1, B, 1]
-    return np.broadcast_to(top, (position_ids.shape[0],) + top.shape[1:]).copy()  # [3, B, 1]
+    """Per row, the last prompt token's position ids (each M-RoPE axis): where HF generate's
+    decode continues from (runtime.last_positions). [B, S] -> [B, 1]; [3, B, S] -> [3, B, 1]."""
+    return position_ids[..., -1:].copy()
 
 
 # -- Qwen M-RoPE ------------------------------------------------------------------------------

@@ -97,24 +97,28 @@ def test_video_compiled_equals_reference(tiny_model, compiled, arch, case):
     assert torch.equal(tokens, want_tokens)
 
 
-def test_decode_continues_from_the_largest_position_as_hf_does(tiny_model, compiled):
+def test_decode_positions_are_the_ones_hf_generate_uses(tiny_model, compiled):
     """Qwen2.5-VL: an 8-frame video's temporal ids (4 patches x 4 tokens_per_second) run past
-    the 2 text tokens after it. HF decodes at cache position + rope delta (max position + 1 -
-    prompt length) on every axis: the first decode step sits at max position + 1, not at the
-    last token's position + 1. (The tiny random model's greedy tokens do not notice a shift of
-    a few positions, so the positions themselves are compared.)"""
+    the 2 text tokens after it. The decode steps' position ids must be the ones HF generate
+    feeds its rotary embedding (read with a hook): the last prompt token's ids + t on each axis
+    in transformers 5.24, not max position + 1 as get_rope_index's rope deltas would suggest.
+    (The tiny random model's greedy tokens do not notice a shift of a few positions, so the
+    positions themselves are compared.)"""
     arch = "qwen2_5_vl"
     model = tiny_model(arch)
     inputs = tiny_video_inputs(model, arch, [("text", 2), ("video", 8), ("text", 2)], seed=2)
     p = adapter_for(model).prefill_inputs(model, **inputs)
-    _, deltas = model.model.get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-                                           video_grid_thw=inputs["video_grid_thw"],
-                                           second_per_grid_ts=inputs["second_per_grid_ts"],
-                                           attention_mask=inputs["attention_mask"])
-    hf_first = (inputs["input_ids"].shape[1] + deltas).expand(3, -1, -1)  # [3, B, 1]
-    ours = last_positions(p.position_ids) + 1  # [3, B, 1]
-    assert torch.equal(ours, hf_first)
-    assert not torch.equal(p.position_ids[..., -1:] + 1, hf_first), "the case must tell the two rules apart"
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_hook(lambda m, a, o: seen.append(a[1][..., -1:]))
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    finally:
+        hook.remove()
+    hf_steps = seen[1:]  # [3, B, 1] per decode step (seen[0]: the prefill)
+    ours = last_positions(p.position_ids)  # [3, B, 1]
+    assert [torch.equal(ours + 1 + t, step) for t, step in enumerate(hf_steps)] == [True] * len(hf_steps)
+    assert int(p.position_ids.amax()) + 1 != int(hf_steps[0].amax()), "the case must tell the two rules apart"
     cm = compiled(arch)
     _, want_tokens = _reference(model, cm.plan, inputs, max_new_tokens=6)
     assert torch.equal(cm.generate(**inputs, max_new_tokens=6), want_tokens)

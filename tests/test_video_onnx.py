@@ -42,9 +42,10 @@ def test_video_mrope_matches_hf_get_rope_index(tiny_model, arch, parts, seconds)
         split_video_frames=arch == "qwen3_vl", **video)
     np.testing.assert_array_equal(got, want.numpy())
     np.testing.assert_array_equal(deltas, want_deltas.numpy())
-    # the runner's first decode position: HF's cache position + rope delta, on every axis
+    # the runner's first decode position: the last prompt token's ids + 1, as HF generate steps
+    # (runtime.last_positions; tests/test_video.py checks HF generate's own rotary inputs)
     first = host.last_positions(got) + 1  # [3, B, 1]
-    np.testing.assert_array_equal(first, np.broadcast_to(got.shape[-1] + want_deltas.numpy(), first.shape))
+    np.testing.assert_array_equal(first, want.numpy()[..., -1:] + 1)
 
 
 _ENGINES: dict = {}

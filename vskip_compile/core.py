@@ -157,7 +157,7 @@ def layer_mask(mask: torch.Tensor, language_model: nn.Module, dtype: torch.dtype
     SDPA, additive (0 / dtype min, as HF's create_causal_mask builds it) for eager attention,
     whose `attn_weights + mask` would add a boolean as 0/1. Other implementations: CoreError."""
     impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
-    if impl == "sdpa":
+    if impl in ("sdpa", flex.NAME):  # flex.NAME dispatches a tensor mask to transformers' SDPA function
         return mask
     if impl == "eager":
         return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
@@ -244,6 +244,8 @@ class DecoderCore(nn.Module):
         if attention == "flex" and any(w is not None for w in self.windows):
             raise CoreError("attention='flex' does not express sliding-window layers (vskip_compile.flex masks "
                             "causally only); use attention='sdpa'")
+        if attention == "flex":
+            flex.dispatch_to_flex(language_model.config)
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if num_deepstack > len(language_model.layers):
@@ -285,9 +287,8 @@ class DecoderCore(nn.Module):
         if self.attention == "flex":
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
-            with flex.flex_attention_used(self.lm.config):
-                x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
-                               position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
+            x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
+                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
         else:
             if attention_mask is None:
                 mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.device)  # [1, 1, S, S]

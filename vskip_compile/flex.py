@@ -21,7 +21,6 @@ on CPU is torch's dense reference implementation.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -90,19 +89,15 @@ def flex_attention_forward(module: nn.Module, query, key, value, attention_mask,
     return out.transpose(1, 2).contiguous(), None  # [B, Q, H, E], as the SDPA function returns
 
 
-def register() -> None:
+def dispatch_to_flex(config) -> None:
+    """Point `config`'s decoder layers at flex_attention_forward, for good (set once, outside
+    any traced code: Dynamo does not restore a config attribute a compiled forward mutated).
+    Everything but a FlexMask still runs transformers' own SDPA function, so the eager
+    reference, decoding and any other caller of the model compute what they computed before;
+    only `config._attn_implementation` reads differently ("vskip_flex")."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, flex_attention_forward)
-
-
-@contextmanager
-def flex_attention_used(config):
-    """The decoder layers of `config` dispatch to flex_attention_forward inside the block."""
-    register()
-    saved = config._attn_implementation
+    if config._attn_implementation not in ("sdpa", NAME):
+        raise ValueError(f"attention='flex' needs a model on SDPA attention, got {config._attn_implementation!r}")
     config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = saved

@@ -636,15 +636,12 @@ def rebase_positions(position_ids: torch.Tensor, pads: list[int]) -> torch.Tenso
 
 
 def last_positions(position_ids: torch.Tensor) -> torch.Tensor:
-    """Per row, the position decoding continues from, as HF generate does: the largest prompt
-    position, on every M-RoPE axis (HF adds rope_deltas = max position + 1 - prompt length to
-    the cache position). Not the last token's: a Qwen2.5-VL video's temporal ids can run past
-    the text after it, and a prompt may end on an image. [B, S] -> [B, 1]; [3|4, B, S] -> [3, B, 1]."""
-    pos = rope_position_ids(position_ids)
-    if pos.ndim == 2:
-        return pos.amax(dim=-1, keepdim=True)  # [B, 1]
-    top = pos.amax(dim=(0, 2), keepdim=True)  # [1, B, 1]
-    return top.expand(pos.shape[0], -1, -1)  # [3, B, 1]
+    """Per row, the position decoding continues from: the last prompt token's, on each M-RoPE
+    axis, as HF generate (transformers 5.24) feeds its rotary embedding (checked with a hook on
+    Qwen2.5-VL / Qwen3-VL prompts that end on an image and on a video whose temporal ids run past
+    the text after it: HF steps from the last token's ids, not from the rope deltas' max + 1).
+    [B, S] -> [B, 1]; [3|4, B, S] -> [3, B, 1]."""
+    return rope_position_ids(position_ids)[..., -1:]
 
 
 def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
