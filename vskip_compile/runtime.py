@@ -34,6 +34,7 @@ from .archs import PrefillInputs, adapter_for
 from .backend import vskip
 from .config import CompileConfig, CompileError
 from .core import DecodeStep, DecoderCore, rope_position_ids
+from .decoding import decode_loop
 from .kept_rows import MIN_ROWS, kept_inputs, mark_polymorphic, no_duck_sizes
 from .layout import VisualLayout
 from .plan import SkipPlan
@@ -506,30 +507,35 @@ class CompiledVLM:
         positions = rebase_positions(p.position_ids, pads)
         decode = self._decode_run(kv, positions, max_new_tokens, pads) if max_new_tokens > 1 else None
         embed = self.model.get_input_embeddings()
-        tokens = []
-        finished = torch.zeros(p.inputs_embeds.shape[0], dtype=torch.bool, device=eos.device)
         ids = input_ids  # [B, S + t]: what processors and stopping rules read
-        for t in range(max_new_tokens):
-            if t:
-                logits = decode.step(embed(tokens[-1][:, None]))  # [B, 1, D] -> [B, 1, V]
-            scores = logits[:, -1, :]  # [B, V]
-            next_token = scores.argmax(dim=-1) if sampler is None else sampler.pick(ids, scores, pads)  # [B]
-            if pad_token_id is not None:
-                next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
-            tokens.append(next_token)
-            finished |= torch.isin(next_token, eos)
-            if sampler is not None or stopping_criteria is not None:
-                ids = torch.cat([ids, next_token[:, None]], dim=1)
+        track = sampler is not None or stopping_criteria is not None
+        last_scores = [logits[:, -1, :]]
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            last_scores[0] = decode.step(embed(token[:, None]))[:, -1, :]  # [B, 1, D] -> [B, V]
+            return last_scores[0]
+
+        def pick(scores: torch.Tensor) -> torch.Tensor:
+            return scores.argmax(dim=-1) if sampler is None else sampler.pick(ids, scores, pads)  # [B]
+
+        def stop(token: torch.Tensor) -> torch.Tensor:
+            nonlocal ids
+            finished = torch.zeros_like(token, dtype=torch.bool)
+            if track:
+                ids = torch.cat([ids, token[:, None]], dim=1)
                 if sampler is not None:
                     finished |= sampler.stop(ids, pads)
                 if stopping_criteria is not None:
-                    finished |= stopping_criteria(ids, scores).to(finished.device)
-            if streamer is not None:
-                streamer.put(next_token.cpu())
-                if hasattr(streamer, "finished"):
-                    streamer.finished(finished.cpu())
-            if bool(finished.all()):
-                break
+                    finished |= stopping_criteria(ids, last_scores[0]).to(finished.device)
+            return finished
+
+        def on_token(token: torch.Tensor, finished: torch.Tensor) -> None:
+            streamer.put(token.cpu())
+            if hasattr(streamer, "finished"):
+                streamer.finished(finished.cpu())
+
+        tokens = decode_loop(logits[:, -1, :], step, max_new_tokens, eos, pad_token_id, pick, stop,
+                             on_token if streamer is not None else None)
         return torch.stack(tokens, dim=1)  # [B, n]
 
     def __repr__(self) -> str:
