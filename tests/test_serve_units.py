@@ -12,7 +12,8 @@ import time
 import pytest
 
 from vskip_compile.serve.batcher import Batcher, Closed
-from vskip_compile.serve.engine import Answer, bucket, left_pad_batch
+from vskip_compile.runtime import left_pad_batch
+from vskip_compile.serve.engine import Answer, bucket
 
 
 class _Engine:

@@ -624,6 +624,26 @@ def left_padding(mask: torch.Tensor | None) -> list[int] | None:
     return pads
 
 
+def left_pad_batch(rows: list[dict[str, torch.Tensor]], pad_token_id: int = 0) -> dict[str, torch.Tensor]:
+    """Batch-1 processor outputs of different lengths as one left-padded batch: every [1, S]
+    tensor (input_ids, attention_mask, mm_token_type_ids, ...) padded on the left (input_ids
+    with pad_token_id, the others with 0: attention_mask 0 marks the padding); other tensors
+    (pixel_values, image_grid_thw, ...) concatenated in row order."""
+    width = max(int(r["input_ids"].shape[1]) for r in rows)
+    out = {}
+    for key in rows[0]:
+        parts = []
+        for r in rows:
+            t = r[key]
+            seq_len = int(r["input_ids"].shape[1])
+            if t.ndim == 2 and t.shape[0] == 1 and t.shape[1] == seq_len and width > seq_len:
+                fill = pad_token_id if key == "input_ids" else 0
+                t = torch.cat([t.new_full((1, width - seq_len), fill), t], dim=1)  # [1, width]
+            parts.append(t)
+        out[key] = torch.cat(parts)
+    return out
+
+
 def row_pads(p: PrefillInputs) -> list[int]:
     """Left padding of each batch row of p (zeros when it has none)."""
     return left_padding(p.attention_mask) or [0] * p.inputs_embeds.shape[0]

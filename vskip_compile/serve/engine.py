@@ -32,7 +32,7 @@ from ..config import CompileConfig
 from ..layout import VisualLayout
 from ..modeldir import load
 from ..plan import SkipPlan
-from ..runtime import CompiledVLM
+from ..runtime import CompiledVLM, left_pad_batch
 from .request import Chat, Limits, RequestError
 
 ENGINES = ("inductor", "eager", "onnx")
@@ -76,26 +76,6 @@ def bucket(n: int, max_batch_size: int) -> int:
     while b < n:
         b *= 2
     return min(b, max_batch_size)
-
-
-def left_pad_batch(rows: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Batch-1 processor outputs of different lengths as one left-padded batch: every [1, S]
-    tensor (input_ids, attention_mask, mm_token_type_ids, ...) padded on the left (input_ids
-    with pad_token_id, the others with 0: attention_mask 0 marks the padding); other tensors
-    (pixel_values, image_grid_thw, ...) concatenated in row order."""
-    width = max(int(r["input_ids"].shape[1]) for r in rows)
-    out = {}
-    for key in rows[0]:
-        parts = []
-        for r in rows:
-            t = r[key]
-            seq_len = int(r["input_ids"].shape[1])
-            if t.ndim == 2 and t.shape[0] == 1 and t.shape[1] == seq_len and width > seq_len:
-                fill = pad_token_id if key == "input_ids" else 0
-                t = torch.cat([t.new_full((1, width - seq_len), fill), t], dim=1)  # [1, width]
-            parts.append(t)
-        out[key] = torch.cat(parts)
-    return out
 
 
 class _TimedVLM(CompiledVLM):

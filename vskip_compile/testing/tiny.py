@@ -291,10 +291,6 @@ def tiny_video_inputs(model, arch: str, parts, seed: int = 0, seconds_per_grid: 
 def left_padded_batch(rows: list[dict]) -> dict:
     """Single-row tiny_inputs dicts of different lengths as one left-padded batch (pad id 0,
     attention_mask 0 at the padding), as a processor with padding_side='left' gives."""
-    width = max(r["input_ids"].shape[1] for r in rows)
-    seq_keys = ("input_ids", "attention_mask", "mm_token_type_ids")  # [1, S] each
+    from ..runtime import left_pad_batch
 
-    def pad(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t.new_zeros(1, width - t.shape[1]), t], dim=1)  # [1, width]
-
-    return {k: torch.cat([pad(r[k]) if k in seq_keys else r[k] for r in rows]) for k in rows[0]}
+    return left_pad_batch(rows, pad_token_id=0)
