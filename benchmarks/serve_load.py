@@ -6,8 +6,8 @@ got its own right answer.
     python benchmarks/serve_load.py --requests 200 --rounds 4 --kill-replica --kill-round 3 --replicas 2
     python benchmarks/serve_load.py --sweep --out benchmarks/results/serve_sweep.json   # full vs plan, c = 1, 8, 32
 
---sweep: for a wide random model (hidden 1024, 4 layers, random weights, the shipped processor:
-compute-bound on a CPU) and the shipped model, the full model and a skip plan on the same
+--sweep: for a wide random model (hidden 2048, 8 layers by default (--wide-hidden, --wide-layers),
+random weights, the shipped processor: compute-bound on a CPU) and the shipped model, the full model and a skip plan on the same
 engine and batching, closed-loop clients at concurrency 1, 8 and 32 (each client sends its next
 request when its last one is answered), prompts of random question length with the image
 before or after the question: requests/s, p50 and p99 latency, and the measured throughput
@@ -163,8 +163,9 @@ def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, 
 
 # -- --sweep ------------------------------------------------------------------------------------
 def wide_model(out: Path, hidden: int = 1024, layers: int = 4, seed: int = 0) -> Path:
-    """A Qwen3-VL with the easy-VQA processor and a wide random decoder (hidden 1024, 4 layers,
-    FFN 2816, 16 heads of 64, 8 KV heads), saved to out: compute-bound on a CPU."""
+    """A Qwen3-VL with the easy-VQA processor and a wide random decoder (FFN 2.75 x hidden, heads
+    of 64, half as many KV heads), saved to out: compute-bound on a CPU when the decoder's prefill
+    takes much longer than the serving path around it (HTTP, processor, vision tower)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
@@ -250,8 +251,9 @@ def run_sweep(args, serve_app, Limits) -> dict:
     from vskip_compile.zoo import easyvqa
 
     levels = [int(c) for c in args.concurrency.split(",")]
-    models = {"wide-1024x4": wide_model(Path(tempfile.mkdtemp(prefix="vskip-wide-")))}
-    if (easyvqa.MODEL_DIR / "model.safetensors").is_file():
+    wide = f"wide-{args.wide_hidden}x{args.wide_layers}"
+    models = {wide: wide_model(Path(tempfile.mkdtemp(prefix="vskip-wide-")), args.wide_hidden, args.wide_layers)}
+    if not args.skip_shipped and (easyvqa.MODEL_DIR / "model.safetensors").is_file():
         models["easyvqa-shipped"] = easyvqa.MODEL_DIR
     report = {"engine": args.engine, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
               "threads": args.threads, "models": {}}
@@ -318,6 +320,9 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,8,32", help="--sweep: client counts")
     ap.add_argument("--sweep-requests", type=int, default=32, help="--sweep: requests per level (at least 3 x concurrency)")
     ap.add_argument("--threads", type=int, default=2, help="--sweep: intra-op threads of the replica")
+    ap.add_argument("--wide-hidden", type=int, default=2048, help="--sweep: the wide random model's hidden size")
+    ap.add_argument("--wide-layers", type=int, default=8, help="--sweep: the wide random model's decoder layers")
+    ap.add_argument("--skip-shipped", action="store_true", help="--sweep: the wide model only")
     args = ap.parse_args(argv)
     if not 1 <= args.requests <= 2000 or not 1 <= args.rounds <= 10:
         ap.error("--requests must be in 1..2000 and --rounds in 1..10 (a bounded test)")

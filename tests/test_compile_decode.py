@@ -176,3 +176,20 @@ def test_batch_of_two_row_reaching_eos_is_padded(tiny_model):
     assert got.shape[1] == seq_len + NEW_TOKENS  # row 1 went on to the end
     assert (got[0, seq_len + stop + 1 :] == 0).all() and stop < NEW_TOKENS - 1  # row 0 padded
     assert torch.equal(got[1, seq_len:], free[1, seq_len:])
+
+
+@pytest.mark.parametrize("arch", ["qwen3_vl", "qwen2_5_vl"])
+def test_three_rows_decode_in_a_batch_of_four_equal_each_alone(tiny_model, arch):
+    """A batch of 3 left-padded rows prefills its 3 rows and decodes in the 4-row decode graph
+    (one empty row: no key but its own, logits dropped): each row's tokens are the ones it
+    gets alone, and the decode cache holds one batch-4 graph."""
+    model = tiny_model(arch)
+    plan = _random_plan(7)
+    rows = [tiny_inputs(model, arch, text_before=b, text_after=a, seed=s) for b, a, s in ((1, 3, 2), (4, 2, 3), (0, 5, 4))]
+    cm = vskip_compile.compile(model, plan, backend="eager")
+    got = cm.generate(**left_padded_batch(rows), max_new_tokens=NEW_TOKENS, pad_token_id=0)
+    assert [k.batch for k in cm._decode_graphs.graphs] == [4]
+    for i, row in enumerate(rows):
+        want = _reference_tokens(model, plan, row, max_new_tokens=NEW_TOKENS)[0, row["input_ids"].shape[1]:]
+        assert torch.equal(got[i, -NEW_TOKENS:], want), f"row {i}"
+    assert runtime.decode_batch_bucket(3) == 4 and runtime.decode_batch_bucket(1) == 1 and runtime.decode_batch_bucket(8) == 8

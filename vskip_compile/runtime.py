@@ -15,7 +15,7 @@ preallocated K/V buffers of T slots, T = prompt + new tokens rounded up to `deco
 so one static graph serves every prompt of a similar length; the prefill's K/V (every row,
 visual rows included) fill slots 0..S-1, each step's new K/V is written at the next slot
 outside the graph, and past_mask marks the filled slots. Decode graphs are cached in their
-own bounded LRU keyed by (T, batch, dtype, device): `decode_cache_info()`.
+own bounded LRU keyed by (T, batch bucket, dtype, device): `decode_cache_info()`.
 """
 
 from __future__ import annotations
@@ -187,6 +187,13 @@ def _decode_backend(inner: str):
     return aot_autograd(fw_compiler=_tensorrt_compiler)
 
 
+def decode_batch_bucket(batch: int) -> int:
+    """The decode graph's batch for a batch of `batch` rows: the next power of two, so a
+    service compiles decode graphs for 1, 2, 4, 8, ... rows only; the prefill, symbolic in the
+    batch, runs the real rows alone (decode steps are cheap, prefill rows are not)."""
+    return 1 << (batch - 1).bit_length()
+
+
 class _DecodeRun:
     """One generate call's decode state: K/V buffers of the graph's T slots, the filled-slot
     mask, the next slot and the last position ids.
@@ -196,35 +203,42 @@ class _DecodeRun:
     """
 
     def __init__(self, graph, kv: list[tuple[torch.Tensor, torch.Tensor]], last_position: torch.Tensor, capacity: int,
-                 pads: list[int]):
+                 pads: list[int], batch_bucket: int | None = None):
         batch, kv_heads, seq_len, head_dim = kv[0][0].shape  # [B, KV, S, E]
         if seq_len >= capacity:
             raise CompileError(f"a prefill of {seq_len} rows leaves no decode slot in a cache of {capacity}")
         self.graph = graph
         self.capacity = capacity
+        self.batch = batch
+        self.bucket = batch_bucket or batch  # rows batch.. are empty: no key but their own new one
         self.buffers: list[torch.Tensor] = []
         for k, v in kv:
             for x in (k, v):
-                buf = x.new_zeros(batch, kv_heads, capacity, head_dim)  # [B, KV, T, E]
-                buf[:, :, :seq_len] = x
+                buf = x.new_zeros(self.bucket, kv_heads, capacity, head_dim)  # [Bb, KV, T, E]
+                buf[:batch, :, :seq_len] = x
                 self.buffers.append(buf)
-        self.past_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=kv[0][0].device)  # [B, T]
-        self.past_mask[:, :seq_len] = True
+        self.past_mask = torch.zeros(self.bucket, capacity, dtype=torch.bool, device=kv[0][0].device)  # [Bb, T]
+        self.past_mask[:batch, :seq_len] = True
         for row, pad in enumerate(pads):
             self.past_mask[row, :pad] = False  # left padding: never a key
         self.n = seq_len
-        self.position = last_position  # [B, 1] or [3, B, 1]
+        empty = self.bucket - batch
+        dim = last_position.ndim - 2  # the batch axis of [B, 1] or [3, B, 1]
+        empty_rows = torch.zeros_like(last_position.narrow(dim, 0, 1)).repeat_interleave(empty, dim)
+        self.position = torch.cat([last_position, empty_rows], dim)  # [Bb, 1] or [3, Bb, 1]
 
     def step(self, embeds: torch.Tensor) -> torch.Tensor:
         if self.n >= self.capacity:
             raise CompileError(f"decode cache of {self.capacity} slots is full")
         self.position = self.position + 1
+        if self.bucket > self.batch:
+            embeds = torch.cat([embeds, embeds.new_zeros(self.bucket - self.batch, *embeds.shape[1:])])  # [Bb, 1, D]
         logits, *new_kv = self.graph(embeds, self.position, self.past_mask, *self.buffers)
         for buf, new in zip(self.buffers, new_kv):
-            buf[:, :, self.n] = new[:, :, 0]  # [B, KV, E] into slot n
+            buf[:, :, self.n] = new[:, :, 0]  # [Bb, KV, E] into slot n
         self.past_mask[:, self.n] = True
         self.n += 1
-        return logits  # [B, 1, V]
+        return logits[: self.batch]  # [B, 1, V]
 
 
 class CompiledVLM:
@@ -326,8 +340,9 @@ class CompiledVLM:
         needed = seq_len + max_new_tokens - 1
         bucket = self.config.decode_bucket
         capacity = -(-needed // bucket) * bucket
-        graph = self._decode_graph(_DecodeKey(capacity, batch, k0.dtype, k0.device))
-        return _DecodeRun(graph, kv, last_positions(position_ids), capacity, pads)  # [B, 1] or [3, B, 1]
+        batch_bucket = decode_batch_bucket(batch)
+        graph = self._decode_graph(_DecodeKey(capacity, batch_bucket, k0.dtype, k0.device))
+        return _DecodeRun(graph, kv, last_positions(position_ids), capacity, pads, batch_bucket)  # [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any], left_padded: bool = False) -> PrefillInputs:

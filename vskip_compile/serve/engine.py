@@ -8,9 +8,10 @@ Requests of different prompt lengths and image positions share one batch: their 
 outputs are left-padded into one batch (attention_mask 0 at the padding) and run by ONE
 `CompiledVLM.generate` call through the polymorphic prefill graph of the batch bucket, each
 row with its own sampling options, seed, stop strings and token budget (row_options). The
-batch is padded to 1, 2, 4, ... max_batch_size rows (copies of the last request that stop after
-one token), which bounds the decode graphs (one per batch size and K/V capacity); no request
-compiles anything of its own.
+prefill runs the batch's real rows only; CompiledVLM pads the decode batch to 1, 2, 4, ... rows
+with empty ones, which bounds the decode graphs (one per batch bucket and K/V capacity). The
+ONNX engine, whose decode graphs the manifest lists per batch, gets copies of the last request
+that stop after one token instead. No request compiles anything of its own.
 
 A row's tokens reach its sink as they are decoded (`sink.token`), and its answer as soon as the
 row finishes (`sink.done`: EOS, a stop string, its own max_tokens), while the rest of the batch
@@ -32,7 +33,7 @@ from ..config import CompileConfig
 from ..layout import VisualLayout
 from ..modeldir import load
 from ..plan import SkipPlan
-from ..runtime import CompiledVLM, left_pad_batch
+from ..runtime import CompiledVLM, decode_batch_bucket, left_pad_batch
 from .request import Chat, Limits, RequestError
 
 ENGINES = ("inductor", "eager", "onnx")
@@ -252,13 +253,16 @@ class Engine:
         return self.cm.cache_info().compiles + self.cm.decode_cache_info().compiles
 
     def _run_batch(self, batch: list[Prepared], size: int, sinks: list[Sink] | None) -> list[Answer]:
-        rows = batch + [batch[-1]] * (size - len(batch))  # pad to the bucket with copies...
+        # The torch engines prefill the real rows alone (the prefill graph is symbolic in the
+        # batch; CompiledVLM pads its decode batch to a power of two itself). The ONNX engine's
+        # decode graphs exist per bucket: pad the batch to it with copies that stop at once.
+        rows = batch if self.cm is not None else batch + [batch[-1]] * (size - len(batch))
         options = [self._row_options(p) for p in batch]
-        options += [{**options[-1], "stop_strings": None, "max_new_tokens": 1}] * (size - len(batch))  # ...that stop at once
+        options += [{**options[-1], "stop_strings": None, "max_new_tokens": 1}] * (len(rows) - len(batch))
         inputs = left_pad_batch([p.inputs for p in rows], self.pad_token_id)
         max_new = max(p.chat.max_tokens for p in batch)
         compiles = self.compiles()
-        info = {"batch": len(batch), "batch_padded": size}
+        info = {"batch": len(batch), "batch_padded": len(rows) if self.cm is None else decode_batch_bucket(len(rows))}
         stream = _RowStream(self, batch, sinks, info)
         start = time.perf_counter()
         if self.cm is not None:
