@@ -33,7 +33,9 @@ from ..config import CompileConfig
 from ..layout import VisualLayout
 from ..modeldir import load
 from ..plan import SkipPlan
-from ..runtime import CompiledVLM, decode_batch_bucket, left_pad_batch
+from ..decode_state import decode_batch_bucket
+from ..padding import left_pad_batch
+from ..runtime import CompiledVLM
 from .request import Chat, Limits, RequestError
 
 ENGINES = ("inductor", "eager", "onnx")

@@ -291,6 +291,6 @@ def tiny_video_inputs(model, arch: str, parts, seed: int = 0, seconds_per_grid: 
 def left_padded_batch(rows: list[dict]) -> dict:
     """Single-row tiny_inputs dicts of different lengths as one left-padded batch (pad id 0,
     attention_mask 0 at the padding), as a processor with padding_side='left' gives."""
-    from ..runtime import left_pad_batch
+    from ..padding import left_pad_batch
 
     return left_pad_batch(rows, pad_token_id=0)
