@@ -53,3 +53,26 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
 
     name = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)
+
+
+# -- small configs: the tiny test models (vskip_compile.testing) and the easy-VQA model (zoo) ------
+QWEN_MROPE_SECTION = (16, 24, 24)  # the real checkpoints' M-RoPE sections (t, h, w), head_dim 128
+
+
+def small_rope_parameters(head_dim: int, interleaved: bool) -> dict[str, Any]:
+    """rope_parameters of a small Qwen text config: the real M-RoPE proportions rescaled to sum
+    to head_dim / 2, as the rotary needs; interleaved (t, h, w, t, h, w, ...) on Qwen3-VL."""
+    from .shrink import rescale_sections
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": rescale_sections(list(QWEN_MROPE_SECTION), head_dim // 2)}
+    return {**rope, "mrope_interleaved": True} if interleaved else rope
+
+
+def small_vision_config(depth: int, width: int, heads: int, ffn: int, out_width: int, patch: int, merge: int,
+                        temporal_patch: int, **extra: Any) -> dict[str, Any]:
+    """vision_config fields of a small Qwen2.5-VL / Qwen3-VL tower (out_width: the text
+    model's hidden size, which the merger projects to); `extra` adds the family's own fields
+    (Qwen2.5-VL windows, Qwen3-VL position embeddings and DeepStack blocks)."""
+    return dict(depth=depth, hidden_size=width, num_heads=heads, intermediate_size=ffn, out_hidden_size=out_width,
+                patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal_patch, **extra)
