@@ -18,6 +18,11 @@ class Qwen2_5_VLAdapter(Adapter):
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    vision_export = "qwen"
+
+    def video_rope(self, model) -> dict[str, Any]:
+        # frames spaced by tokens_per_second * second_per_grid_ts
+        return {"tokens_per_second": int(model.config.vision_config.tokens_per_second), "split_frames": False}
 
     def mrope(self, model) -> bool:
         return True
@@ -33,6 +38,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
+
+    def video_rope(self, model) -> dict[str, Any]:
+        return {"tokens_per_second": None, "split_frames": True}  # one grid per frame, between timestamp text
 
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
         embeds = captured.get("deepstack_visual_embeds")
