@@ -71,6 +71,17 @@ def build_inputs(processor, images: list[str], prompt: str, tensors: str, model_
     return video_mod.process(processor, text, pictures, loaded, tensors)
 
 
+def _add_prompt_args(p: argparse.ArgumentParser, image: str, video: str, max_frames: str, prompt: str | None) -> None:
+    """--image, --video, --max-frames and --prompt: one chat turn for build_inputs (export's
+    example, run's question); only their help texts differ between the two commands."""
+    from ..cli.common import pos_int
+
+    p.add_argument("--image", action="append", default=[], metavar="IMG", help=image)
+    p.add_argument("--video", action="append", default=[], metavar="VIDEO", help=video)
+    p.add_argument("--max-frames", type=pos_int, default=32, help=max_frames)
+    p.add_argument("--prompt", required=True, help=prompt)
+
+
 # -- vskip export -------------------------------------------------------------------------------
 def add_export(sub: argparse._SubParsersAction) -> None:
     from ..cli.common import pos_int  # vskip_compile.cli imports this module: import at parser-build time
@@ -83,12 +94,11 @@ def add_export(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, metavar="DIR", help="local Hugging Face model directory (with its processor)")
     p.add_argument("--plan", required=True, metavar="plan.json", help="a skip plan (vskip plan show/validate)")
-    p.add_argument("--image", action="append", default=[], metavar="IMG", help="an example image (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="VIDEO",
-                   help="an example video: a file (PyAV) or comma-separated frame images (repeatable); "
-                        "exports the vision graph of its grid")
-    p.add_argument("--max-frames", type=pos_int, default=32, help="frames kept from a video file (default 32)")
-    p.add_argument("--prompt", required=True, help="the example prompt (text after the images)")
+    _add_prompt_args(p, image="an example image (repeatable)",
+                     video="an example video: a file (PyAV) or comma-separated frame images (repeatable); "
+                           "exports the vision graph of its grid",
+                     max_frames="frames kept from a video file (default 32)",
+                     prompt="the example prompt (text after the images)")
     p.add_argument("--out", required=True, metavar="DIR", help="engine directory to create or extend")
     p.add_argument("--max-seq-len", type=pos_int, help="longest prompt in tokens the engine serves (default 1024)")
     p.add_argument("--max-cache-len", type=pos_int, help="decode cache slots (default: max-seq-len + 256, rounded to 64)")
@@ -144,12 +154,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:
         "onnxruntime. Text in and out go through the processor of the model directory.",
     )
     p.add_argument("--engine", required=True, metavar="DIR", help="engine directory")
-    p.add_argument("--image", action="append", default=[], metavar="IMG", help="an image (repeatable)")
-    p.add_argument("--video", action="append", default=[], metavar="VIDEO",
-                   help="a video file (decoded with PyAV: pip install 'vskip-compile[video]') or comma-separated "
-                        "frame images (repeatable; after the images in the prompt)")
-    p.add_argument("--max-frames", type=pos_int, default=32, help="frames kept from a video file, sampled uniformly (default 32)")
-    p.add_argument("--prompt", required=True)
+    _add_prompt_args(p, image="an image (repeatable)",
+                     video="a video file (decoded with PyAV: pip install 'vskip-compile[video]') or comma-separated "
+                           "frame images (repeatable; after the images in the prompt)",
+                     max_frames="frames kept from a video file, sampled uniformly (default 32)", prompt=None)
     p.add_argument("--model", metavar="DIR", help="model directory for the processor (default: the one exported from)")
     p.add_argument("--max-new-tokens", type=pos_int, default=32)
     p.add_argument("--provider", action="append", metavar="EP",

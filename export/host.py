@@ -1,10 +1,10 @@
 """Host-side glue of the ONNX runner, in numpy: what the graphs cannot hold because it is
 data-dependent (it decides shapes or reads token ids), reimplemented from transformers 5.24
-and from vskip_compile (kept_rows, runtime) without torch.
+and from vskip_compile (kept_rows, padding) without torch.
 
 - the visual layout of input_ids, and the layout as data the prefill graph takes: kept-row
   indices and validity (twin of vskip_compile.kept_rows.kept_inputs), left padding and
-  per-row rebased positions (twin of vskip_compile.runtime.rebase_positions),
+  per-row rebased positions (twin of vskip_compile.padding.rebase_positions),
 - Qwen M-RoPE position ids (`get_rope_index`: images, Qwen2.5-VL and Qwen3-VL videos),
 - LLaVA-NeXT any-resolution bookkeeping (views per image, unpadding, newline rows),
 - scattering vision features into the image-token rows (HF's masked_scatter order).
@@ -75,7 +75,7 @@ def kept_inputs(layout: VisualLayout, scope: str = "visual", pads: Sequence[int]
 
 def rebase_positions(position_ids: np.ndarray, pads: Sequence[int]) -> np.ndarray:
     """Position ids [B, S] or [3, B, S] with each row's first real token at 0, as the row would
-    have alone; padding positions 0 (runtime.rebase_positions)."""
+    have alone; padding positions 0 (padding.rebase_positions)."""
     if not any(pads):
         return position_ids
     first = np.asarray(pads)  # [B]
@@ -86,7 +86,7 @@ def rebase_positions(position_ids: np.ndarray, pads: Sequence[int]) -> np.ndarra
 
 def last_positions(position_ids: np.ndarray) -> np.ndarray:
     """Per row, the last prompt token's position ids (each M-RoPE axis): where HF generate's
-    decode continues from (runtime.last_positions). [B, S] -> [B, 1]; [3, B, S] -> [3, B, 1]."""
+    decode continues from (padding.last_positions). [B, S] -> [B, 1]; [3, B, S] -> [3, B, 1]."""
     return position_ids[..., -1:].copy()
 
 

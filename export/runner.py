@@ -261,7 +261,7 @@ class OnnxRunner:
         out = self._run(session, self.prefill_graph["inputs"],
                         [embeds, positions, kept_index, kept_valid, real, *deepstack])
         # Decode step t sits at the largest prompt position + 1 + t on every axis, as HF generate
-        # moves position ids on (its rope deltas; runtime.last_positions).
+        # moves position ids on (its rope deltas; padding.last_positions).
         return {"logits": out[0], "kv": out[1:], "next_position": host.last_positions(positions) + 1, "pads": pads,
                 "layout": layout}
 

@@ -184,10 +184,11 @@ def _llava_next_graphs(model, pixel_values: torch.Tensor, image_sizes: torch.Ten
 
 # -- entry points -----------------------------------------------------------------------------
 def vision_graphs(model, adapter: Adapter, hf_inputs: dict[str, Any]) -> list[VisionGraph]:
-    """The vision graphs the images and videos of hf_inputs need (none without pixel values)."""
+    """The vision graphs the images and videos of hf_inputs need (none without pixel values);
+    the family's kind of graphs is what its adapter declares (Adapter.vision_export)."""
     pixel_values = hf_inputs.get("pixel_values")
-    family = adapter.name
-    if family in ("qwen2_5_vl", "qwen3_vl"):
+    kind = adapter.vision_export
+    if kind == "qwen":
         graphs: dict[str, VisionGraph] = {}
         if pixel_values is not None:
             _qwen_graphs(model, pixel_values, torch.as_tensor(hf_inputs["image_grid_thw"]), graphs)
@@ -195,19 +196,19 @@ def vision_graphs(model, adapter: Adapter, hf_inputs: dict[str, Any]) -> list[Vi
             _qwen_graphs(model, hf_inputs["pixel_values_videos"], torch.as_tensor(hf_inputs["video_grid_thw"]), graphs)
         return list(graphs.values())
     if hf_inputs.get("pixel_values_videos") is not None:
-        raise NotImplementedError(f"no ONNX video vision export for architecture family {family!r}")
+        raise NotImplementedError(f"no ONNX video vision export for architecture family {adapter.name!r}")
     if pixel_values is None:
         return []
-    if family == "llava":
+    if kind == "llava":
         return _llava_graphs(model, pixel_values)
-    if family == "llava_next":
+    if kind == "llava_next":
         return _llava_next_graphs(model, pixel_values, torch.as_tensor(hf_inputs["image_sizes"]))
-    raise NotImplementedError(f"no ONNX vision export for architecture family {family!r}")
+    raise NotImplementedError(f"no ONNX vision export for architecture family {adapter.name!r}")
 
 
 def exporting(model, adapter: Adapter):
     """Context in which the vision graphs of this model trace (see _exportable_qwen_vision)."""
-    if adapter.name in ("qwen2_5_vl", "qwen3_vl"):
+    if adapter.vision_export == "qwen":
         return _exportable_qwen_vision(model.model.visual)
     return contextlib.nullcontext()
 
@@ -215,15 +216,13 @@ def exporting(model, adapter: Adapter):
 def host_info(model, adapter: Adapter) -> dict[str, Any]:
     """What the runner needs to run the vision graphs and merge their output, as JSON."""
     cfg = model.config
-    if adapter.name == "qwen2_5_vl":  # videos: frames spaced by tokens_per_second * second_per_grid_ts
-        video = {"tokens_per_second": int(cfg.vision_config.tokens_per_second), "split_frames": False}
-        return {"kind": "qwen", "spatial_merge_size": int(model.model.visual.spatial_merge_size), "video": video}
-    if adapter.name == "qwen3_vl":  # videos: one grid per frame, frames between timestamp text
-        video = {"tokens_per_second": None, "split_frames": True}
-        return {"kind": "qwen", "spatial_merge_size": int(model.model.visual.spatial_merge_size), "video": video}
-    if adapter.name == "llava":
+    kind = adapter.vision_export
+    if kind == "qwen":
+        return {"kind": "qwen", "spatial_merge_size": int(model.model.visual.spatial_merge_size),
+                "video": adapter.video_rope(model)}
+    if kind == "llava":
         return {"kind": "llava"}
-    if adapter.name == "llava_next":
+    if kind == "llava_next":
         vc = cfg.vision_config
         return {
             "kind": "llava_next",

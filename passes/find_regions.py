@@ -222,4 +222,3 @@ FIND_REGIONS = GraphPass(
     _check,
     mutates=False,
 )
-find_regions = FIND_REGIONS

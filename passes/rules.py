@@ -6,6 +6,9 @@ weight, a broadcast operand, the keys and values of attention), plus `rebuild`, 
 the node on the kept rows with every shape constant rewritten. An op without a rule, or
 used in a way the rule cannot show row-wise (a reduction or scan along the sequence, a view
 that splits the sequence across dims), raises `NotRowwise` with the reason.
+
+(About 640 lines, one concept: one rule table, indexed by aten op, whose entries share the
+argument and broadcast helpers at its top; split, a reader would chase one rule across files.)
 """
 
 from __future__ import annotations

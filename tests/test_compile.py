@@ -272,9 +272,9 @@ def test_graph_cache_bookkeeping_is_thread_safe():
     concurrent eviction raises KeyError)."""
     import threading
 
-    from vskip_compile.runtime import _LRU
+    from vskip_compile.graph_cache import GraphLRU
 
-    lru = _LRU(maxsize=3)
+    lru = GraphLRU(maxsize=3)
     calls_per_thread, errors = 2000, []
 
     def hammer(seed: int):

@@ -144,6 +144,21 @@ def test_any_layouts_in_one_left_padded_batch_match_the_reference(engine, arch, 
                                       want_tokens[0, single["input_ids"].shape[1]:])
 
 
+@pytest.mark.slow
+def test_moe_engine_generates_like_the_reference(tiny_model, tmp_path):
+    """Qwen3-VL-MoE exports through the Qwen vision graphs its adapter declares
+    (Adapter.vision_export; a test of the family name refused it before) and generates what
+    the reference does, on the traced layout and one it never saw."""
+    model = tiny_model("qwen3_vl_moe")
+    inputs = tiny_inputs(model, "qwen3_vl_moe")
+    out = export_onnx(model, PLANS[0], inputs, tmp_path / "moe", optimize=False, max_seq_len=MAX_SEQ_LEN)
+    runner = OnnxRunner(out)
+    for case in (inputs, tiny_inputs(model, "qwen3_vl_moe", text_before=0, text_after=9, seed=3)):
+        want_tokens, want_logits = reference_run(model, PLANS[0], case)
+        np.testing.assert_allclose(runner.prefill(**case)["logits"], want_logits, atol=ATOL, rtol=RTOL)
+        np.testing.assert_array_equal(runner.generate(**case, max_new_tokens=NEW_TOKENS), want_tokens)
+
+
 def test_all_full_plan_engine_is_the_unmodified_model(engine, tmp_path):
     """Under the all-`full` plan the prefill keeps its layout inputs (unused: only the marker
     is removed) and generates what HF generate does, on a layout it was not traced on."""

@@ -163,13 +163,13 @@ def test_stream_of_layouts_compiles_one_graph_per_batch_bucket(tiny_model):
 def test_a_recompile_is_counted_and_warned_about_naming_the_guard():
     """The counting backend CompiledVLM compiles through: a second graph for one entry adds to
     cache_info().compiles and warns with the guard that failed."""
-    from vskip_compile.runtime import _LRU, RecompileWarning, _Counted
+    from vskip_compile.graph_cache import CountedBackend, GraphLRU, RecompileWarning
 
     def f(x):
         return x * 2
 
-    cache = _LRU(2)
-    compiled = torch.compile(f, backend=_Counted("eager", cache, "test graph", f.__code__), dynamic=False,
+    cache = GraphLRU(2)
+    compiled = torch.compile(f, backend=CountedBackend("eager", cache, "test graph", f.__code__), dynamic=False,
                              recompile_limit=4)
     compiled(torch.ones(3))
     assert cache.info().compiles == 1

@@ -17,8 +17,8 @@ cheapest harm per saved FLOP first. Effects are not additive, so the joint plan 
 (answer agreement with the full model) and repaired greedily: drop the most harmful candidate,
 refill the budget from the order, until the agreement holds or the budget cannot be met.
 
-(About 440 lines, one concept: the calibration set, the scores and the selection share their
-candidate and score types and are read together.)
+The selection (Candidate, candidates, order, Selection, select) is selection.py's, plain
+Python over the scores; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -30,10 +30,15 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .archs import Adapter, adapter_for
-from .flops import TextDims, model_flops, op_savings
+from .flops import TextDims, model_flops
 from .forkpool import fork_map
-from .plan import SkipPlan
 from . import reference
+from .plan import SkipPlan
+from .selection import Candidate, Selection, candidates, order, select
+
+__all__ = ["CalibBatch", "CalibSet", "Candidate", "Scores", "Selection", "agreement", "answer_logprobs", "calibrate",
+           "candidates", "exact_scores", "first_order_scores", "greedy", "order", "plan_from_selection",
+           "score_candidates", "select", "spearman"]
 
 OPS_BY_GRANULARITY = {"op": ("attn", "ffn"), "layer": ("both",)}
 _SKIP = {"attn": "skip_attn", "ffn": "skip_ffn", "both": "skip_both"}
@@ -277,107 +282,6 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     va = math.sqrt(sum((x - ma) ** 2 for x in ra))
     vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
     return cov / (va * vb) if va and vb else float("nan")
-
-
-# -- selection ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Candidate:
-    layer: int
-    op: str  # "attn" | "ffn" | "both"
-    score: float  # harm: lower is more answer-silent
-    saving: int  # FLOPs saved at the calibration layout
-
-    @property
-    def key(self) -> tuple[int, str]:
-        return (self.layer, self.op)
-
-
-def candidates(scores: dict[tuple[int, str], float], dims: TextDims, S_value: int, V_value: int) -> list[Candidate]:
-    """Candidates with their real savings from the FLOPs model at (S, V)."""
-    out = []
-    for (layer, op), score in scores.items():
-        parts = ("attn", "ffn") if op == "both" else (op,)
-        saving = sum(int(op_savings(dims, layer, part, S_value, V_value)) for part in parts)
-        out.append(Candidate(layer, op, float(score), saving))
-    return out
-
-
-def order(cands: Iterable[Candidate]) -> list[Candidate]:
-    """Least harm per saved FLOP first (ties: lower harm, then earlier layer)."""
-    return sorted(cands, key=lambda c: (c.score / max(c.saving, 1), c.score, c.layer, c.op))
-
-
-@dataclass
-class Selection:
-    chosen: list[Candidate]
-    cut: float  # fraction of full prefill FLOPs saved at the calibration layout
-    fidelity: float | None  # measured joint agreement (None: not measured)
-    budget_met: bool
-    fidelity_met: bool
-    history: list[dict[str, Any]]
-
-
-def _fill(ordered: list[Candidate], chosen: list[Candidate], banned: set, need: int) -> list[Candidate]:
-    chosen = list(chosen)
-    for c in ordered:
-        if sum(x.saving for x in chosen) >= need:
-            break
-        if c not in chosen and c.key not in banned:
-            chosen.append(c)
-    return chosen
-
-
-def select(
-    cands: Sequence[Candidate], full_flops: int, *, budget: float | None = None, fidelity: float = 0.995,
-    measure: Callable[[list[Candidate]], float] | None = None,
-) -> Selection:
-    """Choose candidates: with `budget`, cut at least that fraction of `full_flops`, re-measure
-    the joint set and repair until measure(chosen) >= fidelity; without a budget, add candidates
-    in order while the measured fidelity holds. `measure=None` skips measuring (budget only).
-
-    Repair: ban the chosen candidate with the largest individual harm, refill from the order.
-    Each round bans one candidate, so it ends. If no set meets both, the budget-meeting set with
-    the best measured fidelity is returned, flagged."""
-    ordered = order(cands)
-    history: list[dict[str, Any]] = []
-
-    def saved(ch):
-        return sum(c.saving for c in ch) / full_flops
-
-    def record(ch, f):
-        history.append({"chosen": [list(c.key) for c in ch], "cut": saved(ch), "fidelity": f})
-
-    if budget is None:
-        if measure is None:
-            raise ValueError("select without a budget needs a measure")
-        chosen: list[Candidate] = []
-        f_now = 1.0
-        for c in ordered:
-            f = measure(chosen + [c])
-            record(chosen + [c], f)
-            if f >= fidelity:
-                chosen, f_now = chosen + [c], f
-        return Selection(chosen, saved(chosen), f_now, True, True, history)
-
-    need = math.ceil(budget * full_flops)
-    banned: set = set()
-    chosen = _fill(ordered, [], banned, need)
-    best: tuple[float, list[Candidate]] | None = None
-    while sum(c.saving for c in chosen) >= need:
-        if measure is None:
-            return Selection(chosen, saved(chosen), None, True, False, history)
-        f = measure(chosen)
-        record(chosen, f)
-        if f >= fidelity:
-            return Selection(chosen, saved(chosen), f, True, True, history)
-        if best is None or f > best[0]:
-            best = (f, chosen)
-        worst = max(chosen, key=lambda c: (c.score, c.saving))
-        banned.add(worst.key)
-        chosen = _fill(ordered, [c for c in chosen if c is not worst], banned, need)
-    if best is None:
-        raise ValueError(f"no candidates cut {budget:.0%} of prefill FLOPs (all together cut {saved(ordered):.1%})")
-    return Selection(best[1], saved(best[1]), best[0], True, False, history)
 
 
 # -- the whole thing --------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ BACKENDS = ("inductor", "eager", "tensorrt")  # what compiles the rewritten grap
 SPECIALIZE = (None, "layout")  # None: one polymorphic graph per batch bucket; "layout": one per layout
 DECODE_BUCKET = 64  # decode K/V capacity is rounded up to a multiple of this
 ATTENTIONS = ("sdpa", "flex")  # the prefill's attention kernel (vskip_compile.flex)
+SERVE_ENGINES = ("inductor", "eager", "onnx")  # vskip serve: a compile backend, or an exported ONNX engine
 VERSION = 1
 
 

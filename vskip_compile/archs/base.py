@@ -83,6 +83,9 @@ class Adapter:
 
     name = "base"
     model_types: tuple[str, ...] = ()  # config.model_type values this class is registered for
+    # The ONNX vision graphs of this family (export/vision.py): "qwen" (one per patch grid, with
+    # DeepStack outputs), "llava" (one per image), "llava_next" (one per view count); None: none.
+    vision_export: str | None = None
 
     # -- structure -------------------------------------------------------------------------
     def language_model(self, model) -> torch.nn.Module:
@@ -220,6 +223,12 @@ class Adapter:
         """Rotary position ids of text rows at `positions` [B, T] (decoding, question suffixes):
         [B, T], or [3, B, T] with M-RoPE (text rows have equal t/h/w positions)."""
         return positions[None].expand(3, -1, -1) if self.mrope(model) else positions
+
+    def video_rope(self, model) -> dict[str, Any] | None:
+        """How the ONNX runner's host gives video frames their M-RoPE ids (export/host.py):
+        tokens_per_second (frames spaced by second_per_grid_ts) and split_frames (one grid per
+        frame, frames between timestamp text); None: the family takes no video."""
+        return None
 
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
         """Full-size DeepStack injections, or None when the architecture has none."""

@@ -13,8 +13,10 @@ from .base import Adapter
 class LlavaAdapter(Adapter):
     name = "llava"
     model_types = ("llava",)
+    vision_export = "llava"
 
 
 class LlavaNextAdapter(Adapter):
     name = "llava_next"
     model_types = ("llava_next",)
+    vision_export = "llava_next"

@@ -18,6 +18,11 @@ class Qwen2_5_VLAdapter(Adapter):
 
     name = "qwen2_5_vl"
     model_types = ("qwen2_5_vl",)
+    vision_export = "qwen"
+
+    def video_rope(self, model) -> dict[str, Any]:
+        # frames spaced by tokens_per_second * second_per_grid_ts
+        return {"tokens_per_second": int(model.config.vision_config.tokens_per_second), "split_frames": False}
 
     def mrope(self, model) -> bool:
         return True
@@ -33,6 +38,9 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
+
+    def video_rope(self, model) -> dict[str, Any]:
+        return {"tokens_per_second": None, "split_frames": True}  # one grid per frame, between timestamp text
 
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
         embeds = captured.get("deepstack_visual_embeds")
@@ -53,3 +61,26 @@ class Qwen3VLMoeAdapter(Qwen3VLAdapter):
 
     name = "qwen3_vl_moe"
     model_types = ("qwen3_vl_moe",)
+
+
+# -- small configs: the tiny test models (vskip_compile.testing) and the easy-VQA model (zoo) ------
+QWEN_MROPE_SECTION = (16, 24, 24)  # the real checkpoints' M-RoPE sections (t, h, w), head_dim 128
+
+
+def small_rope_parameters(head_dim: int, interleaved: bool) -> dict[str, Any]:
+    """rope_parameters of a small Qwen text config: the real M-RoPE proportions rescaled to sum
+    to head_dim / 2, as the rotary needs; interleaved (t, h, w, t, h, w, ...) on Qwen3-VL."""
+    from .shrink import rescale_sections
+
+    rope = {"rope_type": "default", "rope_theta": 10000.0,
+            "mrope_section": rescale_sections(list(QWEN_MROPE_SECTION), head_dim // 2)}
+    return {**rope, "mrope_interleaved": True} if interleaved else rope
+
+
+def small_vision_config(depth: int, width: int, heads: int, ffn: int, out_width: int, patch: int, merge: int,
+                        temporal_patch: int, **extra: Any) -> dict[str, Any]:
+    """vision_config fields of a small Qwen2.5-VL / Qwen3-VL tower (out_width: the text
+    model's hidden size, which the merger projects to); `extra` adds the family's own fields
+    (Qwen2.5-VL windows, Qwen3-VL position embeddings and DeepStack blocks)."""
+    return dict(depth=depth, hidden_size=width, num_heads=heads, intermediate_size=ffn, out_hidden_size=out_width,
+                patch_size=patch, spatial_merge_size=merge, temporal_patch_size=temporal_patch, **extra)

@@ -128,7 +128,7 @@ def _shrink_text(cfg) -> None:
     for params in (rope.values() if isinstance(rope, dict) and all(isinstance(v, dict) for v in rope.values())
                    else [rope]):
         if isinstance(params, dict) and isinstance(params.get("mrope_section"), list):
-            params["mrope_section"] = _rescale(params["mrope_section"], _rotary_half(cfg, params))
+            params["mrope_section"] = rescale_sections(params["mrope_section"], _rotary_half(cfg, params))
 
 
 def _rotary_half(cfg, params: dict) -> int:
@@ -137,7 +137,7 @@ def _rotary_half(cfg, params: dict) -> int:
     return int(head_dim * factor) // 2
 
 
-def _rescale(sections: list[int], total: int) -> list[int]:
+def rescale_sections(sections: list[int], total: int) -> list[int]:
     """Sections (M-RoPE: t, h, w) summing to total, in the same proportions, each >= 1."""
     scaled = [max(1, round(s * total / sum(sections))) for s in sections]
     scaled[-1] += total - sum(scaled)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..config import SERVE_ENGINES
 from ..flops import DimsError, hf_text_config
 from .common import UsageError, float_in, load_plan, port, pos_int
 
@@ -22,7 +23,7 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, metavar="DIR", help="model directory (config.json, weights, processor)")
     p.add_argument("--plan", required=True, metavar="PLAN.json", help="skip plan for this model")
-    p.add_argument("--engine", choices=("inductor", "eager", "onnx"), default="inductor",
+    p.add_argument("--engine", choices=SERVE_ENGINES, default="inductor",
                    help="inductor (default) or eager: vskip_compile.compile backends; onnx: an exported engine")
     p.add_argument("--engine-dir", metavar="DIR", help="ONNX engine directory written by export_onnx (--engine onnx)")
     p.add_argument("--replicas", type=pos_int, default=1, help="model replicas (default 1)")

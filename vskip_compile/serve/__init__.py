@@ -7,8 +7,9 @@
 
 Modules: `request` (parsing, limits, sampling fields, 4xx errors, response and SSE bodies; no Ray,
 no torch), `engine` (model, processor, one generate call per batch of any layouts; no Ray),
-`batcher` (requests into batches, one run thread; no Ray), `app` (the Ray Serve application: the
-HTTP front with retries and drain, the model replicas, metrics, start/stop).
+`batcher` (requests into batches, one run thread; no Ray), `retry` (a request sent again when its
+replica dies; no Ray import), `app` (the Ray Serve application: the HTTP front with drain, the
+model replicas, metrics, start), `cluster` (Ray's lifecycle: a local instance, drain/stop, replicas).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ again to another replica (inference is idempotent: greedy, or sampled with a fix
 tokens already streamed are not sent twice). When no replica takes the request within
 retry_s, the answer is 503 with a Retry-After header, never a bare 500. Replicas drain on
 shutdown: Serve waits (graceful_shutdown_timeout_s = drain_s) for the requests they hold.
+
+The retries are retry.py's, Ray's lifecycle (local instance, drain, stop, replicas) cluster.py's;
+both are re-exported here, where callers have always found them.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the handler annotations (Request)
@@ -34,15 +37,20 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import metrics
 
+from ..config import CompileError
 from ..layout import LayoutError
 from ..plan import SkipPlan
-from ..config import CompileError
 from .batcher import Batcher, Closed
 from .engine import Answer, Engine
+from .cluster import (APP_NAME, _proxy_location, drain, init_local_ray, kill_replica, replica_actors,
+                      running_replicas, stop)
 from .request import (Chat, Limits, RequestError, chunk_body, completion_body, error_body, parse_chat, sse,
                       usage)
+from .retry import NoReplica, _retriable, retrying
 
-APP_NAME = "vskip"
+# The cluster and retry names are re-exported: callers have always found them here.
+__all__ = ["APP_NAME", "Ingress", "NoReplica", "ServeOptions", "VLMServer", "application", "drain", "init_local_ray",
+           "kill_replica", "replica_actors", "retrying", "running_replicas", "start", "stop"]
 logger = logging.getLogger("ray.serve")
 _SECONDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 
@@ -68,19 +76,6 @@ class ServeOptions:
     retry_s: float = 60.0  # how long the front tries to place a request on a live replica before a 503
     drain_s: float = 120.0  # how long a replica that is shut down waits for the requests it holds
     limits: Limits = field(default_factory=Limits)
-
-
-def _retriable() -> tuple[type[BaseException], ...]:
-    """Errors of a handle call that mean "that replica is gone or cannot take it": try another."""
-    from ray.exceptions import ActorUnavailableError, RayActorError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
-
-    return (RayActorError, ActorUnavailableError, ReplicaUnavailableError, DeploymentUnavailableError,
-            BackPressureError)
-
-
-class NoReplica(Exception):
-    """No replica could take the request within retry_s (a 503 with Retry-After)."""
 
 
 # -- the model replica ----------------------------------------------------------------------
@@ -164,50 +159,6 @@ class VLMServer:
 
 
 # -- the HTTP front -------------------------------------------------------------------------
-async def retrying(call, retry_s: float, on_retry=None, backoff_s: float = 0.5) -> AsyncIterator[dict[str, Any]]:
-    """A replica's events for one request (`call()` starts it: an async iterator of events);
-    when the replica dies (a _retriable error), `call()` again, skipping the "start" and
-    "token" events already passed on: the same request gives the same events (greedy, or
-    sampled with its fixed seed). NoReplica when no replica has started it within retry_s
-    of the first try (a replica that has started it may take its time: batches queue)."""
-    deadline = time.monotonic() + retry_s
-    passed = 0  # "start" + "token" events already passed on
-    attempt = 0
-    while True:
-        attempt += 1
-        seen = 0
-        stream = call()
-        try:
-            while True:
-                try:
-                    if seen == 0:
-                        event = await asyncio.wait_for(stream.__anext__(), timeout=max(0.0, deadline - time.monotonic()))
-                    else:
-                        event = await stream.__anext__()
-                except StopAsyncIteration:
-                    return
-                if event["type"] in ("start", "token"):
-                    seen += 1
-                    if seen <= passed:
-                        continue  # passed on before the replica died: the same again
-                    passed = seen
-                if event["type"] == "done":
-                    event["info"]["attempts"] = attempt
-                yield event
-        except asyncio.TimeoutError:
-            if hasattr(stream, "cancel"):
-                stream.cancel()
-            raise NoReplica(f"no replica could take the request within {retry_s:g} s "
-                            f"({attempt} attempt(s); the last got no answer)") from None
-        except _retriable() as e:
-            if time.monotonic() >= deadline:
-                raise NoReplica(f"no replica could take the request within {retry_s:g} s "
-                                f"({attempt} attempt(s); the last: {type(e).__name__})") from e
-            if on_retry is not None:
-                on_retry(attempt, e)
-            await asyncio.sleep(min(backoff_s * attempt, 2.0, max(0.0, deadline - time.monotonic())))
-
-
 app = FastAPI(title="vskip serve")
 
 
@@ -356,53 +307,6 @@ def application(options: ServeOptions):
     return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(model, opts)
 
 
-def init_local_ray(num_cpus: int | None = None, attempts: int = 3, **kwargs: Any) -> None:
-    """Start a new local Ray instance (`ray.init(address="local")`: never one that `ray start`
-    left running on this machine), retried when its node does not come up.
-
-    Why: Ray 2.60's raylet waits a fixed 15-20 s (RAY_agent_register_timeout_ms does not change
-    it; upstream issue ray-project/ray#65983) for its dashboard agent to write its port files and
-    aborts when the agent is late; the driver then raises "The current node timed out during
-    startup". On a small saturated machine (2 cores, other jobs) that happened to 7 starts in 15
-    here; a later attempt usually makes it (the agent's imports are in the page cache by then),
-    once only the third, and once at load 10 all three failed (about 2 minutes each). Processes
-    a failed attempt left behind (GCS server, log monitor, ...: children of this process that
-    were not there before it) are ended, by pid, before the next one. The last attempt's
-    exception is raised.
-    """
-    import psutil  # vendored by Ray (ray/thirdparty_files)
-
-    me = psutil.Process()
-    for attempt in range(1, attempts + 1):
-        before = {p.pid for p in me.children(recursive=True)}
-        try:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a plain Exception when its node does not come up
-            if attempt == attempts:
-                raise
-            logger.warning("local Ray did not start (attempt %d of %d): %s: %s", attempt, attempts, type(e).__name__, e)
-            ray.shutdown()
-            left = [p for p in me.children(recursive=True) if p.pid not in before]
-            for p in left:
-                try:
-                    p.terminate()
-                except psutil.NoSuchProcess:
-                    pass
-            for p in psutil.wait_procs(left, timeout=10)[1]:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-
-
-def _proxy_location() -> str:
-    """Serve's HTTP proxies on every node, unless nodes share an address (several Ray nodes on
-    one machine, as in the loopback cluster test): their proxies would fight for one port."""
-    addresses = [n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive")]
-    return "EveryNode" if len(addresses) == len(set(addresses)) else "HeadOnly"
-
-
 def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
           num_cpus: int | None = None, metrics_port: int | None = None) -> str:
     """Start (or join, with address) a Ray instance, deploy, and return the base URL.
@@ -425,48 +329,3 @@ def start(options: ServeOptions, host: str = "127.0.0.1", port: int = 8000, addr
     serve.start(http_options={"host": host, "port": port}, proxy_location=_proxy_location())
     serve.run(application(options), name=APP_NAME, route_prefix="/")
     return f"http://{host}:{port}"
-
-
-def drain(timeout_s: float | None = None) -> int:
-    """Graceful shutdown, first half: the HTTP front refuses new requests (503, Retry-After) and
-    waits for those in flight, at most timeout_s (default: the application's drain_s). Returns
-    how many were still in flight (0 also when no application is running)."""
-    if not ray.is_initialized() or APP_NAME not in serve.status().applications:
-        return 0
-    return serve.get_app_handle(APP_NAME).drain.remote(timeout_s).result()
-
-
-def stop(drain_first: bool = True, timeout_s: float | None = None) -> None:
-    """Drain the requests in flight (drain_first), then delete the application, stop Serve and
-    disconnect from (or stop) Ray. `vskip serve` stops this way on Ctrl-C."""
-    if drain_first and ray.is_initialized():
-        try:
-            left = drain(timeout_s)
-        except Exception as e:  # noqa: BLE001 - a broken application must not keep Serve from stopping
-            logger.warning("drain failed (%s: %s); stopping anyway", type(e).__name__, e)
-        else:
-            if left:
-                logger.warning("stopping with %d request(s) still in flight", left)
-    serve.shutdown()
-    ray.shutdown()
-
-
-def replica_actors() -> list[str]:
-    """Names of this application's live model replica actors (namespace "serve"), for fault tests."""
-    names = ray.util.list_named_actors(all_namespaces=True)
-    return [a["name"] for a in names if a["namespace"] == "serve" and a["name"].startswith("SERVE_REPLICA::")
-            and f"{APP_NAME}#VLMServer#" in a["name"]]
-
-
-def running_replicas() -> int:
-    """Model replicas of this application that Ray Serve reports RUNNING (0 while it has none)."""
-    app_status = serve.status().applications.get(APP_NAME)
-    if app_status is None:
-        return 0
-    deployment = app_status.deployments.get("VLMServer")
-    return 0 if deployment is None else deployment.replica_states.get("RUNNING", 0)
-
-
-def kill_replica(name: str) -> None:
-    """ray.kill one replica actor; Ray Serve's controller notices and starts a new one."""
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)

@@ -29,14 +29,14 @@ from typing import Any, Protocol
 import torch
 
 from .. import video
-from ..config import CompileConfig
+from ..config import SERVE_ENGINES, CompileConfig
 from ..layout import VisualLayout
 from ..modeldir import load
 from ..plan import SkipPlan
-from ..runtime import CompiledVLM, decode_batch_bucket, left_pad_batch
+from ..decode_state import decode_batch_bucket
+from ..padding import left_pad_batch
+from ..runtime import CompiledVLM
 from .request import Chat, Limits, RequestError
-
-ENGINES = ("inductor", "eager", "onnx")
 
 
 @dataclass
@@ -153,8 +153,8 @@ class Engine:
         max_batch_size: int = 8,
         threads: int | None = None,
     ):
-        if engine not in ENGINES:
-            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+        if engine not in SERVE_ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(SERVE_ENGINES)}")
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model_dir = Path(model_dir)

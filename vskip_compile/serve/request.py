@@ -92,22 +92,7 @@ def decode_image(url: Any, limits: Limits, where: str):
     """A base64 `data:image/...` URL -> RGB PIL image, within the byte and pixel limits."""
     from PIL import Image, UnidentifiedImageError
 
-    if not isinstance(url, str):
-        raise RequestError(400, f"{where}: image_url.url must be a string")
-    if not url.startswith("data:"):
-        raise RequestError(400, f"{where}: only base64 data URLs are accepted (data:image/png;base64,...); "
-                                "this server fetches nothing")
-    head, sep, payload = url.partition(",")
-    if not sep or not head.endswith(";base64") or not head[len("data:"):].startswith("image/"):
-        raise RequestError(400, f"{where}: expected data:image/<format>;base64,<data>")
-    if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
-        raise RequestError(413, f"{where}: image larger than {limits.max_image_bytes} bytes")
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RequestError(400, f"{where}: invalid base64 ({e})") from e
-    if len(raw) > limits.max_image_bytes:
-        raise RequestError(413, f"{where}: image larger than {limits.max_image_bytes} bytes")
+    raw = _data_url(url, "image", limits.max_image_bytes, where, field="image_url.url")
     try:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size  # from the header; nothing decoded yet
@@ -121,10 +106,11 @@ def decode_image(url: Any, limits: Limits, where: str):
         raise RequestError(400, f"{where}: cannot decode the image ({type(e).__name__}: {e})") from e
 
 
-def _data_url(url: Any, kind: str, limit: int, where: str) -> bytes:
-    """The bytes of a base64 `data:<kind>/...;base64,` URL of at most `limit` bytes."""
+def _data_url(url: Any, kind: str, limit: int, where: str, field: str = "the url") -> bytes:
+    """The bytes of a base64 `data:<kind>/...;base64,` URL of at most `limit` bytes (field: how
+    the error names the url)."""
     if not isinstance(url, str):
-        raise RequestError(400, f"{where}: the url must be a string")
+        raise RequestError(400, f"{where}: {field} must be a string")
     if not url.startswith("data:"):
         raise RequestError(400, f"{where}: only base64 data URLs are accepted (data:{kind}/...;base64,...); "
                                 "this server fetches nothing")

@@ -49,6 +49,9 @@ _QWEN_IDS = dict(
 )
 # Qwen images: an 8x8 grid of 4-pixel patches, merged 2x2 -> 16 visual tokens per image.
 _QWEN_PATCH, _QWEN_GRID, _QWEN_MERGE, _QWEN_TPATCH = 4, 8, 2, 2
+# The Qwen vision towers (archs.qwen.small_vision_config after depth): width 32, 2 heads, FFN 64,
+# out to the text hidden size.
+_QWEN_VISION = (32, 2, 64, 64, _QWEN_PATCH, _QWEN_MERGE, _QWEN_TPATCH)
 # LLaVA: a 16x16 image in 4-pixel patches -> 16 tokens ("default" drops CLS).
 _CLIP = dict(
     hidden_size=32,
@@ -76,43 +79,17 @@ def _config(arch: str):
         Qwen3VLMoeConfig,
     )
 
+    from ..archs.qwen import small_rope_parameters, small_vision_config
+
     if arch == "qwen2_5_vl":
-        text = dict(_TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=_QWEN_PATCH,
-            spatial_merge_size=_QWEN_MERGE,
-            temporal_patch_size=_QWEN_TPATCH,
-            window_size=16,  # 2x2 merged tokens per window: window attention is exercised
-            fullatt_block_indexes=[1],
-            out_hidden_size=64,
-        )
+        text = dict(_TEXT, rope_parameters=small_rope_parameters(_TEXT["head_dim"], interleaved=False))
+        # window_size 16: 2x2 merged tokens per window, so window attention is exercised
+        vision = small_vision_config(2, *_QWEN_VISION, window_size=16, fullatt_block_indexes=[1])
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
     if arch in ("qwen3_vl", "qwen3_vl_moe"):
-        text = dict(
-            _TEXT,
-            rope_parameters={
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [2, 3, 3],  # sums to head_dim / 2
-                "mrope_interleaved": True,
-            },
-        )
-        vision = dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            patch_size=_QWEN_PATCH,
-            spatial_merge_size=_QWEN_MERGE,
-            temporal_patch_size=_QWEN_TPATCH,
-            out_hidden_size=64,
-            num_position_embeddings=64,  # a perfect square
-            deepstack_visual_indexes=[0, 1],  # DeepStack adds after text layers 0 and 1
-        )
+        text = dict(_TEXT, rope_parameters=small_rope_parameters(_TEXT["head_dim"], interleaved=True))
+        # 64 position embeddings: a perfect square; DeepStack adds after text layers 0 and 1
+        vision = small_vision_config(3, *_QWEN_VISION, num_position_embeddings=64, deepstack_visual_indexes=[0, 1])
         if arch == "qwen3_vl":
             return Qwen3VLConfig(text_config=text, vision_config=vision, **_QWEN_IDS)
         moe = dict(
@@ -291,6 +268,6 @@ def tiny_video_inputs(model, arch: str, parts, seed: int = 0, seconds_per_grid: 
 def left_padded_batch(rows: list[dict]) -> dict:
     """Single-row tiny_inputs dicts of different lengths as one left-padded batch (pad id 0,
     attention_mask 0 at the padding), as a processor with padding_side='left' gives."""
-    from ..runtime import left_pad_batch
+    from ..padding import left_pad_batch
 
     return left_pad_batch(rows, pad_token_id=0)
