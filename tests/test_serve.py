@@ -479,14 +479,16 @@ def test_onnx_engine_over_http(service, model_dir, onnx_engine_dir, reference, s
 # -- engine "inductor" ----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_inductor_engine_over_http(service, model_dir, reference, samples):
-    """Engine "inductor" (the `vskip serve` default): one request end to end answers what
-    compile(..., backend="inductor").generate answers for it alone."""
+    """Engine "inductor" (the `vskip serve` default): one request end to end answers what the
+    request alone answers through compile(..., backend="eager").generate, the oracle the other
+    engines are held to. Exact equality across inner compilers holds here: inductor's fp32
+    kernels stay within 1e-5 of eager in the logits (test_backend), far below the shipped
+    model's top-2 logit margins on these answers (at least 2.3 over the greedy tokens of the
+    first 40 test questions, measured); a second, in-process inductor compile of the
+    reference would only double the longest step of this file."""
     url = service.deploy(model_dir, "inductor")
     assert _get(url, "/health")["engine"] == "inductor"
-    # Not overlapped with the reference: two cold inductor compiles at once on 2 cores took
-    # more than 240 s here; one after the other, the reference mostly hits the FX graph cache
-    # the replica just filled (same machine, same cache directory).
     status, body = _post(url, _chat(_data_url(samples[0][0]), samples[0][1]), timeout=900)
-    _check_answer(status, body, reference(samples[:1], backend="inductor")[0])
+    _check_answer(status, body, reference(samples[:1])[0])
     assert body["vskip"]["batch"] == 1
     assert _get(url, "/health")["graph_cache"]["misses"] >= 1
