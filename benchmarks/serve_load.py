@@ -24,6 +24,9 @@ which then also exercises the new, cold replica); requests that fail are counted
 and a 200 whose answer differs from the reference is counted as wrong (must be 0).
 Everything is bounded: request count, per-request timeout, total time limit; traffic goes to
 127.0.0.1 only. Prints one JSON report.
+
+(About 430 lines, one script: its load, kill and sweep modes share the deployment, the
+reference answers and the report; split, each mode would repeat them.)
 """
 
 from __future__ import annotations
