@@ -567,7 +567,8 @@ def _causal_rows(b: Builder, geo, q: torch.Tensor, additive: bool, like: fx.Node
     the kept rows: [K, S] for a static layout (its kept spans), [B, 1, K, S] for layout as data
     (the kept-row index; padding entries point at a real row or a padding one, so every row
     keeps key 0 and no softmax runs over nothing). Boolean, or additive (0 / -inf) in q's dtype."""
-    keys = b.call(aten.arange.default, (geo.seq_len,), {"dtype": torch.int64, "device": q.device}, like=like)  # [S]
+    keys = b.call(aten.arange.start_step, (0, geo.seq_len, 1), {"dtype": torch.int64, "device": q.device},
+                  like=like)  # [S] (start_step: the overload inductor lowers after its decompositions)
     if isinstance(geo, Geometry):
         pos = b.call(aten.unsqueeze.default, (b.slice_rows(keys, Rows(0), geo), 1), like=like)  # [K, 1]
     else:
