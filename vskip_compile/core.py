@@ -113,8 +113,14 @@ class LeftPadRoll:
         self.seq_len = seq_len
         self.pads = (attention_mask == 0).sum(dim=1)  # [B], left padding (the runtime refuses other padding)
         rows = torch.arange(seq_len, device=attention_mask.device)  # [S]
-        self.forward = (rows[None, :] + self.pads[:, None]) % seq_len  # [B, S]: rotated row j holds row forward[b, j]
-        self.back = (rows[None, :] - self.pads[:, None]) % seq_len  # [B, S]: row i is rotated row back[b, i]
+        self.forward = self.wrap(rows[None, :] + self.pads[:, None])  # [B, S]: rotated row j holds row forward[b, j]
+        self.back = self.wrap(rows[None, :] - self.pads[:, None])  # [B, S]: row i is rotated row back[b, i]
+
+    def wrap(self, i: torch.Tensor) -> torch.Tensor:
+        """i mod S for i in [-S, 2S), by two wheres: the ONNX exporter's remainder takes no
+        symbolic divisor."""
+        i = torch.where(i < 0, i + self.seq_len, i)
+        return torch.where(i >= self.seq_len, i - self.seq_len, i)
 
     @staticmethod
     def take(x: torch.Tensor, index: torch.Tensor, axis: int, batch_axis: int) -> torch.Tensor:
@@ -136,7 +142,7 @@ class LeftPadRoll:
 
     def index(self, kept_index: torch.Tensor) -> torch.Tensor:
         """Kept-row indices [B, K] in the rotated layout."""
-        return (kept_index - self.pads[:, None]) % self.seq_len  # [B, K]
+        return self.wrap(kept_index - self.pads[:, None])  # [B, K]
 
 
 class CoreError(VSkipError, NotImplementedError):
