@@ -14,14 +14,17 @@ It calls the model's own decoder layers (same modules, same weights), so the gra
 the passes expect (`layers.<i>.self_attn`, `layers.<i>.mlp`, one SDPA per layer). K/V of every
 layer, full rows, come out as graph outputs.
 
-No S x S mask on SDPA attention: the layers get no mask, so SDPA runs with is_causal=True
-(HF's own choice without padding; the CPU flash kernel builds no mask), and a left-padded
-batch is turned into a right-padded one inside the graph (`LeftPadRoll`: each batch row's
-rows rotated by its padding, and back at the outputs), where causal attention alone keeps
+No S x S mask on SDPA attention on CPU: the layers get no mask, so SDPA runs with
+is_causal=True (HF's own choice without padding; the CPU flash kernel builds no mask), and a
+left-padded batch is turned into a right-padded one inside the graph (`LeftPadRoll`: each batch
+row's rows rotated by its padding, and back at the outputs), where causal attention alone keeps
 every real row off the padding keys. One graph serves padded and unpadded batches. A skipped
-operator's K kept query rows get a K x S mask built from their positions (passes/rules.py,
-the SDPA rule). Eager attention and sliding-window layers keep an explicit S x S mask. MoE experts run with the row-wise "batched_mm"
-implementation while the core (or DecodeStep) is traced (vskip_compile.experts).
+operator's K kept query rows get a K x S mask built from their positions (passes/rules.py, the
+SDPA rule). Eager attention, sliding-window layers and CUDA (whose is_causal kernel, flash,
+takes no mask for the cut rows) keep an explicit causal S x S mask.
+
+MoE experts run with the row-wise "batched_mm" implementation while the core (or DecodeStep)
+is traced (vskip_compile.experts).
 
 DecodeStep is its decode counterpart: one new token over a fixed-size, masked KV cache,
 
@@ -229,10 +232,14 @@ def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor |
 
 def prefill_masks(language_model: nn.Module, windows: tuple[int | None, ...], hidden: torch.Tensor) -> list:
     """Per layer, the mask a prefill over hidden [B, S, D] (no padding, or padding rotated to
-    the right) passes: None for full causal SDPA layers (SDPA's is_causal, no S x S tensor),
-    the explicit causal mask [1, 1, S, S] for sliding-window layers and eager attention."""
+    the right) passes: None for full causal SDPA layers on CPU (SDPA's is_causal: the CPU flash
+    kernel takes no S x S tensor, and a cut layer's K x S rows as its mask), the explicit causal
+    mask [1, 1, S, S] for sliding-window layers, eager attention and other devices (on CUDA,
+    is_causal traces to the flash kernel, which takes no mask: the passes could not give a
+    skipped operator's query rows theirs)."""
     impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
-    sdpa = impl in ("sdpa", flex.NAME)  # flex.NAME sends a mask that is no FlexMask to transformers' SDPA
+    # flex.NAME sends a mask that is no FlexMask to transformers' SDPA
+    sdpa = impl in ("sdpa", flex.NAME) and hidden.device.type == "cpu"
     if sdpa and all(w is None for w in windows):
         return [None] * len(windows)
     mask = causal_mask(hidden.shape[1], hidden.device)  # [1, 1, S, S]
