@@ -112,11 +112,10 @@ class LeftPadRoll:
     """
 
     def __init__(self, attention_mask: torch.Tensor):
-        batch, seq_len = attention_mask.shape
-        self.seq_len = seq_len
+        seq_len = self.seq_len = attention_mask.shape[1]
         self.pads = (attention_mask == 0).sum(dim=1)  # [B], left padding (the runtime refuses other padding)
         rows = torch.arange(seq_len, device=attention_mask.device)  # [S]
-        self.forward = self.wrap(rows[None, :] + self.pads[:, None])  # [B, S]: rotated row j holds row forward[b, j]
+        self.source = self.wrap(rows[None, :] + self.pads[:, None])  # [B, S]: rotated row j holds row source[b, j]
         self.back = self.wrap(rows[None, :] - self.pads[:, None])  # [B, S]: row i is rotated row back[b, i]
 
     def wrap(self, i: torch.Tensor) -> torch.Tensor:
@@ -136,7 +135,7 @@ class LeftPadRoll:
 
     def rows(self, x: torch.Tensor, axis: int = 1) -> torch.Tensor:
         """x [.., B, S, ..] (sequence on `axis`, the batch before it) in the rotated layout."""
-        return self.take(x, self.forward, axis, axis - 1)
+        return self.take(x, self.source, axis, axis - 1)
 
     def unrolled(self, x: torch.Tensor, axis: int = 1, last: int = 0) -> torch.Tensor:
         """x [B, .., S, ..] (batch first, sequence on `axis`) back in the left-padded layout;
