@@ -46,6 +46,6 @@ for r in (r for path in sys.argv[1:] for r in json.load(open(path))):
           f"poly vs static {r['poly_vs_static']:.3f}; skip vs gather {r['skip_vs_gather']:.3f}; "
           f"peak MiB {r['peak_mib']}; max |skip - ref| {r['max_abs_diff_last_logits']:.2e}")
 EOF
-# Long context (issue 13/18): peak memory SDPA (S x S mask) vs FlexAttention at S = 8192, bf16.
-timeout 60 python3 benchmarks/long_context_memory.py --device cuda --dtype bf16 --seq 8192 \
+# Long context (issue 13/18): peak memory full vs skip at 4,096 and 16,384 visual rows, SDPA (no S x S mask) and FlexAttention, bf16.
+timeout 180 python3 benchmarks/long_context_memory.py --device cuda --dtype bf16 --frames 16 64 --attention sdpa flex \
     --json "$out/gpu_long_context_memory.json" || echo "long-context memory run failed or timed out"

@@ -531,7 +531,8 @@ def _sdpa(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     """softmax(q kᵀ + mask) v: query rows cut, keys and values of all rows, mask rows cut.
 
     is_causal=True with fewer queries than keys would align the mask top-left (wrong here):
-    the full causal mask is built explicitly and its query rows cut like an explicit mask's.
+    the cut query rows get an explicit causal mask built from their positions (K x S, see
+    _causal_rows), never the S x S one.
     """
     q, k, v = node.args[:3]
     rank = len(shape(q))
@@ -546,31 +547,42 @@ def _sdpa(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     if mask is not None:
         demands.append((mask, _broadcast(mask, out_shape[:-1] + (shape(k)[-2],), out)))
     if causal:
-        if not isinstance(geo, Geometry):
-            raise NotRowwise("is_causal=True in a layout-polymorphic graph: trace with an explicit mask (DecoderCore does)")
         if mask_name is None:
             raise NotRowwise("flash attention with is_causal=True takes no mask; trace with an explicit mask")
+        if mask is not None:
+            raise NotRowwise("is_causal=True together with an explicit mask")
         if shape(q)[-2] != geo.seq_len or shape(k)[-2] != geo.seq_len or out.inner != 1:
             raise NotRowwise("is_causal=True on a query/key length other than the sequence")
 
     def rebuild(new: NewArg, b: Builder, geo: Geometry) -> fx.Node:
         args, kwargs = _mapped(node, new)
         if causal:
-            s = geo.seq_len
-            dtype, device = tensor_val(q).dtype, tensor_val(q).device
-            if additive:  # 0 on and below the diagonal, -inf above   [S, S]
-                full = b.call(aten.full.default, ([s, s], float("-inf")), {"dtype": dtype, "device": device}, like=node)
-                causal_mask = b.call(aten.triu.default, (full, 1), like=node)
-            else:  # True on and below the diagonal   [S, S]
-                ones = b.call(aten.ones.default, ([s, s],), {"dtype": torch.bool, "device": device}, like=node)
-                causal_mask = b.call(aten.tril.default, (ones,), like=node)
-            rows = b.slice_rows(causal_mask, Rows(0), geo)  # [S_kept, S]: the kept query rows
+            rows = _causal_rows(b, geo, tensor_val(q), additive, like=node)  # [K, S] or [B, 1, K, S]
             args, kwargs = _with_arg(node, args, kwargs, "is_causal", False)
             args, kwargs = _with_arg(node, args, kwargs, mask_name, rows)
         return b.call(node.target, args, kwargs, like=node)
 
     return Restriction(demands, rebuild)
 
+
+def _causal_rows(b: Builder, geo, q: torch.Tensor, additive: bool, like: fx.Node) -> fx.Node:
+    """The causal mask's kept query rows, key <= query position, built from the positions of
+    the kept rows: [K, S] for a static layout (its kept spans), [B, 1, K, S] for layout as data
+    (the kept-row index; padding entries point at a real row or a padding one, so every row
+    keeps key 0 and no softmax runs over nothing). Boolean, or additive (0 / -inf) in q's dtype."""
+    keys = b.call(aten.arange.start_step, (0, geo.seq_len, 1), {"dtype": torch.int64, "device": q.device},
+                  like=like)  # [S] (start_step: the overload inductor lowers after its decompositions)
+    if isinstance(geo, Geometry):
+        pos = b.call(aten.unsqueeze.default, (b.slice_rows(keys, Rows(0), geo), 1), like=like)  # [K, 1]
+    else:
+        pos = b.call(aten.unsqueeze.default, (b.call(aten.unsqueeze.default, (geo.index, 1), like=like), -1),
+                     like=like)  # [B, 1, K, 1]
+    allowed = b.call(aten.le.Tensor, (keys, pos), like=like)  # [K, S] or [B, 1, K, S]
+    if not additive:
+        return allowed
+    zero = b.call(aten.scalar_tensor.default, (0.0,), {"dtype": q.dtype, "device": q.device}, like=like)
+    never = b.call(aten.scalar_tensor.default, (float("-inf"),), {"dtype": q.dtype, "device": q.device}, like=like)
+    return b.call(aten.where.self, (allowed, zero, never), like=like)
 
 
 _ONE_BLOCK = 1 << 30  # the block size of flex attention's empty (length-free) block mask

@@ -23,6 +23,7 @@ import transformers
 from torch import fx, nn
 
 from vskip_compile import SkipPlan, VisualLayout
+from vskip_compile.attention_ops import SDPA_MASKS
 from vskip_compile.core import KVCache, causal_mask
 from vskip_compile.testing.graphs import aot_graph, count_ops
 from vskip_compile.passes import (
@@ -35,6 +36,7 @@ from vskip_compile.passes import (
     run_passes,
     run_passes_on_graph,
 )
+from vskip_compile.passes.rules import _arg
 
 ATOL = RTOL = 1e-5
 KINDS = ("llama", "qwen2", "qwen3")
@@ -234,7 +236,8 @@ def test_decomposed_math_attention_matches_oracle():
 @pytest.mark.parametrize("form", ["export", "aot"])
 def test_is_causal_gets_an_explicit_rectangular_mask(form):
     """Without a mask HF calls SDPA with is_causal=True; fewer queries than keys would align it
-    top-left, so the pass builds the full causal mask and cuts its query rows."""
+    top-left, so the pass gives the kept query rows their causal mask, built from their
+    positions as K x S (never the S x S mask cut afterwards)."""
     stack = stack_for("llama", 2, "is_causal")
     plan = SkipPlan(("skip_attn", "skip_attn"))
     layout = VisualLayout.single(S, [(3, 11)], B)
@@ -242,12 +245,20 @@ def test_is_causal_gets_an_explicit_rectangular_mask(form):
         gm, inputs = exported("llama", causal="is_causal")
         assert any(n.kwargs.get("is_causal") or (len(n.args) > 5 and n.args[5]) for n in gm.graph.nodes if "scaled_dot" in str(n.target))
         res = rewrite_and_check(gm, inputs, stack, plan, layout)
-        assert sum(n.target is torch.ops.aten.tril.default for n in res.gm.graph.nodes) == 2
     else:
         gm, args, inputs = aot_cached("llama", "is_causal")
         res = rewrite_and_check(gm, inputs, stack, plan, layout, run_args=args)
-        assert sum(n.target is torch.ops.aten.triu.default for n in res.gm.graph.nodes) == 2  # additive -inf mask
     assert res.counters["attn_rewritten"] == 2
+    kept = S - (11 - 3)
+    masks = [_arg(n, SDPA_MASKS[n.target][0]) for n in res.gm.graph.nodes if n.target in SDPA_MASKS]
+    assert len(masks) == 2 and all(tuple(m.meta["val"].shape) == (kept, S) for m in masks)  # [K, S] each
+    aten = torch.ops.aten
+    square = [n for n in res.gm.graph.nodes if isinstance(v := n.meta.get("val"), torch.Tensor)
+              and tuple(v.shape[-2:]) == (S, S)  # S = head_dim here: mask-like tensors only
+              and (v.dtype == torch.bool or n.target in (aten.full.default, aten.triu.default, aten.where.self))]
+    assert not square, f"an S x S mask in the rewritten graph: {square}"
+    if form == "aot":  # the CPU flash kernel's additive mask: 0 / -inf from the boolean rows
+        assert all(m.target is torch.ops.aten.where.self for m in masks)
 
 
 def test_prefix_through_visual_freezes_the_text_before_the_image():

@@ -10,11 +10,21 @@ needs, with everything data-dependent computed outside by the adapter:
 The second form takes the layout as data (vskip_compile.kept_rows) and a left-padding mask:
 one graph, its sequence length and kept count symbolic, serves every layout and mixed batches.
 
-It calls the model's own decoder layers (same modules, same weights), with an explicit causal
-mask built from the static sequence length, so the graph has the shape the passes expect
-(`layers.<i>.self_attn`, `layers.<i>.mlp`, SDPA with an explicit mask). K/V of every layer,
-full rows, come out as graph outputs. MoE experts run with the row-wise "batched_mm"
-implementation while the core (or DecodeStep) is traced (vskip_compile.experts).
+It calls the model's own decoder layers (same modules, same weights), so the graph has the shape
+the passes expect (`layers.<i>.self_attn`, `layers.<i>.mlp`, one SDPA per layer). K/V of every
+layer, full rows, come out as graph outputs.
+
+No S x S mask on SDPA attention on CPU: the layers get no mask, so SDPA runs with
+is_causal=True (HF's own choice without padding; the CPU flash kernel builds no mask), and a
+left-padded batch is turned into a right-padded one inside the graph (`LeftPadRoll`: each batch
+row's rows rotated by its padding, and back at the outputs), where causal attention alone keeps
+every real row off the padding keys. One graph serves padded and unpadded batches. A skipped
+operator's K kept query rows get a K x S mask built from their positions (passes/rules.py, the
+SDPA rule). Eager attention, sliding-window layers and CUDA (whose is_causal kernel, flash,
+takes no mask for the cut rows) keep an explicit causal S x S mask.
+
+MoE experts run with the row-wise "batched_mm" implementation while the core (or DecodeStep)
+is traced (vskip_compile.experts).
 
 DecodeStep is its decode counterpart: one new token over a fixed-size, masked KV cache,
 
@@ -46,13 +56,18 @@ class KVCache:
     with K after RoPE, shape [B, KV, S, E]: exactly what a DynamicCache stores for decoding.
     A prefill's first update returns K/V as they are (what DecoderCore records); eager decoding
     (the token-dropping baselines, the eval harness) appends to it. Layers may hold different
-    lengths (tokens dropped from some layer on).
+    lengths (tokens dropped from some layer on). `record` maps what is stored (DecoderCore:
+    K/V rotated back to the left-padded layout, attention keeps the rotated ones).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, record=None) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.record = record
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.record is not None:
+            self.kv[layer_idx] = (self.record(key_states), self.record(value_states))
+            return key_states, value_states
         if layer_idx in self.kv:
             k, v = self.kv[layer_idx]
             key_states = torch.cat([k, key_states], dim=2)  # [B, KV, S+n, E]
@@ -84,16 +99,52 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def padded_causal_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Boolean [B, 1, S, S] mask of a left-padded batch: causal, padding keys masked out.
+class LeftPadRoll:
+    """A left-padded batch as a right-padded one: batch row b's rows rotated by its padding
+    pads[b], so its real rows come first (row j of the rotated layout is row (j + pads[b]) mod S).
 
-    Each row still attends to itself, so a padding row (never a key of a real row) gets a
-    finite attention output instead of a softmax over nothing.
+    Causal attention on the rotated layout never lets a real row see a padding key (they all
+    come after it), so SDPA needs no mask: is_causal=True, no S x S tensor. Positions and RoPE
+    ids travel with their rows; relative distances between real rows (sliding windows) are
+    unchanged. A padding row attends causally to the rows before it: finite, and never a key
+    of a real row (decoding masks it by the attention mask). Costs one gather per input row
+    tensor and per recorded K/V; zero padding rotates by 0 (an exact copy).
     """
-    seq_len = attention_mask.shape[1]
-    keys = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
-    own = torch.eye(seq_len, dtype=torch.bool, device=attention_mask.device)[None, None]  # [1, 1, S, S]
-    return causal_mask(seq_len, attention_mask.device) & (keys | own)  # [B, 1, S, S]
+
+    def __init__(self, attention_mask: torch.Tensor):
+        seq_len = self.seq_len = attention_mask.shape[1]
+        self.pads = (attention_mask == 0).sum(dim=1)  # [B], left padding (the runtime refuses other padding)
+        rows = torch.arange(seq_len, device=attention_mask.device)  # [S]
+        self.source = self.wrap(rows[None, :] + self.pads[:, None])  # [B, S]: rotated row j holds row source[b, j]
+        self.back = self.wrap(rows[None, :] - self.pads[:, None])  # [B, S]: row i is rotated row back[b, i]
+
+    def wrap(self, i: torch.Tensor) -> torch.Tensor:
+        """i mod S for i in [-S, 2S), by two wheres: the ONNX exporter's remainder takes no
+        symbolic divisor."""
+        i = torch.where(i < 0, i + self.seq_len, i)
+        return torch.where(i >= self.seq_len, i - self.seq_len, i)
+
+    @staticmethod
+    def take(x: torch.Tensor, index: torch.Tensor, axis: int, batch_axis: int) -> torch.Tensor:
+        """x's rows index [B, n] along `axis`, the batch on `batch_axis` (broadcast elsewhere)."""
+        view = [1] * x.ndim
+        view[batch_axis], view[axis] = index.shape
+        size = list(x.shape)
+        size[axis] = index.shape[1]
+        return torch.gather(x, axis, index.view(view).expand(size))  # x with axis of size n
+
+    def rows(self, x: torch.Tensor, axis: int = 1) -> torch.Tensor:
+        """x [.., B, S, ..] (sequence on `axis`, the batch before it) in the rotated layout."""
+        return self.take(x, self.source, axis, axis - 1)
+
+    def unrolled(self, x: torch.Tensor, axis: int = 1, last: int = 0) -> torch.Tensor:
+        """x [B, .., S, ..] (batch first, sequence on `axis`) back in the left-padded layout;
+        last > 0: only its last `last` rows."""
+        return self.take(x, self.back[:, -last:] if last else self.back, axis, 0)
+
+    def index(self, kept_index: torch.Tensor) -> torch.Tensor:
+        """Kept-row indices [B, K] in the rotated layout."""
+        return self.wrap(kept_index - self.pads[:, None])  # [B, K]
 
 
 class CoreError(VSkipError, NotImplementedError):
@@ -176,6 +227,22 @@ def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor |
         query_index = keys[-mask.shape[-2]:]  # [Q]
     near = keys > query_index[..., :, None] - window  # [Q, T] or [B, Q, T]
     return mask & (near[None, None] if near.ndim == 2 else near[:, None])  # [B, 1, Q, T]
+
+
+def prefill_masks(language_model: nn.Module, windows: tuple[int | None, ...], hidden: torch.Tensor) -> list:
+    """Per layer, the mask a prefill over hidden [B, S, D] (no padding, or padding rotated to
+    the right) passes: None for full causal SDPA layers on CPU (SDPA's is_causal: the CPU flash
+    kernel takes no S x S tensor, and a cut layer's K x S rows as its mask), the explicit causal
+    mask [1, 1, S, S] for sliding-window layers, eager attention and other devices (on CUDA,
+    is_causal traces to the flash kernel, which takes no mask: the passes could not give a
+    skipped operator's query rows theirs)."""
+    impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
+    # flex.NAME sends a mask that is no FlexMask to transformers' SDPA
+    sdpa = impl in ("sdpa", flex.NAME) and hidden.device.type == "cpu"
+    if sdpa and all(w is None for w in windows):
+        return [None] * len(windows)
+    mask = causal_mask(hidden.shape[1], hidden.device)  # [1, 1, S, S]
+    return [None if sdpa and w is None else layer_mask(windowed(mask, w), language_model, hidden.dtype) for w in windows]
 
 
 def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -276,13 +343,21 @@ class DecoderCore(nn.Module):
         kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding)."""
         if self.layout_inputs:
             kept_index, kept_valid, attention_mask, *deepstack = rest
-            inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
         else:
             deepstack = rest
             attention_mask = None
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
-        recorder = KVCache()
+        roll = None
+        if self.attention == "sdpa" and attention_mask is not None:  # padding: rotate it to the right (no mask)
+            roll = LeftPadRoll(attention_mask)
+            inputs_embeds = roll.rows(inputs_embeds)  # [B, S, D]
+            position_ids = roll.rows(position_ids, position_ids.ndim - 1)  # [.., B, S]
+            deepstack = [roll.rows(d) for d in deepstack]  # [B, S, D] each
+            kept_index = roll.index(kept_index)  # [B, K]
+        if self.layout_inputs:
+            inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
+        recorder = KVCache(record=None if roll is None else lambda t: roll.unrolled(t, axis=2))  # [B, KV, S, E]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
         if self.attention == "flex":
             if attention_mask is None:
@@ -290,17 +365,14 @@ class DecoderCore(nn.Module):
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
                            position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
         else:
-            if attention_mask is None:
-                mask = causal_mask(inputs_embeds.shape[1], inputs_embeds.device)  # [1, 1, S, S]
-            else:
-                mask = padded_causal_mask(attention_mask)  # [B, 1, S, S]
-            dtype = inputs_embeds.dtype
-            masks = [layer_mask(windowed(mask, w), self.lm, dtype) for w in self.windows]  # each layer its own mask
+            masks = prefill_masks(self.lm, self.windows, inputs_embeds)
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
                            deepstack, self.cache_kw)
-        x = self.lm.norm(x)
-        if self.logits_to_keep:
+        if roll is not None:
+            x = roll.unrolled(x, last=self.logits_to_keep)  # [B, n or S, D], left-padded again
+        elif self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
+        x = self.lm.norm(x)
         logits = self.lm_head(x)  # [B, n or S, V]
 
         kv: list[torch.Tensor] = []

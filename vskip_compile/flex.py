@@ -1,17 +1,17 @@
 """FlexAttention for the prefill core: the causal and padding mask as a score_mod over
 per-row vectors, so no S x S mask is ever materialized.
 
-The SDPA path hands every layer a boolean [B, 1, S, S] mask (and the CPU flash kernel an
-additive float copy of it): 256 MiB per batch row at S = 8192, 1 GiB at 16384. Here each
-attention call gets `FlexMask(query_rows [B, S], pads [B])` instead, and the mask is
-computed inside the kernel from
+The SDPA path (vskip_compile.core) needs no mask for all-row attention either (is_causal,
+the padding rotated to the right); here each attention call gets `FlexMask(query_rows [B, S],
+pads [B])`, and the mask is computed inside the kernel from
 
     allowed(b, q, k) = k <= query_rows[b, q] and (k >= pads[b] or k == query_rows[b, q])
 
-(core.padded_causal_mask's rule for a left-padded batch: the runtime refuses other padding). The mask reads the query's sequence position from
-`query_rows`, never `q_idx` itself, so cutting an attention operator's query rows to the kept
-rows (the passes gather `query_rows` like any row tensor) keeps it exact: that is what the
-flex-attention rule in passes/rules.py checks before it cuts.
+(a left-padded batch, each padding row attending to itself: the runtime refuses other
+padding). The mask reads the query's sequence position from `query_rows`, never `q_idx`
+itself, so cutting an attention operator's query rows to the kept rows (the passes gather
+`query_rows` like any row tensor) keeps it exact: that is what the flex-attention rule in
+passes/rules.py checks before it cuts.
 
 No block mask: a block-sparse mask would be built for the full query length; the empty (one
 giant block) mask is length-free, and the FLOPs convention counts the full S_q x S_kv
