@@ -15,23 +15,6 @@ from vskip_compile.testing.tiny import build_tiny
 torch.set_num_threads(1)
 
 
-# CI runs `-n 2 --dist loadfile`: xdist hands out whole files in collection order (pyproject's
-# --no-loadscope-reorder keeps it), so the longest files go first (longest-processing-time
-# order) and the short ones fill the gaps at the end; ordered by their number of tests, as xdist
-# does by default, test_serve.py (9 tests, the longest file), test_serve_faults.py and
-# test_serve_cluster.py came last and one worker idled.
-# Seconds per file measured on 2 cores (loaded run, 2026-12-02); unlisted files are short.
-FILE_SECONDS = {"test_serve.py": 620, "test_compile.py": 550, "test_export_onnx.py": 480, "test_video.py": 435,
-                "test_compile_decode.py": 400, "test_prefix_scope.py": 300, "test_polymorphic.py": 300,
-                "test_backend.py": 250, "test_video_onnx.py": 195, "test_serve_faults.py": 175, "test_lmms.py": 140,
-                "test_serve_cluster.py": 105, "test_registry.py": 100, "test_bad_input.py": 95,
-                "test_serve_sampling.py": 85, "test_evaluate.py": 80}
-
-
-def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: order within a file kept
-
-
 @functools.lru_cache(maxsize=None)
 def _cached_tiny(arch: str):
     return build_tiny(arch)
