@@ -49,5 +49,8 @@ def test_bench_case_runs_every_variant_and_reports_consistent_figures():
     assert r["realized"] == pytest.approx(r["speedup"] / r["ideal_speedup"])
     assert r["realized_poly"] == pytest.approx(m["compiled full"] / m["compiled poly"] / r["ideal_speedup"], rel=0.02)
     assert r["poly_vs_static"] == pytest.approx(r["realized_poly"] / r["realized"])
+    b = r["min_ms"]  # best-of-rounds: never above the median
+    assert all(b[n] <= m[n] for n in m)
+    assert r["poly_vs_static_min"] == pytest.approx(r["realized_poly_min"] / r["realized_min"])
     assert 0 < r["flops_reduction"] < 1 and r["ideal_speedup"] == pytest.approx(1 / (1 - r["flops_reduction"]))
     assert len(r["skip_vs_gather_rounds"]) == 2 and 0 <= r["skip_faster_rounds"] <= 2
