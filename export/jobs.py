@@ -115,6 +115,7 @@ def collect(
         say("running the model's vision tower on the example inputs")
         with torch.no_grad():
             example = adapter.prefill_inputs(model, **example_inputs)
+        example.require_causal("the ONNX / TensorRT prefill export")
         vision_graphs = vision.vision_graphs(model, adapter, dict(example_inputs))
     elif old is None:
         raise ValueError("nothing to export: give example_inputs (and optionally layouts or batch_sizes)")

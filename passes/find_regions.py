@@ -1,7 +1,8 @@
 """Analysis: find each decoder layer's attention and FFN operator regions.
 
 A region is a residual add `close = residual + output` (either order) where `output` depends
-on `residual`; its nodes are those between them (they depend on the residual and the output
+on `residual` and `close` lies outside the operator (an add inside it, such as a decomposed
+tanh-GELU's `x + c x^3`, closes nothing); its nodes are those between them (they depend on the residual and the output
 depends on them). The module paths of those nodes (`nn_module_stack`, e.g.
 `L['self'].layers.1.mlp.gate_proj` or `lm.layers.0.self_attn.q_proj`) name the layer
 (`ctx.layer_pattern`) and the operator (`ctx.attn_module` / `ctx.ffn_module`). Nothing here
@@ -111,6 +112,8 @@ def find_all_regions(graph: fx.Graph, ctx: PassContext) -> dict[tuple[int, str],
         if len(ops) != 1:
             continue  # neither operator (not a layer's residual add), or both (a parallel block)
         (layer, kind), = ops
+        if _operator_of(module_path(close), ctx, pattern) == (layer, kind):
+            continue  # an add inside the operator (a decomposed GELU's x + c x^3): not a residual add
         found.setdefault((layer, kind), []).append(Region(layer, kind, close, residual, output, nodes))
     closes = {r.close for regions in found.values() for r in regions}
     for close in graph.nodes:

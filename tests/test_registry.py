@@ -25,7 +25,7 @@ from vskip_compile.passes import rules
 CI_FAMILIES = {
     "llava": "pass",
     "glm4v": "pass",  # M-RoPE with partial rotary dims, post-attention / post-FFN norms
-    "gemma3": "refused",  # a mask mapping (bidirectional image attention): not built yet
+    "gemma3": "pass",  # a mask mapping, per-layer-type RoPE (bidirectional image blocks: tests/test_blocks.py)
 }
 
 

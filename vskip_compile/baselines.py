@@ -191,6 +191,7 @@ def prefill(
     Needs a batch without padding whose rows share one visual layout."""
     adapter = adapter or adapter_for(model)
     lm = adapter.language_model(model)
+    p.require_causal("the token-dropping prefill")
     if p.attention_mask is not None and not bool(p.attention_mask.all()):
         raise ValueError("token-dropping prefill takes batches without padding (group by prompt length)")
     spans = p.layout.row_spans

@@ -120,14 +120,16 @@ def traced_prefill(model, adapter, inputs: dict):
         p = adapter.prefill_inputs(model, **inputs)
     deepstack = tuple(p.deepstack or ())
     batch, seq_len, _ = p.inputs_embeds.shape  # [B, S, D]
-    core = DecoderCore.from_model(model, adapter, 0, len(deepstack), layout_inputs=True)
+    core = DecoderCore.from_model(model, adapter, 0, len(deepstack), layout_inputs=True,
+                                  attention_blocks=p.blocks is not None)
+    blocks = () if p.blocks is None else (p.blocks,)  # [B, S], last
     kept_index, kept_valid = kept_inputs(p.layout, "visual", [0] * batch)
     mask = torch.ones(batch, seq_len, dtype=torch.bool)  # [B, S]
     capture = _Captured()
     torch._dynamo.reset()
     compiled = torch.compile(core, backend=aot_autograd(fw_compiler=capture), fullgraph=True, dynamic=False)
     with torch.no_grad():
-        compiled(p.inputs_embeds, p.position_ids, kept_index, kept_valid, mask, *deepstack)
+        compiled(p.inputs_embeds, p.position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
     gm, gm.vskip_args = capture.gm, capture.args  # the real flat arguments of this call
     return gm
 

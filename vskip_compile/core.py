@@ -155,7 +155,7 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
     """Per decoder layer, the sliding window its attention keeps (None: full causal), read
     from config.layer_types / sliding_window as HF builds its mask mapping. Refuses (CoreError,
     naming the layer type) patterns the core does not build: chunked attention, linear
-    attention, per-layer-type rotary embeddings."""
+    attention."""
     config = language_model.config
     n = len(language_model.layers)
     check_structure(language_model)
@@ -166,10 +166,6 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
         types = ["sliding_attention" if isinstance(window, int) else "full_attention"] * n
     if getattr(config, "use_sliding_window", True) is False:  # Qwen2-style: layer_types name windows it never uses
         types = ["full_attention"] * n
-    rotary = getattr(language_model, "rotary_emb", None)
-    if rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters:
-        raise CoreError(f"{type(language_model).__name__}: its rotary embedding differs per layer type "
-                        "(rotary_emb(x, position_ids, layer_type)); the vskip core computes one")
     out: list[int | None] = []
     for i, t in enumerate(types[:n]):
         if t == "full_attention":
@@ -229,20 +225,59 @@ def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor |
     return mask & (near[None, None] if near.ndim == 2 else near[:, None])  # [B, 1, Q, T]
 
 
-def prefill_masks(language_model: nn.Module, windows: tuple[int | None, ...], hidden: torch.Tensor) -> list:
+def prefill_masks(language_model: nn.Module, windows: tuple[int | None, ...], hidden: torch.Tensor,
+                  blocks: torch.Tensor | None = None) -> list:
     """Per layer, the mask a prefill over hidden [B, S, D] (no padding, or padding rotated to
     the right) passes: None for full causal SDPA layers on CPU (SDPA's is_causal: the CPU flash
     kernel takes no S x S tensor, and a cut layer's K x S rows as its mask), the explicit causal
     mask [1, 1, S, S] for sliding-window layers, eager attention and other devices (on CUDA,
     is_causal traces to the flash kernel, which takes no mask: the passes could not give a
-    skipped operator's query rows theirs)."""
+    skipped operator's query rows theirs). With `blocks` [B, S] (bidirectional blocks: Gemma 3's
+    images) every layer gets the explicit block mask [B, 1, S, S], windowed where it slides: the
+    model's own mask, of which a skipped operator's kept query rows take their rows."""
     impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
     # flex.NAME sends a mask that is no FlexMask to transformers' SDPA
-    sdpa = impl in ("sdpa", flex.NAME) and hidden.device.type == "cpu"
+    sdpa = impl in ("sdpa", flex.NAME) and hidden.device.type == "cpu" and blocks is None
     if sdpa and all(w is None for w in windows):
         return [None] * len(windows)
-    mask = causal_mask(hidden.shape[1], hidden.device)  # [1, 1, S, S]
+    mask = causal_mask(hidden.shape[1], hidden.device) if blocks is None else block_mask(blocks)  # [1 or B, 1, S, S]
     return [None if sdpa and w is None else layer_mask(windowed(mask, w), language_model, hidden.dtype) for w in windows]
+
+
+def rotary_layer_types(language_model: nn.Module) -> tuple[str, ...] | None:
+    """Per decoder layer, the layer type its rotary embedding is computed for, when the model's
+    rotary embedding differs per layer type (Gemma 3: `rotary_emb(x, position_ids, layer_type)`,
+    one base for sliding and one for full layers); None when one (cos, sin) serves every layer.
+    Read once at construction: inspect does not trace."""
+    rotary = language_model.rotary_emb
+    if "layer_type" not in inspect.signature(rotary.forward).parameters:
+        return None
+    types = getattr(language_model.config, "layer_types", None)
+    n = len(language_model.layers)
+    if not types or len(types) < n:
+        raise CoreError(f"{type(language_model).__name__}: its rotary embedding takes a layer type but "
+                        f"config.layer_types names {len(types or ())} of its {n} layers")
+    return tuple(types[:n])
+
+
+def layer_position_embeddings(language_model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
+                              types: tuple[str, ...] | None) -> tuple | list:
+    """The (cos, sin) every layer gets: one pair for all, or a list with each layer's pair
+    (one rotary call per layer type, as HF's text model does)."""
+    if types is None:
+        return language_model.rotary_emb(x, position_ids)
+    by_type = {t: language_model.rotary_emb(x, position_ids, t) for t in dict.fromkeys(types)}
+    return [by_type[t] for t in types]
+
+
+def block_mask(blocks: torch.Tensor) -> torch.Tensor:
+    """The causal mask with bidirectional blocks, [B, 1, S, S]: query q sees key k when k <= q or
+    both rows are in one block. blocks [B, S]: each row's block id (vskip_compile.archs.blocks;
+    a row alone in its block is plain causal)."""
+    rows = torch.arange(blocks.shape[1], device=blocks.device)  # [S]
+    causal = rows[:, None] >= rows[None, :]  # [S, S]
+    same = blocks[:, :, None] == blocks[:, None, :]  # [B, S, S]
+    return (causal[None] | same)[:, None]  # [B, 1, S, S]
 
 
 def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
@@ -262,19 +297,21 @@ def cache_keyword(layer: nn.Module) -> str:
 
 def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
                experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
-    """The decoder layers over x [B, S, D] with an explicit mask (one for all layers, or a list
-    of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
+    """The decoder layers over x [B, S, D] with an explicit mask and (cos, sin) (each one for all
+    layers, or a list of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
     MoE experts run their traceable implementation while traced (restored after), so the
     prefill and the decode step trace alike."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
     saved = use_traceable_experts(switch)
-    masks = mask if isinstance(mask, list) else [mask] * len(language_model.layers)  # a FlexMask is a tuple: one for all
+    n = len(language_model.layers)
+    masks = mask if isinstance(mask, list) else [mask] * n  # a FlexMask is a tuple: one for all
+    rope = position_embeddings if isinstance(position_embeddings, list) else [position_embeddings] * n
     try:
         for i, layer in enumerate(language_model.layers):
             x = layer(
                 x,
                 attention_mask=masks[i],
-                position_embeddings=position_embeddings,
+                position_embeddings=rope[i],
                 position_ids=None,
                 use_cache=True,
                 **{cache_kw: cache},
@@ -293,6 +330,8 @@ class DecoderCore(nn.Module):
     `logits_to_keep` = 0 gives logits for all rows (what `model(**inputs)` returns); n > 0 the
     last n rows (generate needs the last one). The number of DeepStack tensors is fixed at
     construction: they are added, full size and zero at non-visual rows, after layers 0..n-1.
+    With `attention_blocks`, the last input is blocks [B, S] (bidirectional blocks of the
+    model's mask, vskip_compile.archs.blocks) and every layer gets the block mask.
     """
 
     def __init__(
@@ -303,9 +342,14 @@ class DecoderCore(nn.Module):
         num_deepstack: int = 0,
         layout_inputs: bool = False,
         attention: str = "sdpa",
+        attention_blocks: bool = False,
     ):
         super().__init__()
         self.windows = attention_windows(language_model)
+        self.rotary_types = rotary_layer_types(language_model)
+        if attention == "flex" and attention_blocks:
+            raise CoreError("attention='flex' does not express bidirectional attention blocks (vskip_compile.flex "
+                            "masks causally only); use attention='sdpa'")
         if attention not in flex.ATTENTIONS:
             raise ValueError(f"attention must be one of {flex.ATTENTIONS}, got {attention!r}")
         if attention == "flex" and any(w is not None for w in self.windows):
@@ -323,16 +367,17 @@ class DecoderCore(nn.Module):
         self.num_deepstack = num_deepstack
         self.layout_inputs = layout_inputs
         self.attention = attention
+        self.attention_blocks = attention_blocks
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
         self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
 
     @classmethod
     def from_model(
         cls, model: nn.Module, adapter, logits_to_keep: int = 0, num_deepstack: int = 0, layout_inputs: bool = False,
-        attention: str = "sdpa",
+        attention: str = "sdpa", attention_blocks: bool = False,
     ) -> "DecoderCore":
         return cls(adapter.language_model(model), adapter.lm_head(model), logits_to_keep, num_deepstack, layout_inputs,
-                   attention)
+                   attention, attention_blocks)
 
     @property
     def num_layers(self) -> int:
@@ -340,7 +385,11 @@ class DecoderCore(nn.Module):
 
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor):
         """rest: the DeepStack tensors; with layout_inputs, first kept_index [B, K],
-        kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding)."""
+        kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding);
+        with attention_blocks, last the blocks [B, S]."""
+        blocks = None
+        if self.attention_blocks:
+            *rest, blocks = rest
         if self.layout_inputs:
             kept_index, kept_valid, attention_mask, *deepstack = rest
         else:
@@ -355,17 +404,19 @@ class DecoderCore(nn.Module):
             position_ids = roll.rows(position_ids, position_ids.ndim - 1)  # [.., B, S]
             deepstack = [roll.rows(d) for d in deepstack]  # [B, S, D] each
             kept_index = roll.index(kept_index)  # [B, K]
+            blocks = None if blocks is None else roll.rows(blocks)  # [B, S]: ids travel with their rows
         if self.layout_inputs:
             inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
         recorder = KVCache(record=None if roll is None else lambda t: roll.unrolled(t, axis=2))  # [B, KV, S, E]
-        position_embeddings = self.lm.rotary_emb(inputs_embeds, rope_position_ids(position_ids))
+        position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, rope_position_ids(position_ids),
+                                                        self.rotary_types)
         if self.attention == "flex":
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
                            position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
         else:
-            masks = prefill_masks(self.lm, self.windows, inputs_embeds)
+            masks = prefill_masks(self.lm, self.windows, inputs_embeds, blocks)
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
                            deepstack, self.cache_kw)
         if roll is not None:
@@ -406,6 +457,7 @@ class DecodeStep(nn.Module):
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
         self.cache_kw = cache_keyword(language_model.layers[0])
         self.windows = attention_windows(language_model)
+        self.rotary_types = rotary_layer_types(language_model)
 
     @property
     def num_layers(self) -> int:
@@ -422,7 +474,7 @@ class DecodeStep(nn.Module):
             slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
             query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n (row T: itself)
         masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
-        position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
+        position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, position_ids, self.rotary_types)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
                        cache_kw=self.cache_kw)  # [B, 1, D]
         logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]

@@ -41,6 +41,7 @@ class PrefillKey:
     num_deepstack: int
     batched: bool  # batch bucket: False for one row, True for 2 or more (the batch size is symbolic)
     layout: VisualLayout | None = None  # specialize="layout": the one layout of a static graph
+    blocks: bool = False  # the bidirectional-blocks input (vskip_compile.archs.blocks) is there
 
 
 @dataclass(frozen=True)

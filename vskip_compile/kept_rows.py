@@ -84,7 +84,7 @@ def mark_polymorphic(args: tuple[torch.Tensor, ...], batched: bool) -> None:
     K on the kept-row inputs, and the batch when there is more than one row.
 
     args: (inputs_embeds [B, S, D], position_ids [.., B, S], kept_index [B, K], kept_valid [B, K],
-    attention_mask [B, S], *deepstack [B, S, D])."""
+    attention_mask [B, S], *deepstack [B, S, D], blocks [B, S] if any)."""
     embeds, position_ids, kept_index, kept_valid, mask, *deepstack = args
     for x, seq_axis in [(embeds, 1), (position_ids, position_ids.ndim - 1), (mask, 1), *[(d, 1) for d in deepstack]]:
         torch._dynamo.mark_dynamic(x, seq_axis)

@@ -95,5 +95,7 @@ def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:
         deepstack=None if p.deepstack is None else tuple(rows(d) for d in p.deepstack),
         attention_mask=torch.cat([mask.new_zeros(batch, n), mask.to(p.inputs_embeds.device)], dim=1),  # [B, n + S]
         layout=layout,
+        # [B, n + S]: the new rows alone in their blocks (ids are row indices: shifted by n)
+        blocks=None if p.blocks is None else torch.cat([torch.arange(n).expand(batch, n).to(p.blocks), p.blocks + n], dim=1),
     )
 

@@ -114,13 +114,13 @@ class CompiledVLM:
         self._graphs.clear()
         self._decode_graphs.clear()
 
-    def _core(self, logits_to_keep: int, num_deepstack: int) -> DecoderCore:
-        key = (logits_to_keep, num_deepstack)
+    def _core(self, logits_to_keep: int, num_deepstack: int, blocks: bool) -> DecoderCore:
+        key = (logits_to_keep, num_deepstack, blocks)
         core = self._cores.get(key)
         if core is None:  # setdefault is atomic: two threads racing here end up sharing one core
             layout_inputs = self.config.specialize is None
             core = DecoderCore.from_model(self.model, self.adapter, logits_to_keep, num_deepstack, layout_inputs,
-                                          self.config.attention)
+                                          self.config.attention, blocks)
             core = self._cores.setdefault(key, core)
         return core
 
@@ -130,7 +130,7 @@ class CompiledVLM:
         options = {"plan": self.plan, "layout": key.layout, "inner": self.config.backend}
 
         def build():
-            core = self._core(key.logits_to_keep, key.num_deepstack)
+            core = self._core(key.logits_to_keep, key.num_deepstack, key.blocks)
             backend = CountedBackend(lambda gm, ex: vskip(gm, ex, options=options), self._graphs, "prefill graph",
                                DecoderCore.forward.__code__)
             # isolate_recompiles: each entry owns its Dynamo cache instead of sharing
@@ -200,8 +200,10 @@ class CompiledVLM:
         kept_index, kept_valid = kept_inputs(p.layout, self.plan.scope, pads, device=embeds.device, rows=self.plan.rows)
         mask = torch.arange(seq_len, device=embeds.device)[None, :] >= torch.tensor(pads, device=embeds.device)[:, None]  # [B, S]
         position_ids = rebase_positions(p.position_ids, pads)
-        key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), batch > 1)
-        args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack)
+        blocks = () if p.blocks is None else (p.blocks.to(embeds.device),)  # [B, S], last
+        key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), batch > 1,
+                         blocks=bool(blocks))
+        args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
         mark_polymorphic(args, batched=batch > 1)
         with no_duck_sizes():
             logits, *kv = self._graph(key)(*args)
@@ -215,9 +217,11 @@ class CompiledVLM:
         if (p.attention_mask is not None and not bool(p.attention_mask.all())) or not p.layout.is_uniform:
             raise CompileError(f"specialize='layout' runs unpadded batches of one layout, got {p.layout}")
         deepstack = tuple(p.deepstack or ())
+        blocks = () if p.blocks is None else (p.blocks,)  # [B, S], last
         embeds = p.inputs_embeds
-        key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), embeds.shape[0] > 1, p.layout)
-        logits, *kv = self._graph(key)(embeds, p.position_ids, *deepstack)
+        key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), embeds.shape[0] > 1,
+                         p.layout, bool(blocks))
+        logits, *kv = self._graph(key)(embeds, p.position_ids, *deepstack, *blocks)
         return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def _cache(self, kv) -> DynamicCache:

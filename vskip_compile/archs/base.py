@@ -57,6 +57,9 @@ class PrefillInputs:
                    layer i, so injection is a plain add. None for other architectures.
     attention_mask: the 2D [B, S] padding mask the caller gave, or None.
     layout:        the visual spans of input_ids.
+    blocks:        [B, S] int64, the bidirectional blocks of a model that hands its language
+                   model a precomputed mask (Gemma 3's images, vskip_compile.archs.blocks),
+                   or None: plain causal attention.
     """
 
     inputs_embeds: torch.Tensor
@@ -64,6 +67,13 @@ class PrefillInputs:
     deepstack: tuple[torch.Tensor, ...] | None
     attention_mask: torch.Tensor | None
     layout: VisualLayout
+    blocks: torch.Tensor | None = None
+
+    def require_causal(self, what: str) -> None:
+        """Refuse (AdapterError) these inputs in a path that builds plain causal masks only."""
+        if self.blocks is not None:
+            raise AdapterError(f"{what} builds causal attention masks only; this model's mask has bidirectional "
+                               "blocks (image rows that attend to each other): use vskip_compile.compile")
 
 
 class _Captured(Exception):
@@ -250,18 +260,25 @@ class Adapter:
         position_ids = captured.get("position_ids")
         if position_ids is None:
             position_ids = self.default_position_ids(batch, seq_len, embeds.device)
-        mask = captured.get("attention_mask")
+        mask, blocks = captured.get("attention_mask"), None
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
-            raise AdapterError(
-                f"{type(model).__name__} passes its language model a precomputed attention mask "
-                f"({type(mask).__name__}); only a 2D padding mask is supported"
-            )
+            from ..core import CoreError, attention_windows
+            from .blocks import MaskError, attention_blocks
+
+            mask, precomputed = hf_inputs.get("attention_mask"), mask  # the caller's 2D padding mask
+            lm = self.language_model(model)
+            try:
+                blocks = attention_blocks(lm, precomputed, mask, batch, seq_len, attention_windows(lm))
+            except (MaskError, CoreError) as e:
+                raise AdapterError(f"{type(model).__name__} passes its language model a precomputed attention mask "
+                                   f"that the vskip core does not rebuild: {e}") from e
         return PrefillInputs(
             inputs_embeds=embeds,
             position_ids=position_ids,
             deepstack=self.deepstack(captured, embeds),
             attention_mask=mask,
             layout=self.layout(model, input_ids, hf_inputs.get("mm_token_type_ids")),
+            blocks=blocks,
         )
 
     def __repr__(self) -> str:

@@ -44,6 +44,7 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     fastv = drop is not None and drop.keep_ratio > 0
     J = drop.layer if fastv else L  # layers whose prefix is shared
     p = b.prefix
+    p.require_causal("the shared-prefix runner")
     spans = p.layout.row_spans
     Q, Ls = b.suffix.shape
     dev = p.inputs_embeds.device
