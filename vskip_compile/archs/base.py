@@ -262,14 +262,15 @@ class Adapter:
             position_ids = self.default_position_ids(batch, seq_len, embeds.device)
         mask, blocks = captured.get("attention_mask"), None
         if mask is not None and not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
-            from ..core import CoreError, attention_windows
+            from ..core import attention_windows
             from .blocks import MaskError, attention_blocks
 
             mask, precomputed = hf_inputs.get("attention_mask"), mask  # the caller's 2D padding mask
             lm = self.language_model(model)
+            windows = attention_windows(lm)  # a structure the core does not build: its own CoreError
             try:
-                blocks = attention_blocks(lm, precomputed, mask, batch, seq_len, attention_windows(lm))
-            except (MaskError, CoreError) as e:
+                blocks = attention_blocks(lm, precomputed, mask, batch, seq_len, windows)
+            except MaskError as e:
                 raise AdapterError(f"{type(model).__name__} passes its language model a precomputed attention mask "
                                    f"that the vskip core does not rebuild: {e}") from e
         return PrefillInputs(
