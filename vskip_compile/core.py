@@ -47,6 +47,7 @@ from . import flex
 from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
+from .outside import FINAL_NORMS, embedding_multiplier, final_norm, scale_embeddings
 
 
 class KVCache:
@@ -182,25 +183,18 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
     return tuple(out)
 
 
-# Text-config fields that HF applies outside the decoder layers (Granite: embeddings times
-# embedding_multiplier inside the text model, logits / logits_scaling; Gemma: logit soft-capping),
-# with the value that means "not applied". The core calls the layers itself: refuse, never differ.
-OUTSIDE_LAYERS = {"embedding_multiplier": 1.0, "logits_scaling": 1.0, "final_logit_softcapping": None}
-
-
 def check_structure(language_model: nn.Module) -> None:
     """Refuse (CoreError, naming the missing part) a text model the core cannot call: it needs
-    .layers, a final .norm and one .rotary_emb giving each layer its (cos, sin)."""
-    missing = [name for name in ("layers", "norm", "rotary_emb") if not isinstance(getattr(language_model, name, None), nn.Module)]
+    .layers, a final norm (vskip_compile.outside.FINAL_NORMS) and one .rotary_emb giving each
+    layer its (cos, sin). What the text model applies outside its layers is reproduced
+    (vskip_compile.outside; a field it does not reproduce is refused there, by name)."""
+    missing = [name for name in ("layers", "rotary_emb") if not isinstance(getattr(language_model, name, None), nn.Module)]
+    if final_norm(language_model) is None:
+        missing.insert(1, " / ".join(FINAL_NORMS))
     if missing:
-        raise CoreError(f"{type(language_model).__name__} has no {' / '.join(missing)} module: the vskip core calls "
-                        "lm.layers with lm.rotary_emb's (cos, sin) and applies lm.norm")
-    config = language_model.config
-    for field, neutral in OUTSIDE_LAYERS.items():
-        value = getattr(config, field, neutral)
-        if value != neutral:
-            raise CoreError(f"{type(language_model).__name__}: config.{field} = {value!r} is applied outside the decoder "
-                            "layers (to the embeddings or the logits), which the vskip core does not reproduce")
+        raise CoreError(f"{type(language_model).__name__} has no {' | '.join(missing)} module: the vskip core calls "
+                        "lm.layers with lm.rotary_emb's (cos, sin) and applies the final norm")
+    embedding_multiplier(language_model)  # refuses a field read outside the layers that is not reproduced
 
 
 def layer_mask(mask: torch.Tensor, language_model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -325,6 +319,7 @@ class DecoderCore(nn.Module):
         self.attention = attention
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
         self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
+        self.embedding_multiplier = embedding_multiplier(language_model)  # Granite; read here, as cache_kw
 
     @classmethod
     def from_model(
@@ -341,6 +336,7 @@ class DecoderCore(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *rest: torch.Tensor):
         """rest: the DeepStack tensors; with layout_inputs, first kept_index [B, K],
         kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding)."""
+        inputs_embeds = scale_embeddings(inputs_embeds, self.embedding_multiplier)  # as the text model does first
         if self.layout_inputs:
             kept_index, kept_valid, attention_mask, *deepstack = rest
         else:
@@ -372,8 +368,8 @@ class DecoderCore(nn.Module):
             x = roll.unrolled(x, last=self.logits_to_keep)  # [B, n or S, D], left-padded again
         elif self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
-        x = self.lm.norm(x)
-        logits = self.lm_head(x)  # [B, n or S, V]
+        x = final_norm(self.lm)(x)
+        logits = self.lm_head(x)  # [B, n or S, V] (adapter.lm_head: with the logit transforms the VLM applies)
 
         kv: list[torch.Tensor] = []
         for i in range(self.num_layers):
@@ -406,12 +402,14 @@ class DecodeStep(nn.Module):
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
         self.cache_kw = cache_keyword(language_model.layers[0])
         self.windows = attention_windows(language_model)
+        self.embedding_multiplier = embedding_multiplier(language_model)
 
     @property
     def num_layers(self) -> int:
         return len(self.lm.layers)
 
     def forward(self, inputs_embeds, position_ids, past_mask, *past_kv):
+        inputs_embeds = scale_embeddings(inputs_embeds, self.embedding_multiplier)  # the new token, as in prefill
         if len(past_kv) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} past K/V tensors, got {len(past_kv)}")
         cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
@@ -425,7 +423,7 @@ class DecodeStep(nn.Module):
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
                        cache_kw=self.cache_kw)  # [B, 1, D]
-        logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
+        logits = self.lm_head(final_norm(self.lm)(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):
             new_kv.extend(cache.new[i])  # k_new_i, v_new_i: [B, KV, 1, E]
