@@ -47,7 +47,7 @@ from . import flex
 from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
-from .outside import FINAL_NORMS, embedding_multiplier, final_norm, scale_embeddings
+from .outside import FINAL_NORMS, embedding_multiplier, final_norm, layer_rotary, rotary_layers, scale_embeddings
 
 
 class KVCache:
@@ -255,9 +255,12 @@ def cache_keyword(layer: nn.Module) -> str:
 
 
 def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
-               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
+               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache",
+               rotary: tuple[bool, ...] = ()) -> torch.Tensor:
     """The decoder layers over x [B, S, D] with an explicit mask (one for all layers, or a list
     of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
+    rotary: per layer, whether it gets position_embeddings (vskip_compile.outside.rotary_layers;
+    () every layer).
     MoE experts run their traceable implementation while traced (restored after), so the
     prefill and the decode step trace alike."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
@@ -268,7 +271,7 @@ def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embedd
             x = layer(
                 x,
                 attention_mask=masks[i],
-                position_embeddings=position_embeddings,
+                position_embeddings=layer_rotary(position_embeddings, rotary, i),
                 position_ids=None,
                 use_cache=True,
                 **{cache_kw: cache},
@@ -320,6 +323,7 @@ class DecoderCore(nn.Module):
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
         self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
         self.embedding_multiplier = embedding_multiplier(language_model)  # Granite; read here, as cache_kw
+        self.rotary = rotary_layers(language_model)  # MuseGlimmer's NoPE layers get no rotary embedding
 
     @classmethod
     def from_model(
@@ -359,11 +363,11 @@ class DecoderCore(nn.Module):
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
-                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
+                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw, self.rotary)
         else:
             masks = prefill_masks(self.lm, self.windows, inputs_embeds)
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
-                           deepstack, self.cache_kw)
+                           deepstack, self.cache_kw, self.rotary)
         if roll is not None:
             x = roll.unrolled(x, last=self.logits_to_keep)  # [B, n or S, D], left-padded again
         elif self.logits_to_keep:
@@ -403,6 +407,7 @@ class DecodeStep(nn.Module):
         self.cache_kw = cache_keyword(language_model.layers[0])
         self.windows = attention_windows(language_model)
         self.embedding_multiplier = embedding_multiplier(language_model)
+        self.rotary = rotary_layers(language_model)
 
     @property
     def num_layers(self) -> int:
@@ -422,7 +427,7 @@ class DecodeStep(nn.Module):
         masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
         position_embeddings = self.lm.rotary_emb(inputs_embeds, position_ids)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
-                       cache_kw=self.cache_kw)  # [B, 1, D]
+                       cache_kw=self.cache_kw, rotary=self.rotary)  # [B, 1, D]
         logits = self.lm_head(final_norm(self.lm)(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):

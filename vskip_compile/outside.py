@@ -8,7 +8,8 @@ is done here, in HF's order and dtype:
   embedding_multiplier`, in the embeddings' dtype, before the first layer): `scale_embeddings`,
   applied to what the adapter captured at the text model's input and to decoded tokens'
   embeddings (an ONNX / TensorRT graph holds it: the host feeds unscaled embeddings);
-- the text model's final norm, `final_norm` (`norm`, or Persimmon's `final_layernorm`);
+- the text model's final norm, `final_norm` (`norm`, or Persimmon's `final_layernorm`), and which
+  layers it gives the rotary embedding, `rotary_layers` (MuseGlimmer's NoPE layers get None);
 - the VLM's forward transforms lm_head's logits, in the logits' dtype: MuseGlimmer `logits *
   output_multiplier`, Granite `logits / logits_scaling`, Gemma-2-style soft-capping
   `tanh(logits / cap) * cap`, in that order: `LogitsHead`, which `Adapter.lm_head` returns in
@@ -122,3 +123,22 @@ def logits_head(model: nn.Module, head: nn.Module) -> nn.Module:
     """head, or a LogitsHead around it when the model's forward transforms its logits."""
     applied = _applied(type(model), model.config.get_text_config(), LOGIT_FIELDS)
     return LogitsHead(head, **applied) if applied else head
+
+
+def rotary_layers(language_model: nn.Module) -> tuple[bool, ...]:
+    """Per decoder layer, whether the text model's forward gives it the rotary embedding:
+    MuseGlimmer passes None to its NoPE layers (config.layer_rope_theta[i] == 0). Layers that
+    drop it themselves (SmolLM3's no_rope_layers, inside attention) need nothing here."""
+    n = len(language_model.layers)
+    theta = getattr(language_model.config, "layer_rope_theta", None)
+    if not theta or not reads(type(language_model), "layer_rope_theta"):
+        return (True,) * n
+    if len(theta) < n:
+        raise OutsideLayersError(f"{type(language_model).__name__}: config.layer_rope_theta has {len(theta)} entries "
+                                 f"for {n} decoder layers")
+    return tuple(bool(t) for t in theta[:n])
+
+
+def layer_rotary(position_embeddings, rotary: tuple[bool, ...], i: int):
+    """What decoder layer i gets as position_embeddings (rotary_layers; () means every layer)."""
+    return position_embeddings if not rotary or rotary[i] else None
