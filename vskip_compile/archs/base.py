@@ -105,14 +105,14 @@ class Adapter:
         if lm is None or not isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
             raise AdapterError(f"{type(model).__name__}: no language model with a .layers ModuleList found")
         types = getattr(lm.config, "layer_types", None) or ()
-        for i, layer in enumerate(lm.layers):
-            kind = types[i] if i < len(types) else None
+        for i, (layer, kind) in enumerate(zip(lm.layers, types)):  # the more basic refusal first
             if kind in NOT_ATTENTION and not isinstance(getattr(layer, "self_attn", None), torch.nn.Module):
                 raise AdapterError(
                     f"{type(model).__name__}: decoder layer {i} ({type(layer).__name__}) is a {kind!r} layer "
                     "(config.layer_types), not attention: the vskip core carries K/V only, not a convolution or "
                     "recurrent state, so neither its prefill nor its decoding is reproduced"
                 )
+        for i, layer in enumerate(lm.layers):
             missing = [c for c in ("self_attn", "mlp") if not isinstance(getattr(layer, c, None), torch.nn.Module)]
             if missing:
                 named = [a for c in missing for a in CHILD_ALIASES.get(c, ()) if isinstance(getattr(layer, a, None), torch.nn.Module)]
