@@ -30,6 +30,7 @@ CI_FAMILIES = {
     "granite_docling": "pass",  # embedding_multiplier, logits_scaling, DeepStack (vskip_compile.outside)
     "muse_glimmer": "pass",  # logits * output_multiplier, soft-capping, a NoPE layer
     "fuyu": "pass",  # final_layernorm
+    "glm4v_moe": "pass",  # group-limited router: gather / scatter along the experts
     "lfm2_vl": "refused",  # short-convolution layers: a conv state the core does not carry
 }
 
