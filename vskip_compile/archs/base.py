@@ -104,7 +104,7 @@ class Adapter:
             lm = model.get_decoder()
         if lm is None or not isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
             raise AdapterError(f"{type(model).__name__}: no language model with a .layers ModuleList found")
-        types = getattr(lm.config, "layer_types", None) or ()
+        types = getattr(getattr(lm, "config", None), "layer_types", None) or ()
         for i, (layer, kind) in enumerate(zip(lm.layers, types)):  # the more basic refusal first
             if kind in NOT_ATTENTION and not isinstance(getattr(layer, "self_attn", None), torch.nn.Module):
                 raise AdapterError(
