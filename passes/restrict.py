@@ -18,6 +18,7 @@ cat) and replace `close`. Every refusal happens in `plan_rewrite`, before the gr
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 from torch import fx
@@ -42,6 +43,12 @@ class RewritePlan:
     rules: dict[fx.Node, Restriction]  # re-emitted nodes
     sliced: set[fx.Node]  # nodes whose kept rows are a slice of the full node
     dead: set[fx.Node]  # region nodes with no surviving user
+
+
+def _unused_item(node: fx.Node) -> bool:
+    """An item of a tuple output nobody reads (topk(..).indices leaves the values' getitem in an
+    exported graph): no use of the node it reads from."""
+    return node.target is operator.getitem and not node.users
 
 
 def _refuse(region: Region, node: fx.Node, why: str) -> SkipPassError:
@@ -78,7 +85,8 @@ def plan_rewrite(region: Region, geo: Geometry) -> RewritePlan:
 
     for node in sorted(inside, key=order.__getitem__, reverse=True):
         live = node is not region.close and any(
-            u.target not in ASSERT_OPS and (u not in inside or u in full_live or u in full_by.get(node, ()))
+            u.target not in ASSERT_OPS and not _unused_item(u)
+            and (u not in inside or u in full_live or u in full_by.get(node, ()))
             for u in node.users
         )
         if live:

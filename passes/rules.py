@@ -7,7 +7,7 @@ the node on the kept rows with every shape constant rewritten. An op without a r
 used in a way the rule cannot show row-wise (a reduction or scan along the sequence, a view
 that splits the sequence across dims), raises `NotRowwise` with the reason.
 
-(About 640 lines, one concept: one rule table, indexed by aten op, whose entries share the
+(About 690 lines, one concept: one rule table, indexed by aten op, whose entries share the
 argument and broadcast helpers at its top; split, a reader would chase one rule across files.)
 """
 
@@ -465,6 +465,43 @@ def _index(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
     axis = others[out.axis if out.axis < first else out.axis - r]  # the index block sits at `first`
     demands = [(x, Rows(axis, out.inner))] + [(indices[i], FULL) for i in pos]
     return Restriction(demands, _same_op(node))
+
+
+def _along_other_dim(node: fx.Node, out: Rows, operands: list[fx.Node], verb: str) -> None:
+    """Refuse (NotRowwise) a gather / scatter whose `dim` is the sequence axis, or whose
+    operands do not all hold the output's rows on that axis (then row r of one is not row r of
+    another)."""
+    rank = len(shape(node))
+    if _norm(_arg(node, "dim"), rank) == out.axis:
+        raise NotRowwise(f"{verb} along the sequence axis (dim {out.axis} of {tuple(shape(node))})")
+    size = shape(node)[out.axis]
+    for x in operands:
+        if len(shape(x)) != rank or shape(x)[out.axis] != size:
+            raise NotRowwise(f"operand {x.name} {tuple(shape(x))} does not hold the {size} rows of axis {out.axis} "
+                             f"of the output {tuple(shape(node))}")
+
+
+@rule(aten.gather.default)
+def _gather(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
+    """gather(x, dim, index) (MoE routers: the scores of the top-k experts): out[.., r, ..] at
+    a position of the sequence axis (not `dim`) reads x and index at that same position only.
+    Along `dim` itself, or with an x holding other rows than index on the sequence axis
+    (gather lets index be shorter on every dim), it is not row-wise."""
+    x, index = node.args[0], _arg(node, "index")
+    _along_other_dim(node, out, [x, index], "gathers")
+    return Restriction([(x, out), (index, out)], _same_op(node))
+
+
+@rule(aten.scatter.value, aten.scatter.src, aten.scatter_add.default)
+def _scatter(node: fx.Node, out: Rows, geo: Geometry) -> Restriction:
+    """scatter(self, dim, index, src | value) (MoE routers: the mask of the chosen expert groups):
+    at a position of the sequence axis (not `dim`), out reads self, index and src at that same
+    position only. The operands must hold the same rows on that axis (scatter lets index and
+    src be shorter); along `dim`, it is not row-wise."""
+    src = None if node.target is aten.scatter.value else _arg(node, "src")  # scatter.value scatters a scalar
+    tensors = [node.args[0], _arg(node, "index")] + ([src] if isinstance(src, fx.Node) else [])
+    _along_other_dim(node, out, tensors, "scatters")
+    return Restriction([(t, out) for t in tensors], _same_op(node))
 
 
 # -- matrix products ----------------------------------------------------------------------------

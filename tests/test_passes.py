@@ -451,6 +451,37 @@ def test_cumsum_along_features_is_row_wise_and_rewritten():
     assert res.counters["ffn_rewritten"] == 1
 
 
+def _gather_top_features(y):
+    """An MoE-router-like gather / scatter along the features (GLM-4V-MoE's router: the top
+    scores gathered, the chosen groups' mask scattered): y [B, S, D] -> [B, S, D]."""
+    top = y.topk(4, dim=-1).indices  # [B, S, 4]
+    picked = torch.gather(y, -1, top)  # [B, S, 4]
+    mask = torch.zeros_like(y).scatter(-1, top, 1.0)  # [B, S, D], scatter.value
+    return y.scatter(-1, top, picked * 2.0) + mask  # scatter.src
+
+
+def test_gather_and_scatter_along_features_are_row_wise_and_rewritten():
+    stack = _stack_with_post_mlp(_gather_top_features)
+    inputs = stack_inputs()
+    gm = torch.export.export(stack, inputs, strict=False).module()
+    targets = {n.target for n in gm.graph.nodes}
+    assert {torch.ops.aten.gather.default, torch.ops.aten.scatter.value, torch.ops.aten.scatter.src} <= targets
+    res = rewrite_and_check(gm, inputs, stack, SkipPlan(("skip_ffn",)), VisualLayout.single(S, [(3, 11)], B))
+    assert res.counters["ffn_rewritten"] == 1
+
+
+@pytest.mark.parametrize("fn, op", [
+    (lambda y: torch.gather(y, 1, torch.zeros_like(y, dtype=torch.long)), "aten.gather"),  # along the sequence
+    (lambda y: y.scatter(1, torch.zeros_like(y, dtype=torch.long), 1.0), "aten.scatter"),
+])
+def test_gather_and_scatter_along_the_sequence_are_refused(fn, op):
+    """Along `dim` = the sequence axis: refused, naming the op."""
+    stack = _stack_with_post_mlp(fn)
+    gm = torch.export.export(stack, stack_inputs(), strict=False).module()
+    with pytest.raises(SkipPassError, match=rf"{op}.*along the sequence axis"):
+        run_passes(gm, PassContext(SkipPlan(("skip_ffn",)), VisualLayout.single(S, [(3, 11)], B)))
+
+
 def test_an_op_without_a_row_wise_rule_is_refused():
     stack = _stack_with_post_mlp(lambda y: torch.flip(y, dims=[-1]))
     gm = torch.export.export(stack, stack_inputs(), strict=False).module()

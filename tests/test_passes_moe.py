@@ -271,3 +271,31 @@ def test_capacity_token_dropping_is_refused_naming_op_layer_node():
     assert "ffn of layer 0" in msg and "aten.cumsum" in msg and "sequence axis" in msg
     assert re.search(r"node cumsum\w*", msg)
     assert gm.code == code
+
+
+def test_group_limited_router_gather_and_scatter_are_row_wise():
+    """GLM-4V-MoE's router (DeepSeek-V3 style): the top groups' mask scattered per token
+    (aten.scatter), the chosen experts' scores gathered per token (aten.gather), both along
+    the expert axis of the flattened [B*S, E] scores. The tiny model's MoE block (layer 1;
+    layer 0 is dense) with "batched_mm" experts, traced functional, is rewritten and equals
+    the plan semantics. torch.export's own graph keeps `group_mask.scatter_(..)` in place: no
+    rule re-emits an in-place op (a shared kept-row slice would be written), so it is refused."""
+    from vskip_compile.archs.shrink import build_family
+
+    glm = build_family("glm4v_moe")
+    glm.set_experts_implementation("batched_mm")
+    block = glm.model.language_model.layers[1].mlp  # Glm4vMoeTextMoE
+    layout = VisualLayout.single(10, [(2, 7)], BATCH)
+    x = torch.randn(BATCH, layout.seq_len, glm.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    stack = _Stack(block)
+    ep = torch.export.export(stack, (x,), strict=False)
+    ctx = PassContext(SkipPlan(("skip_ffn",)), layout)
+    with pytest.raises(SkipPassError, match=r"op aten\.scatter_\.value at node scatter_\w* .*no row-wise rule"):
+        run_passes(ep.module(), ctx)
+    gm = ep.run_decompositions().module()  # functional: scatter, gather
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.aten.gather.default in targets and torch.ops.aten.scatter.value in targets
+    res = run_passes(gm, ctx)
+    assert res.counters["ffn_rewritten"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(res.gm(x), torch.where(_frozen(layout), x, stack(x)), atol=ATOL, rtol=RTOL)

@@ -11,11 +11,12 @@ import os
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vskip_compile import SkipPlan, check, reference
-from vskip_compile.archs import adapter_for
+from vskip_compile import SkipPlan, check, outside, reference
+from vskip_compile.archs import AdapterError, adapter_for
 from vskip_compile.archs.probe import probe_inputs
 from vskip_compile.archs.shrink import build_family, registered_families, tiny_config
 from vskip_compile.passes import PassContext, SkipPassError, find_all_regions, run_passes
@@ -26,6 +27,11 @@ CI_FAMILIES = {
     "llava": "pass",
     "glm4v": "pass",  # M-RoPE with partial rotary dims, post-attention / post-FFN norms
     "gemma3": "pass",  # a mask mapping, per-layer-type RoPE (bidirectional image blocks: tests/test_blocks.py)
+    "granite_docling": "pass",  # embedding_multiplier, logits_scaling, DeepStack (vskip_compile.outside)
+    "muse_glimmer": "pass",  # logits * output_multiplier, soft-capping, a NoPE layer
+    "fuyu": "pass",  # final_layernorm
+    "glm4v_moe": "pass",  # group-limited router: gather / scatter along the experts
+    "lfm2_vl": "refused",  # short-convolution layers: a conv state the core does not carry
 }
 
 
@@ -199,3 +205,132 @@ def test_a_failing_rule_becomes_a_named_refusal(llava_graph, op, error, ops):
             assert error.__name__ in msg
         else:  # the op does not occur where the plan cuts rows: nothing to refuse
             assert result.modified
+
+
+# -- what HF does outside the decoder layers (vskip_compile.outside) --------------------------------
+
+
+class _ScalesLogits(torch.nn.Module):
+    """A model whose forward transforms lm_head's logits as Granite (/ logits_scaling) and
+    Gemma-2 (soft-capping) do; forward(logits) stands in for everything before the head."""
+
+    def __init__(self, **fields):
+        super().__init__()
+        self.config = transformers.PretrainedConfig(**fields)
+
+    def forward(self, logits):
+        logits = logits / self.config.logits_scaling
+        logits = logits / self.config.final_logit_softcapping
+        logits = torch.tanh(logits)
+        return logits * self.config.final_logit_softcapping
+
+
+class _IgnoresThem(_ScalesLogits):
+    """LLaVA-NeXT over a Granite text model: the text config names logits_scaling, the VLM's
+    forward never applies it."""
+
+    def forward(self, logits):
+        return logits
+
+
+class _CohereLike(_ScalesLogits):
+    def forward(self, logits):
+        return logits * self.config.logit_scale
+
+
+def test_logit_transforms_are_reproduced_where_the_forward_applies_them():
+    head = torch.nn.Linear(8, 16, bias=False)
+    h = 30 * torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))  # large logits: the cap bends them
+    model = _ScalesLogits(logits_scaling=4.0, final_logit_softcapping=5.0)
+    wrapped = outside.logits_head(model, head)
+    assert isinstance(wrapped, outside.LogitsHead)
+    assert torch.equal(wrapped(h), model(head(h)))  # HF's ops in HF's order and dtype: bit for bit
+    assert (wrapped(h) - head(h)).abs().max() > 1.0
+    assert outside.logits_head(_IgnoresThem(logits_scaling=4.0, final_logit_softcapping=5.0), head) is head
+    assert outside.logits_head(_ScalesLogits(logits_scaling=1.0), head) is head  # neutral values: the bare head
+    with pytest.raises(outside.OutsideLayersError, match=r"_CohereLike: config\.logit_scale = 0\.5"):
+        outside.logits_head(_CohereLike(logit_scale=0.5), head)
+
+
+# family -> what it does outside its decoder layers that the core must reproduce
+OUTSIDE_FAMILIES = {
+    "granite_docling": "inputs_embeds * embedding_multiplier, logits / logits_scaling, DeepStack",
+    "muse_glimmer": "logits * output_multiplier then soft-capping, a NoPE layer (layer_rope_theta 0), sliding window",
+    "fuyu": "the final norm is named final_layernorm",
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OUTSIDE_FAMILIES))
+def outside_family(request):
+    model = build_family(request.param)
+    inputs, _ = probe_inputs(model)
+    return request.param, model, inputs
+
+
+def test_the_families_do_something_outside_their_layers(outside_family):
+    """Each family exercises what it is listed for (else the parity below would prove nothing)."""
+    family, model, _ = outside_family
+    adapter = adapter_for(model)
+    lm = adapter.language_model(model)
+    head = adapter.lm_head(model)
+    if family == "granite_docling":
+        assert outside.embedding_multiplier(lm) != 1.0 and head.logits_scaling != 1.0
+    if family == "muse_glimmer":
+        assert head.output_multiplier != 1.0 and head.final_logit_softcapping is not None
+        assert outside.rotary_layers(lm) == (True, False)
+    if family == "fuyu":
+        assert not hasattr(lm, "norm") and outside.final_norm(lm) is lm.final_layernorm
+
+
+def test_core_and_decode_step_equal_the_unmodified_model(outside_family):
+    """All-full DecoderCore (eager) == the HF model's prefill logits, and one DecodeStep over
+    its K/V == the logits HF's generate gives the next token (fp32, reordered sums only)."""
+    from vskip_compile import baselines
+    from vskip_compile.core import DecodeStep, DecoderCore, rope_position_ids
+
+    family, model, inputs = outside_family
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        p = adapter.prefill_inputs(model, **inputs)
+        deepstack = tuple(p.deepstack or ())
+        logits, *kv = DecoderCore.from_model(model, adapter, 0, len(deepstack))(p.inputs_embeds, p.position_ids,
+                                                                                 *deepstack)
+        torch.testing.assert_close(logits, model(**inputs).logits, atol=1e-5, rtol=1e-5)
+        token = out.sequences[:, -2]  # [B], the first new token
+        assert torch.equal(token, logits[:, -1].argmax(-1))
+        position = baselines.next_positions(rope_position_ids(p.position_ids))[:, None]  # [B, 1]
+        step = DecodeStep(adapter.language_model(model), adapter.lm_head(model))
+        past_mask = torch.ones(p.inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
+        new, *_ = step(model.get_input_embeddings()(token[:, None]), adapter.text_position_ids(model, position),
+                       past_mask, *kv)
+    torch.testing.assert_close(new[:, -1], out.logits[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_layer_that_is_not_attention_is_refused_by_its_type():
+    """LFM2's short-convolution layers carry a conv state the core does not: refused, naming
+    the layer and its type. The registry's default LFM2-VL config is all attention (its FFN
+    named feed_forward): refused naming that child."""
+    model = build_family("lfm2_vl")
+    with pytest.raises(AdapterError, match=r"decoder layer 0 \(Lfm2DecoderLayer\) has no mlp child module \(it has feed_forward"):
+        adapter_for(model).language_model(model)
+    config = tiny_config("lfm2_vl")
+    config.get_text_config().layer_types = ["full_attention", "conv"]
+    model = transformers.Lfm2VlForConditionalGeneration(config)
+    with pytest.raises(AdapterError, match=r"decoder layer 1 \(Lfm2DecoderLayer\) is a 'conv' layer"):
+        adapter_for(model).language_model(model)
+
+
+def test_eager_token_dropping_refuses_layers_it_would_run_wrong():
+    """The baselines build one causal mask and one rotary embedding for all layers: a model
+    with a sliding window and a NoPE layer (MuseGlimmer) is refused by name, never run wrong."""
+    from vskip_compile import baselines
+    from vskip_compile.core import CoreError
+
+    model = build_family("muse_glimmer")
+    inputs, _ = probe_inputs(model)
+    with torch.no_grad():
+        p = adapter_for(model).prefill_inputs(model, **inputs)
+    with pytest.raises(CoreError, match="token-dropping prefill runs full causal attention only; .* sliding-window"):
+        baselines.prefill(model, p, None, baselines.KVCache())

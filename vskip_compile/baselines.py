@@ -31,6 +31,7 @@ from .archs import Adapter, PrefillInputs, adapter_for
 from .core import KVCache, additive_mask, causal_mask, rope_position_ids
 from .decoding import decode_loop
 from .flops import S, V, TextDims, _tidy, attn_flops, ffn_flops
+from .outside import embedding_multiplier, final_norm, scale_embeddings
 
 
 # -- the two token-dropping baselines ------------------------------------------------------------
@@ -183,6 +184,21 @@ def next_positions(pos: torch.Tensor) -> torch.Tensor:
     return (pos.amax(dim=(0, 2)) if pos.ndim == 3 else pos.amax(dim=1)) + 1
 
 
+def check_plain_layers(language_model: torch.nn.Module, what: str) -> None:
+    """Refuse (CoreError) a text model whose layers the eager token-dropping code would run
+    wrong: it builds one causal mask and one rotary embedding for every layer, so sliding
+    windows, per-layer-type rotary embeddings and NoPE layers are named, never ignored."""
+    from .core import CoreError, attention_windows, rotary_layer_types
+    from .outside import rotary_layers
+
+    name = type(language_model).__name__
+    if any(w is not None for w in attention_windows(language_model)):
+        raise CoreError(f"{what} runs full causal attention only; {name} has sliding-window layers")
+    if rotary_layer_types(language_model) is not None or not all(rotary_layers(language_model)):
+        raise CoreError(f"{what} gives every layer one rotary embedding; {name}'s layers differ (per layer type, "
+                        "or layers without one)")
+
+
 def prefill(
     model, p: PrefillInputs, drop: TokenDrop | None, cache: KVCache, adapter: Adapter | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +208,11 @@ def prefill(
     adapter = adapter or adapter_for(model)
     lm = adapter.language_model(model)
     p.require_causal("the token-dropping prefill")
+    check_plain_layers(lm, "the token-dropping prefill")
     if p.attention_mask is not None and not bool(p.attention_mask.all()):
         raise ValueError("token-dropping prefill takes batches without padding (group by prompt length)")
     spans = p.layout.row_spans
-    x = p.inputs_embeds  # [B, S, D]
+    x = scale_embeddings(p.inputs_embeds, embedding_multiplier(lm))  # [B, S, D], as the text model does first
     batch, seq_len, _ = x.shape
     pos = rope_position_ids(p.position_ids)  # [3, B, S] or [B, S]
     next_pos = next_positions(pos)  # [B]
@@ -215,7 +232,7 @@ def prefill(
             x = run_layer(layer, x, mask, position_embeddings, cache)
         if i < len(deepstack):
             x = x + deepstack[i]  # [B, S, D], zero outside the visual rows
-    h = lm.norm(x[:, -1:, :])  # [B, 1, D]
+    h = final_norm(lm)(x[:, -1:, :])  # [B, 1, D]
     return adapter.lm_head(model)(h)[:, -1, :], next_pos
 
 
@@ -226,7 +243,7 @@ def decode(model, cache: KVCache, token: torch.Tensor, position: torch.Tensor, a
     slot here); None: every slot."""
     adapter = adapter or adapter_for(model)
     lm = adapter.language_model(model)
-    x = model.get_input_embeddings()(token[:, None])  # [B, 1, D]
+    x = scale_embeddings(model.get_input_embeddings()(token[:, None]), embedding_multiplier(lm))  # [B, 1, D]
     position_embeddings = lm.rotary_emb(x, adapter.text_position_ids(model, position[:, None]))
     for i, layer in enumerate(lm.layers):
         mask = None
@@ -234,7 +251,7 @@ def decode(model, cache: KVCache, token: torch.Tensor, position: torch.Tensor, a
             valid[i] = torch.cat([valid[i], torch.ones_like(valid[i][:, :1])], dim=1)  # [B, T + 1]
             mask = valid[i][:, None, None, :]  # [B, 1, 1, T + 1]
         x = run_layer(layer, x, mask, position_embeddings, cache)
-    return adapter.lm_head(model)(lm.norm(x))[:, -1, :]
+    return adapter.lm_head(model)(final_norm(lm)(x))[:, -1, :]
 
 
 def decode_steps(model, cache: KVCache, position: torch.Tensor, adapter: Adapter,

@@ -47,6 +47,7 @@ from . import flex
 from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
+from .outside import FINAL_NORMS, embedding_multiplier, final_norm, layer_rotary, rotary_layers, scale_embeddings
 
 
 class KVCache:
@@ -178,25 +179,18 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
     return tuple(out)
 
 
-# Text-config fields that HF applies outside the decoder layers (Granite: embeddings times
-# embedding_multiplier inside the text model, logits / logits_scaling; Gemma: logit soft-capping),
-# with the value that means "not applied". The core calls the layers itself: refuse, never differ.
-OUTSIDE_LAYERS = {"embedding_multiplier": 1.0, "logits_scaling": 1.0, "final_logit_softcapping": None}
-
-
 def check_structure(language_model: nn.Module) -> None:
     """Refuse (CoreError, naming the missing part) a text model the core cannot call: it needs
-    .layers, a final .norm and one .rotary_emb giving each layer its (cos, sin)."""
-    missing = [name for name in ("layers", "norm", "rotary_emb") if not isinstance(getattr(language_model, name, None), nn.Module)]
+    .layers, a final norm (vskip_compile.outside.FINAL_NORMS) and one .rotary_emb giving each
+    layer its (cos, sin). What the text model applies outside its layers is reproduced
+    (vskip_compile.outside; a field it does not reproduce is refused there, by name)."""
+    missing = [name for name in ("layers", "rotary_emb") if not isinstance(getattr(language_model, name, None), nn.Module)]
+    if final_norm(language_model) is None:
+        missing.insert(1, " / ".join(FINAL_NORMS))
     if missing:
-        raise CoreError(f"{type(language_model).__name__} has no {' / '.join(missing)} module: the vskip core calls "
-                        "lm.layers with lm.rotary_emb's (cos, sin) and applies lm.norm")
-    config = language_model.config
-    for field, neutral in OUTSIDE_LAYERS.items():
-        value = getattr(config, field, neutral)
-        if value != neutral:
-            raise CoreError(f"{type(language_model).__name__}: config.{field} = {value!r} is applied outside the decoder "
-                            "layers (to the embeddings or the logits), which the vskip core does not reproduce")
+        raise CoreError(f"{type(language_model).__name__} has no {' | '.join(missing)} module: the vskip core calls "
+                        "lm.layers with lm.rotary_emb's (cos, sin) and applies the final norm")
+    embedding_multiplier(language_model)  # refuses a field read outside the layers that is not reproduced
 
 
 def layer_mask(mask: torch.Tensor, language_model: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -296,9 +290,12 @@ def cache_keyword(layer: nn.Module) -> str:
 
 
 def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
-               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
+               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache",
+               rotary: tuple[bool, ...] = ()) -> torch.Tensor:
     """The decoder layers over x [B, S, D] with an explicit mask and (cos, sin) (each one for all
     layers, or a list of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
+    rotary: per layer, whether it gets position_embeddings (vskip_compile.outside.rotary_layers;
+    () every layer).
     MoE experts run their traceable implementation while traced (restored after), so the
     prefill and the decode step trace alike."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
@@ -311,7 +308,7 @@ def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embedd
             x = layer(
                 x,
                 attention_mask=masks[i],
-                position_embeddings=rope[i],
+                position_embeddings=layer_rotary(rope[i], rotary, i),
                 position_ids=None,
                 use_cache=True,
                 **{cache_kw: cache},
@@ -370,6 +367,8 @@ class DecoderCore(nn.Module):
         self.attention_blocks = attention_blocks
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
         self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
+        self.embedding_multiplier = embedding_multiplier(language_model)  # Granite; read here, as cache_kw
+        self.rotary = rotary_layers(language_model)  # MuseGlimmer's NoPE layers get no rotary embedding
 
     @classmethod
     def from_model(
@@ -387,6 +386,7 @@ class DecoderCore(nn.Module):
         """rest: the DeepStack tensors; with layout_inputs, first kept_index [B, K],
         kept_valid [B, K] (vskip_compile.kept_rows) and attention_mask [B, S] (left padding);
         with attention_blocks, last the blocks [B, S]."""
+        inputs_embeds = scale_embeddings(inputs_embeds, self.embedding_multiplier)  # as the text model does first
         blocks = None
         if self.attention_blocks:
             *rest, blocks = rest
@@ -414,17 +414,17 @@ class DecoderCore(nn.Module):
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
-                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
+                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw, self.rotary)
         else:
             masks = prefill_masks(self.lm, self.windows, inputs_embeds, blocks)
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
-                           deepstack, self.cache_kw)
+                           deepstack, self.cache_kw, self.rotary)
         if roll is not None:
             x = roll.unrolled(x, last=self.logits_to_keep)  # [B, n or S, D], left-padded again
         elif self.logits_to_keep:
             x = x[:, -self.logits_to_keep :, :]  # [B, n, D]
-        x = self.lm.norm(x)
-        logits = self.lm_head(x)  # [B, n or S, V]
+        x = final_norm(self.lm)(x)
+        logits = self.lm_head(x)  # [B, n or S, V] (adapter.lm_head: with the logit transforms the VLM applies)
 
         kv: list[torch.Tensor] = []
         for i in range(self.num_layers):
@@ -458,12 +458,15 @@ class DecodeStep(nn.Module):
         self.cache_kw = cache_keyword(language_model.layers[0])
         self.windows = attention_windows(language_model)
         self.rotary_types = rotary_layer_types(language_model)
+        self.embedding_multiplier = embedding_multiplier(language_model)
+        self.rotary = rotary_layers(language_model)
 
     @property
     def num_layers(self) -> int:
         return len(self.lm.layers)
 
     def forward(self, inputs_embeds, position_ids, past_mask, *past_kv):
+        inputs_embeds = scale_embeddings(inputs_embeds, self.embedding_multiplier)  # the new token, as in prefill
         if len(past_kv) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} past K/V tensors, got {len(past_kv)}")
         cache = _AppendCache([(past_kv[2 * i], past_kv[2 * i + 1]) for i in range(self.num_layers)])
@@ -476,8 +479,8 @@ class DecodeStep(nn.Module):
         masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
         position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, position_ids, self.rotary_types)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
-                       cache_kw=self.cache_kw)  # [B, 1, D]
-        logits = self.lm_head(self.lm.norm(x))  # [B, 1, V]
+                       cache_kw=self.cache_kw, rotary=self.rotary)  # [B, 1, D]
+        logits = self.lm_head(final_norm(self.lm)(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):
             new_kv.extend(cache.new[i])  # k_new_i, v_new_i: [B, KV, 1, E]

@@ -7,9 +7,9 @@ of default position ids, DeepStack).
 
 How a decoder layer is called (transformers 5.24; what a traceable core reproduces)
 -----------------------------------------------------------------------------------
-    lm = adapter.language_model(model)            # has .layers, .norm, .rotary_emb
+    lm = adapter.language_model(model)            # has .layers, a final norm, .rotary_emb
     p = adapter.prefill_inputs(model, **hf_inputs)
-    h = p.inputs_embeds                                        # [B, S, D]
+    h = scale_embeddings(p.inputs_embeds, embedding_multiplier(lm))  # [B, S, D] (vskip_compile.outside)
     cos, sin = lm.rotary_emb(h, p.position_ids)                # each [B, S, head_dim]
     mask = create_causal_mask(config=lm.config, inputs_embeds=h, attention_mask=p.attention_mask,
                               cache=None, position_ids=None)   # transformers.masking_utils
@@ -18,7 +18,7 @@ How a decoder layer is called (transformers 5.24; what a traceable core reproduc
                   position_ids=None, cache=None, use_cache=False)   # returns a tensor in 5.24
         if p.deepstack is not None and i < len(p.deepstack):
             h = h + p.deepstack[i]                             # Qwen3-VL only
-    logits = adapter.lm_head(model)(lm.norm(h))
+    logits = adapter.lm_head(model)(final_norm(lm)(h))        # head + the VLM's logit transforms
 
 Inside a layer: `h1 = h + self_attn(hidden_states=input_layernorm(h), attention_mask=mask,
 position_embeddings=(cos, sin))[0]`; `h2 = h1 + mlp(post_attention_layernorm(h1))`.
@@ -39,6 +39,7 @@ import torch
 
 from ..layout import VisualLayout
 from ..errors import VSkipError
+from ..outside import logits_head
 
 
 class AdapterError(VSkipError, ValueError):
@@ -84,6 +85,11 @@ class _Captured(Exception):
         self.kwargs = kwargs
 
 
+# config.layer_types entries of decoder layers that are not attention (LFM2, Qwen3.5, hybrids).
+NOT_ATTENTION = ("conv", "linear_attention", "mamba")
+# Other names HF gives a layer's operator children (LFM2: feed_forward), named in refusals only.
+CHILD_ALIASES = {"mlp": ("feed_forward",)}
+
 # HF forward arguments that make no sense for a prefill capture.
 _NOT_FORWARDED = ("labels", "logits_to_keep", "return_dict")
 
@@ -99,19 +105,31 @@ class Adapter:
 
     # -- structure -------------------------------------------------------------------------
     def language_model(self, model) -> torch.nn.Module:
-        """The decoder stack (has .layers, .norm and usually .rotary_emb)."""
+        """The decoder stack (has .layers, a final norm and usually .rotary_emb). Every layer
+        needs `self_attn` and `mlp` children: a layer of another type (LFM2's short
+        convolutions, linear attention) is refused, naming its type."""
         inner = getattr(model, "model", None)
         lm = getattr(inner, "language_model", None)
         if lm is None and hasattr(model, "get_decoder"):
             lm = model.get_decoder()
         if lm is None or not isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
             raise AdapterError(f"{type(model).__name__}: no language model with a .layers ModuleList found")
+        types = getattr(getattr(lm, "config", None), "layer_types", None) or ()
+        for i, (layer, kind) in enumerate(zip(lm.layers, types)):  # the more basic refusal first
+            if kind in NOT_ATTENTION and not isinstance(getattr(layer, "self_attn", None), torch.nn.Module):
+                raise AdapterError(
+                    f"{type(model).__name__}: decoder layer {i} ({type(layer).__name__}) is a {kind!r} layer "
+                    "(config.layer_types), not attention: the vskip core carries K/V only, not a convolution or "
+                    "recurrent state, so neither its prefill nor its decoding is reproduced"
+                )
         for i, layer in enumerate(lm.layers):
             missing = [c for c in ("self_attn", "mlp") if not isinstance(getattr(layer, c, None), torch.nn.Module)]
             if missing:
+                named = [a for c in missing for a in CHILD_ALIASES.get(c, ()) if isinstance(getattr(layer, a, None), torch.nn.Module)]
+                also = f" (it has {' / '.join(named)}; vskip finds a layer's operators as self_attn and mlp)" if named else ""
                 raise AdapterError(
                     f"{type(model).__name__}: decoder layer {i} ({type(layer).__name__}) has no "
-                    f"{' / '.join(missing)} child module"
+                    f"{' / '.join(missing)} child module{also}"
                 )
         return lm
 
@@ -119,10 +137,12 @@ class Adapter:
         return self.language_model(model).layers
 
     def lm_head(self, model) -> torch.nn.Module:
+        """The output embeddings, with what the model's forward does to their logits (Granite
+        / logits_scaling, Gemma-2-style soft-capping: vskip_compile.outside.LogitsHead)."""
         head = model.get_output_embeddings()
         if head is None:
             raise AdapterError(f"{type(model).__name__} has no output embeddings (lm_head)")
-        return head
+        return logits_head(model, head)
 
     def text_config(self, model) -> dict[str, Any]:
         """The text config as a plain dict; head_dim filled in from the attention module
@@ -241,8 +261,20 @@ class Adapter:
         return None
 
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
-        """Full-size DeepStack injections, or None when the architecture has none."""
-        return None
+        """Full-size DeepStack injections [B, S, D] each, or None when the language model gets
+        none. HF's convention (Qwen3-VL, GraniteDocling): `deepstack_visual_embeds[i]` [N, D]
+        is added to the rows `visual_pos_masks` [B, S] marks after decoder layer i."""
+        embeds = captured.get("deepstack_visual_embeds")
+        if embeds is None:
+            return None
+        mask = captured.get("visual_pos_masks")
+        if mask is None:
+            raise AdapterError("the language model got DeepStack features (deepstack_visual_embeds) without "
+                               "visual_pos_masks")
+        mask = mask.to(inputs_embeds.device)[..., None]  # [B, S, 1]
+        zeros = torch.zeros_like(inputs_embeds)  # [B, S, D]
+        # masked_scatter fills the masked rows in row-major order, as HF's h[mask, :] += e does.
+        return tuple(zeros.masked_scatter(mask, e.to(inputs_embeds.device, inputs_embeds.dtype)) for e in embeds)
 
     def prefill_inputs(self, model, **hf_inputs) -> PrefillInputs:
         """Language-model inputs for a prefill of `hf_inputs` (the HF forward's kwargs).

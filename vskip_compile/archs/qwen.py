@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .base import Adapter, AdapterError
+from .base import Adapter
 
 
 class Qwen2_5_VLAdapter(Adapter):
@@ -34,25 +34,14 @@ class Qwen2_5_VLAdapter(Adapter):
 
 class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Adds DeepStack: features of some vision blocks are added to the visual rows after
-    the first len(deepstack) decoder layers (Qwen3VLTextModel._deepstack_process)."""
+    the first len(deepstack) decoder layers (Qwen3VLTextModel._deepstack_process).
+    The base adapter reads them (HF's deepstack_visual_embeds / visual_pos_masks)."""
 
     name = "qwen3_vl"
     model_types = ("qwen3_vl",)
 
     def video_rope(self, model) -> dict[str, Any]:
         return {"tokens_per_second": None, "split_frames": True}  # one grid per frame, between timestamp text
-
-    def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
-        embeds = captured.get("deepstack_visual_embeds")
-        if embeds is None:
-            return None
-        mask = captured.get("visual_pos_masks")
-        if mask is None:
-            raise AdapterError("Qwen3-VL passed DeepStack features without visual_pos_masks")
-        mask = mask.to(inputs_embeds.device)[..., None]  # [B, S, 1]
-        zeros = torch.zeros_like(inputs_embeds)  # [B, S, D]
-        # masked_scatter fills the masked rows in row-major order, as HF's h[mask, :] += e does.
-        return tuple(zeros.masked_scatter(mask, e.to(inputs_embeds.device, inputs_embeds.dtype)) for e in embeds)
 
 
 class Qwen3VLMoeAdapter(Qwen3VLAdapter):

@@ -7,7 +7,8 @@ and shrunk generically, field by field, wherever a field of that name exists:
 - text configs (they have a vocab_size): hidden 64, FFN 128, 2 layers, 4 heads of 16, 2 KV
   heads, MoE down to 4 experts (2 per token) of width 32, a sliding window of 8 rows (so
   windows are exercised on short prompts), layer_types cut to the layer count keeping one
-  layer of each kind, M-RoPE sections rescaled to the new head_dim / 2;
+  layer of each kind (per-layer lists such as layer_rope_theta cut alike), M-RoPE sections
+  rescaled to the new head_dim / 2;
 - vision / audio / projector configs: hidden 32, FFN 64, 1 layer (or depth), 2 heads, output
   widths that feed the text model set to its hidden size, a fixed image_size cut to 8x8 patches;
 - token ids above the small vocabulary (256) are moved into 200..255.
@@ -31,6 +32,7 @@ VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1
               embed_dim=32, head_dim=16)
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
+PER_LAYER = ("layer_rope_theta",)  # per-layer lists cut with layer_types (MuseGlimmer: 0 = a NoPE layer)
 MAX_PARAMETERS = 200_000_000  # 0.8 GB fp32; more means the shrink missed a part (and risks memory)
 IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
 SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_config", "perceiver_config",
@@ -117,8 +119,13 @@ def _shrink_text(cfg) -> None:
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, (list, tuple)) and types:
         kinds = list(dict.fromkeys(types))  # one layer of each kind, in the model's order
-        picked = kinds + [types[-1]] * max(0, layers - len(kinds))
-        cfg.layer_types = picked[:max(layers, len(kinds))]
+        kept = [types.index(k) for k in kinds] + [len(types) - 1] * max(0, layers - len(kinds))  # layer indices
+        kept = kept[:max(layers, len(kinds))]
+        for key in PER_LAYER:  # the kept layers' own values
+            value = getattr(cfg, key, None)
+            if isinstance(value, list) and len(value) == len(types):
+                setattr(cfg, key, [value[i] for i in kept])
+        cfg.layer_types = [types[i] for i in kept]
         cfg.num_hidden_layers = len(cfg.layer_types)
     for key in ("mlp_only_layers", "full_attn_idxs", "swa_layers", "no_rope_layers"):
         value = getattr(cfg, key, None)

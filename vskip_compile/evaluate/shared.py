@@ -20,6 +20,7 @@ from ..archs import adapter_for
 from ..baselines import TokenDrop
 from ..core import KVCache, causal_mask, rope_position_ids
 from ..decoding import decode_loop
+from ..outside import embedding_multiplier, final_norm, scale_embeddings
 from ..plan import SkipPlan
 from .harness import Batch
 
@@ -45,13 +46,15 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     J = drop.layer if fastv else L  # layers whose prefix is shared
     p = b.prefix
     p.require_causal("the shared-prefix runner")
+    baselines.check_plain_layers(lm, "the shared-prefix runner")
     spans = p.layout.row_spans
     Q, Ls = b.suffix.shape
     dev = p.inputs_embeds.device
     t0 = time.perf_counter()
 
     # prefix, once per image: layers < J
-    x = p.inputs_embeds  # [I, P, D]
+    scale = embedding_multiplier(lm)  # Granite: the text model scales its input embeddings first
+    x = scale_embeddings(p.inputs_embeds, scale)  # [I, P, D]
     pos = rope_position_ids(p.position_ids)  # [3, I, P] or [I, P]
     next_pos = baselines.next_positions(pos)  # [I]
     deepstack = list(p.deepstack or ())
@@ -75,7 +78,7 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
         cache.kv[i] = (k[b.owner], v[b.owner])  # [Q, KV, P_i, E]
 
     # suffixes, per question: layers < J on the shared prefix K/V
-    xs = model.get_input_embeddings()(b.suffix)  # [Q, Ls, D]
+    xs = scale_embeddings(model.get_input_embeddings()(b.suffix), scale)  # [Q, Ls, D]
     spos = next_pos[b.owner][:, None] + torch.arange(Ls, device=dev)  # [Q, Ls]
     spos_r = adapter.text_position_ids(model, spos)  # [3, Q, Ls] or [Q, Ls]
     pe_s = lm.rotary_emb(xs, spos_r)
@@ -105,7 +108,7 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
                 xf = xf + ds[i]
             valid[i] = torch.cat([torch.ones(Q, Sp - Ls, dtype=torch.bool, device=dev), suffix_valid], 1)
         xs = xf[:, Sp - Ls :]
-    h = lm.norm(xs[torch.arange(Q), last])  # [Q, D]
+    h = final_norm(lm)(xs[torch.arange(Q), last])  # [Q, D]
     logits = adapter.lm_head(model)(h)  # [Q, vocab]
     seconds = time.perf_counter() - t0
 
