@@ -27,14 +27,18 @@ TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             head_dim=16, max_position_embeddings=2048)
 MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
            shared_expert_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1)
+MOE_SIZES = dict(num_experts=4, num_experts_per_tok=2, top_k_experts=2, moe_intermediate_size=32)  # also where None
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
-              embed_dim=32, head_dim=16)
+              num_key_value_heads=2, embed_dim=32, head_dim=16)
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
 MAX_PARAMETERS = 200_000_000  # 0.8 GB fp32; more means the shrink missed a part (and risks memory)
 IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
-SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_config", "perceiver_config",
-                   "qformer_config", "vq_config", "encoder_config", "decoder_config")
+TEXT_CONFIG_KEYS = ("text_config", "decoder", "generator", "text_encoder")  # transformers' get_text_config names
+PER_LAYER_KINDS = ("layer_types", "mlp_layer_types")  # per-layer lists whose kinds the tiny model keeps
+PLACEHOLDER_KEYS = ("image_token_id", "image_token_index")
+# name parts of int fields that are no width (a count, a size in pixels or tokens), for the output-width rule
+NOT_WIDTHS = ("num", "token", "max", "vocab", "position", "image", "patch", "codebook", "layer")
 
 
 # Rope fields that the real checkpoints' config.json set and the config classes' defaults leave
@@ -44,6 +48,7 @@ CHECKPOINT_ROPE = {
     "glm4v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glm4v_moe": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glm46v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+    "glmga": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},  # glm4v_text, GLM-4.1V's checkpoint
     "qwen2_5_vl": {"mrope_section": [16, 24, 24]},
 }
 
@@ -60,18 +65,44 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[model_type]()
+    nested = list(_nested_configs(config))
     text = config.get_text_config()
+    if not hasattr(text, "num_hidden_layers"):  # a wrapper of a VLM (PI0's vlm_config): its text config
+        text = next((sub for key, sub in nested if key in TEXT_CONFIG_KEYS), text)
+    default_hidden = getattr(text, "hidden_size", None)
     if model_type in CHECKPOINT_ROPE and isinstance(getattr(text, "rope_parameters", None), dict):
         text.rope_parameters.update(CHECKPOINT_ROPE[model_type])
-    _shrink_text(text)
-    for key in SUB_CONFIG_KEYS:
-        sub = getattr(config, key, None)
-        if sub is not None and sub is not text and hasattr(sub, "to_dict"):
-            _shrink_other(sub, text.hidden_size)
+    if hasattr(text, "num_hidden_layers"):
+        _shrink_text(text)
+    for key, sub in nested:
+        if sub is text:
+            continue
+        if key in TEXT_CONFIG_KEYS and hasattr(sub, "num_hidden_layers"):
+            _shrink_text(sub)
+        else:
+            _shrink_other(sub, text.hidden_size, default_hidden, key)
     if config is not text:
-        _shrink_other(config, text.hidden_size, top=True)
-    _move_token_ids([config] + [text] * (config is not text))
+        _shrink_other(config, text.hidden_size, default_hidden, top=True)
+    configs = [config] + [sub for _, sub in nested]
+    _move_token_ids(configs)
+    _set_placeholder_ids(config, configs)
     return config
+
+
+def _nested_configs(config):
+    """(attribute name, config) of every PreTrainedConfig below config, depth first, each once."""
+    from transformers import PreTrainedConfig
+
+    seen = {id(config)}
+
+    def walk(cfg):
+        for key, value in sorted(vars(cfg).items()):
+            if isinstance(value, PreTrainedConfig) and id(value) not in seen:
+                seen.add(id(value))
+                yield key, value
+                yield from walk(value)
+
+    yield from walk(config)
 
 
 def build_family(model_type: str, seed: int = 0):
@@ -84,11 +115,15 @@ def build_family(model_type: str, seed: int = 0):
     config._attn_implementation = "sdpa"
     try:
         with torch.device("meta"):  # size first: a sub-config the shrink did not reach can be huge
-            size = sum(p.numel() for p in cls(config).parameters())
+            meta = cls(config)
     except (ValueError, NotImplementedError):  # a class without SDPA support: its eager attention
         config._attn_implementation = "eager"
         with torch.device("meta"):
-            size = sum(p.numel() for p in cls(config).parameters())
+            meta = cls(config)
+    if _fit_default_mrope(meta, config.get_text_config()):
+        with torch.device("meta"):
+            meta = cls(config)
+    size = sum(p.numel() for p in meta.parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"the shrunk {name} still has {size / 1e6:.0f} M parameters (> {MAX_PARAMETERS / 1e6:.0f} M): "
                          "a sub-config the generic shrink does not reach")
@@ -96,30 +131,61 @@ def build_family(model_type: str, seed: int = 0):
     return cls(config).float().eval()
 
 
+def _fit_default_mrope(model, text) -> bool:
+    """M-RoPE sections the modeling code defaults to (rope_parameters.get("mrope_section", [8, 12, 12])
+    in GLM-OCR, PaddleOCR-VL: the real checkpoints' rotary width) rescaled into the text config when
+    they do not sum to the tiny model's rotary frequencies (the rotary module's inv_freq length).
+    True when the config changed (the model must be built again)."""
+    rope = getattr(text, "rope_parameters", None)
+    if not isinstance(rope, dict) or "mrope_section" in rope or any(isinstance(v, dict) for v in rope.values()):
+        return False
+    for module in model.modules():
+        section, inv_freq = getattr(module, "mrope_section", None), getattr(module, "inv_freq", None)
+        if isinstance(section, (list, tuple)) and isinstance(inv_freq, torch.Tensor):
+            if sum(section) != inv_freq.shape[-1]:  # inv_freq [rotary_dim / 2]
+                rope["mrope_section"] = rescale_sections(list(section), inv_freq.shape[-1])
+                return True
+            return False
+    return False
+
+
+def _get(cfg, key: str, default: Any = None) -> Any:
+    """cfg.key, or default where the config has none or refuses a global read (a per-layer attribute)."""
+    try:
+        return getattr(cfg, key, default)
+    except Exception:  # transformers' per-layer attributes raise on a global read
+        return default
+
+
 def _set(cfg, key: str, value: Any) -> None:
     """cfg.key = value where the config has an int there (a list is per-layer or per-stage: left
     alone; an attribute that refuses a global read, per-layer in the config class, too)."""
-    try:
-        current = getattr(cfg, key, None)
-    except Exception:  # transformers' per-layer attributes raise on a global read
-        return
+    current = _get(cfg, key)
     if isinstance(current, int) and not isinstance(current, bool):
         setattr(cfg, key, value)
 
 
 def _shrink_text(cfg) -> None:
+    overrides = _take_per_layer_overrides(cfg)
+    picked = _pick_layers(cfg, TEXT["num_hidden_layers"])
     for key, value in {**TEXT, **MOE}.items():
         _set(cfg, key, value)
+    if "head_dim" in vars(cfg) and cfg.head_dim is None:  # modeling code that reads it (HunYuan-VL): derived
+        cfg.head_dim = TEXT["head_dim"]  # = hidden_size / num_attention_heads, what the others derive
+    for key, value in MOE_SIZES.items():  # MoE sizes the class leaves to the checkpoint (Diffusion Gemma's
+        if key in vars(cfg) and vars(cfg)[key] is None:  # router); a model without MoE blocks ignores them
+            setattr(cfg, key, value)
     _set(cfg, "vocab_size", VOCAB)
     for key in ("sliding_window", "attention_chunk_size"):
         _set(cfg, key, SLIDING_WINDOW)
-    layers = cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, (list, tuple)) and types:
-        kinds = list(dict.fromkeys(types))  # one layer of each kind, in the model's order
-        picked = kinds + [types[-1]] * max(0, layers - len(kinds))
-        cfg.layer_types = picked[:max(layers, len(kinds))]
-        cfg.num_hidden_layers = len(cfg.layer_types)
+    if "mlp_layer_types" in vars(cfg) and cfg.mlp_layer_types is None:  # left to the checkpoint (DeepSeek-OCR 2)
+        dense = _get(cfg, "first_k_dense_replace", MOE["first_k_dense_replace"])
+        cfg.mlp_layer_types = ["dense" if i < dense else "sparse" for i in range(len(picked))]  # dense, then MoE
+    for key in PER_LAYER_KINDS:
+        value = _get(cfg, key)
+        if isinstance(value, (list, tuple)) and value and max(picked) < len(value):
+            setattr(cfg, key, [value[i] for i in picked])
+    cfg.num_hidden_layers = len(picked)
     for key in ("mlp_only_layers", "full_attn_idxs", "swa_layers", "no_rope_layers"):
         value = getattr(cfg, key, None)
         if isinstance(value, list):
@@ -129,6 +195,55 @@ def _shrink_text(cfg) -> None:
                    else [rope]):
         if isinstance(params, dict) and isinstance(params.get("mrope_section"), list):
             params["mrope_section"] = rescale_sections(params["mrope_section"], _rotary_half(cfg, params))
+    _put_per_layer_overrides(cfg, overrides, picked, {**TEXT, **MOE, "sliding_window": SLIDING_WINDOW})
+
+
+def _pick_layers(cfg, layers: int) -> list[int]:
+    """Indices of the layers the tiny model keeps: one layer of each kind (each distinct entry of
+    layer_types x mlp_layer_types), in the model's order, then the last layers up to `layers`."""
+    count = _get(cfg, "num_hidden_layers")
+    lists = [v for v in (_get(cfg, key) for key in PER_LAYER_KINDS) if isinstance(v, (list, tuple)) and v]
+    if not lists:
+        return list(range(min(layers, count)))
+    count = len(lists[0])
+    lists = [v for v in lists if len(v) == count]
+    first: dict[tuple, int] = {}
+    for i in range(count):
+        first.setdefault(tuple(v[i] for v in lists), i)
+    picked = set(first.values())
+    for i in range(count - 1, -1, -1):  # fill from the end (the last layer is often a kind of its own)
+        if len(picked) >= layers:
+            break
+        picked.add(i)
+    return sorted(picked)
+
+
+def _take_per_layer_overrides(cfg) -> dict[int, dict[str, Any]]:
+    """A heterogeneous config's per-layer overrides (transformers' per_layer_config: layer index ->
+    fields that differ from the global ones, e.g. Gemma 4's wider full-attention heads), removed so
+    that the shrink reads and sets the global fields; _put_per_layer_overrides puts them back."""
+    import copy
+
+    spec = cfg.__dict__.get("_heterogeneity_spec")
+    if spec is None:
+        return {}
+    overrides = copy.deepcopy(spec.per_layer_overrides)
+    cfg.per_layer_config = None
+    return overrides
+
+
+def _put_per_layer_overrides(cfg, overrides: dict[int, dict[str, Any]], picked: list[int], sizes: dict) -> None:
+    """The kept layers' overrides, renumbered; an int override of a field the shrink sets gets the
+    tiny value (an override equal to the global value then drops out)."""
+    if not overrides:
+        return
+    kept = {}
+    for new, old in enumerate(picked):
+        fields = {k: (sizes[k] if k in sizes and isinstance(v, int) and not isinstance(v, bool) else v)
+                  for k, v in overrides.get(old, {}).items()}
+        if fields:
+            kept[new] = fields
+    cfg.per_layer_config = kept
 
 
 def _rotary_half(cfg, params: dict) -> int:
@@ -144,29 +259,42 @@ def rescale_sections(sections: list[int], total: int) -> list[int]:
     return scaled
 
 
-def _shrink_other(cfg, text_hidden: int, top: bool = False) -> None:
+def _shrink_other(cfg, text_hidden: int, default_hidden: int | None, key: str = "", top: bool = False) -> None:
+    """A vision / audio / projector config (or the top config, top=True: output widths only)."""
     if not top:
-        for key, value in VISION.items():
-            _set(cfg, key, value)
-        for key in ("num_hidden_layers", "depth"):
-            if getattr(cfg, key, None):
-                setattr(cfg, key, 1)
-        for key in ("deepstack_visual_indexes", "fullatt_block_indexes", "intermediate_layers_indices"):
-            if isinstance(getattr(cfg, key, None), list):
-                setattr(cfg, key, [0])
+        overrides = _take_per_layer_overrides(cfg)
+        for name, value in VISION.items():
+            _set(cfg, name, value)
+        for name in ("num_hidden_layers", "depth"):
+            if _get(cfg, name):
+                setattr(cfg, name, 1)
+        for name in ("deepstack_visual_indexes", "fullatt_block_indexes", "intermediate_layers_indices"):
+            if isinstance(getattr(cfg, name, None), list):
+                setattr(cfg, name, [0])
         vf = getattr(cfg, "vision_feature_layer", None)
         if isinstance(vf, int) and vf >= 0:
             cfg.vision_feature_layer = 0
         side, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
         if isinstance(side, int) and isinstance(patch, int) and side > IMAGE_PATCHES * patch:
             cfg.image_size = IMAGE_PATCHES * patch  # fixed-resolution towers: 8x8 patches
-    for key in OUT_WIDTHS:
-        _set(cfg, key, text_hidden)
+        if key == "vision_config" and isinstance(_get(cfg, "embed_dim"), int):
+            _set(cfg, "hidden_size", text_hidden)  # Qwen2-VL's naming: embed_dim the tower, hidden_size its output
+        _put_per_layer_overrides(cfg, overrides, [0], {**VISION, "num_hidden_layers": 1})
+    for name in OUT_WIDTHS:
+        _set(cfg, name, text_hidden)
+    for name, value in list(vars(cfg).items()):  # widths equal to the text model's: what feeds it
+        if (value == default_hidden and isinstance(value, int) and not isinstance(value, bool) and name not in VISION
+                and ("hidden" in name or name.endswith("_dim")) and not any(w in name for w in NOT_WIDTHS)):
+            setattr(cfg, name, text_hidden)
     vf = getattr(cfg, "vision_feature_layer", None)
     if isinstance(vf, int) and top:
         cfg.vision_feature_layer = -1
     elif isinstance(vf, list) and top:
         cfg.vision_feature_layer = [-1]
+
+
+def _token_keys(cfg) -> list[str]:
+    return sorted(k for k in vars(cfg) if k.endswith(("_token_id", "_token_index")))
 
 
 def _move_token_ids(configs: list) -> None:
@@ -175,11 +303,24 @@ def _move_token_ids(configs: list) -> None:
     free = iter(range(VOCAB - 1, 199, -1))
     moved: dict[int, int] = {}
     for cfg in configs:
-        for key in sorted(vars(cfg)):
-            value = getattr(cfg, key)
-            if (key.endswith("_token_id") or key.endswith("_token_index")) and isinstance(value, int) and not isinstance(
-                value, bool
-            ) and value >= VOCAB - 56:
+        for key in _token_keys(cfg):
+            value = _get(cfg, key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= VOCAB - 56:
                 if value not in moved:
                     moved[value] = next(free)
                 setattr(cfg, key, moved[value])
+
+
+def _set_placeholder_ids(config, configs: list) -> None:
+    """An image placeholder id the config class declares and leaves None (BLIP-2, InstructBLIP,
+    MiniCPM-V: the processor of a real checkpoint puts one such token per image-feature row and
+    its config.json names it; with None the model drops the image) set to a free id in 200..255."""
+    if not any(k in vars(config) or k in getattr(config, "attribute_map", {}) for k in PLACEHOLDER_KEYS):
+        return
+    if any(isinstance(_get(config, k), int) for k in PLACEHOLDER_KEYS):
+        return
+    used = {_get(cfg, k) for cfg in configs for k in _token_keys(cfg)}
+    free = max(set(range(VOCAB - 56, VOCAB)) - used)
+    for key in PLACEHOLDER_KEYS:
+        if key in vars(config) or key in getattr(config, "attribute_map", {}):
+            setattr(config, key, free)
