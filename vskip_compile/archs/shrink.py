@@ -26,7 +26,8 @@ VOCAB = 256
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, max_position_embeddings=2048)
 MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-           shared_expert_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1)
+           shared_expert_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1)
+MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32)  # latent attention
 MOE_SIZES = dict(num_experts=4, num_experts_per_tok=2, top_k_experts=2, moe_intermediate_size=32)  # also where None
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
               num_key_value_heads=2, embed_dim=32, head_dim=16)
@@ -50,6 +51,22 @@ CHECKPOINT_ROPE = {
     "glm46v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glmga": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},  # glm4v_text, GLM-4.1V's checkpoint
     "qwen2_5_vl": {"mrope_section": [16, 24, 24]},
+    "hunyuan_vl": {"mrope_section": [16, 16, 16, 16]},  # HunyuanOCR's xdrope_section (4 axes, head_dim 128)
+}
+
+# Other fields in the same situation (the config class has no value its modeling code can run
+# with; a checkpoint's config.json sets it), "path.to.field": value from the top config. The
+# Omni thinkers' get_rope_index reads vision_start_token_id, which only the checkpoints' thinker
+# configs carry (Qwen's <|vision_start|>, 151652); Qwen4-Exp's indexed-attention layers need the
+# QSA indexer sizes its class leaves None (tiny values here, within its validation: one key head);
+# Step3p7 builds a sliding-window mask in every forward, from a window only its checkpoint sets.
+CHECKPOINT_FIELDS = {
+    "step3p7": {"text_config.sliding_window": SLIDING_WINDOW},
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    "qwen4_exp": {"text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1,
+                  "text_config.indexer_head_dim": 16, "text_config.indexer_budget": 8,
+                  "text_config.indexer_compress_ratio": 4},
 }
 
 
@@ -65,6 +82,12 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[model_type]()
+    for path, value in CHECKPOINT_FIELDS.get(model_type, {}).items():
+        *parents, name = path.split(".")
+        target = config
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
     nested = list(_nested_configs(config))
     text = config.get_text_config()
     if not hasattr(text, "num_hidden_layers"):  # a wrapper of a VLM (PI0's vlm_config): its text config
@@ -168,8 +191,14 @@ def _set(cfg, key: str, value: Any) -> None:
 def _shrink_text(cfg) -> None:
     overrides = _take_per_layer_overrides(cfg)
     picked = _pick_layers(cfg, TEXT["num_hidden_layers"])
+    mla = {key: _get(cfg, key) for key in ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim")}
+    mha = _get(cfg, "num_key_value_heads") == _get(cfg, "num_attention_heads")
     for key, value in {**TEXT, **MOE}.items():
         _set(cfg, key, value)
+    if isinstance(mla["qk_rope_head_dim"], int):
+        _shrink_latent_attention(cfg, **mla)
+        if mha:  # latent attention expands K and V per query head: no KV groups
+            _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
     if "head_dim" in vars(cfg) and cfg.head_dim is None:  # modeling code that reads it (HunYuan-VL): derived
         cfg.head_dim = TEXT["head_dim"]  # = hidden_size / num_attention_heads, what the others derive
     for key, value in MOE_SIZES.items():  # MoE sizes the class leaves to the checkpoint (Diffusion Gemma's
@@ -178,6 +207,9 @@ def _shrink_text(cfg) -> None:
     _set(cfg, "vocab_size", VOCAB)
     for key in ("sliding_window", "attention_chunk_size"):
         _set(cfg, key, SLIDING_WINDOW)
+    if "sliding_attention" in (_get(cfg, "layer_types") or ()) and "sliding_window" in vars(cfg) and (
+            cfg.sliding_window is None):  # sliding layers with the window left to the checkpoint (Step3p7)
+        cfg.sliding_window = SLIDING_WINDOW
     if "mlp_layer_types" in vars(cfg) and cfg.mlp_layer_types is None:  # left to the checkpoint (DeepSeek-OCR 2)
         dense = _get(cfg, "first_k_dense_replace", MOE["first_k_dense_replace"])
         cfg.mlp_layer_types = ["dense" if i < dense else "sparse" for i in range(len(picked))]  # dense, then MoE
@@ -195,7 +227,32 @@ def _shrink_text(cfg) -> None:
                    else [rope]):
         if isinstance(params, dict) and isinstance(params.get("mrope_section"), list):
             params["mrope_section"] = rescale_sections(params["mrope_section"], _rotary_half(cfg, params))
-    _put_per_layer_overrides(cfg, overrides, picked, {**TEXT, **MOE, "sliding_window": SLIDING_WINDOW})
+    sizes = {**TEXT, **MOE, **MLA, "sliding_window": SLIDING_WINDOW, "num_key_value_heads": _get(cfg, "num_key_value_heads")}
+    _put_per_layer_overrides(cfg, overrides, picked, sizes)
+
+
+def _shrink_latent_attention(cfg, head_dim, qk_rope_head_dim, qk_nope_head_dim) -> None:
+    """Multi-head latent attention (DeepSeek-V3 style: q/kv low-rank, a rotary and a plain part per
+    head): the small sizes, keeping how the default ties head_dim to them (= the rotary part in
+    DeepSeek-V3 / Kimi, = rotary + plain in others) and a partial_rotary_factor that is the rotary
+    part's share of head_dim; a part of width 0 (no rotary part) stays 0."""
+    for key, value in MLA.items():
+        _set(cfg, key, value if _get(cfg, key) != 0 else 0)
+    rope, nope = cfg.qk_rope_head_dim, _get(cfg, "qk_nope_head_dim", 0) or 0
+    if head_dim == qk_rope_head_dim:
+        cfg.head_dim = rope
+    elif head_dim == 0:
+        cfg.head_dim = 0
+    elif isinstance(qk_nope_head_dim, int) and head_dim == qk_nope_head_dim + qk_rope_head_dim:
+        cfg.head_dim = nope + rope
+    _set(cfg, "qk_head_dim", nope + rope)
+    rope_params = getattr(cfg, "rope_parameters", None)
+    for params in (rope_params.values() if isinstance(rope_params, dict) else ()):
+        if isinstance(params, dict) and head_dim and params.get("partial_rotary_factor") == qk_rope_head_dim / head_dim:
+            params["partial_rotary_factor"] = rope / cfg.head_dim
+    if isinstance(rope_params, dict) and head_dim and rope_params.get("partial_rotary_factor") == (
+            qk_rope_head_dim / head_dim):
+        rope_params["partial_rotary_factor"] = rope / cfg.head_dim
 
 
 def _pick_layers(cfg, layers: int) -> list[int]:
