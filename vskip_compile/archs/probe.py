@@ -109,6 +109,18 @@ def _count_rows(features: Any) -> int:
     raise TypeError(f"image features of type {type(features).__name__}")
 
 
+def _side_text_inputs(get, given: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Required text inputs of the image-feature call other than the prompt (InstructBLIP's
+    qformer_input_ids: the instruction for its Q-Former): a few random ids, all attended."""
+    out = {}
+    for name, param in inspect.signature(get).parameters.items():
+        if param.default is inspect.Parameter.empty and name not in given and name.endswith("input_ids"):
+            ids = torch.randint(4, 200, (1, TEXT_BEFORE + TEXT_AFTER), generator=gen)  # [1, T]
+            out[name] = ids
+            out[name.replace("input_ids", "attention_mask")] = torch.ones_like(ids)
+    return out
+
+
 def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.Tensor], int]:
     """Image-processor outputs for one random image and the image tokens it yields (asked from
     the model's get_image_features). processor: the model directory's own image processor,
@@ -127,6 +139,7 @@ def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.
     inner = getattr(model, "model", model)
     get = getattr(model, "get_image_features", None) or getattr(inner, "get_image_features")
     params = set(inspect.signature(get).parameters)
+    kw.update(_side_text_inputs(get, kw, gen))
     with torch.no_grad():
         features = get(**{k: v for k, v in kw.items() if k in params or "kwargs" in params})
     n = _count_rows(features)

@@ -92,21 +92,23 @@ def tiny_config(model_type: str):
     text = config.get_text_config()
     if not hasattr(text, "num_hidden_layers"):  # a wrapper of a VLM (PI0's vlm_config): its text config
         text = next((sub for key, sub in nested if key in TEXT_CONFIG_KEYS), text)
-    default_hidden = getattr(text, "hidden_size", None)
+    configs = [config] + [sub for _, sub in nested]
+    widths = [(text, _get(text, "hidden_size"))] + [(sub, _get(sub, "hidden_size")) for sub in configs if sub is not text]
     if model_type in CHECKPOINT_ROPE and isinstance(getattr(text, "rope_parameters", None), dict):
         text.rope_parameters.update(CHECKPOINT_ROPE[model_type])
-    if hasattr(text, "num_hidden_layers"):
-        _shrink_text(text)
-    for key, sub in nested:
-        if sub is text:
-            continue
-        if key in TEXT_CONFIG_KEYS and hasattr(sub, "num_hidden_layers"):
-            _shrink_text(sub)
-        else:
-            _shrink_other(sub, text.hidden_size, default_hidden, key)
+    texts = [text] * hasattr(text, "num_hidden_layers")
+    texts += [sub for key, sub in nested if sub is not text and key in TEXT_CONFIG_KEYS and hasattr(sub, "num_hidden_layers")]
+    for sub in texts:
+        _shrink_text(sub)
+    others = [(key, sub) for key, sub in nested if not any(sub is t for t in texts)]
+    for key, sub in others:
+        _shrink_other(sub, text.hidden_size, key)
     if config is not text:
-        _shrink_other(config, text.hidden_size, default_hidden, top=True)
-    configs = [config] + [sub for _, sub in nested]
+        _shrink_other(config, text.hidden_size, top=True)
+    for sub in texts:  # a text model's own widths (it is fed, it does not feed another)
+        _tie_widths(sub, [(c, w) for c, w in widths if c is sub])
+    for sub in [config] * (config is not text) + [c for _, c in others]:  # the text config first where equal
+        _tie_widths(sub, [(c, w) for c, w in widths if c is not sub])
     _move_token_ids(configs)
     _set_placeholder_ids(config, configs)
     return config
@@ -316,7 +318,7 @@ def rescale_sections(sections: list[int], total: int) -> list[int]:
     return scaled
 
 
-def _shrink_other(cfg, text_hidden: int, default_hidden: int | None, key: str = "", top: bool = False) -> None:
+def _shrink_other(cfg, text_hidden: int, key: str = "", top: bool = False) -> None:
     """A vision / audio / projector config (or the top config, top=True: output widths only)."""
     if not top:
         overrides = _take_per_layer_overrides(cfg)
@@ -337,12 +339,11 @@ def _shrink_other(cfg, text_hidden: int, default_hidden: int | None, key: str = 
         if key == "vision_config" and isinstance(_get(cfg, "embed_dim"), int):
             _set(cfg, "hidden_size", text_hidden)  # Qwen2-VL's naming: embed_dim the tower, hidden_size its output
         _put_per_layer_overrides(cfg, overrides, [0], {**VISION, "num_hidden_layers": 1})
+    else:  # a composite config's own sizes are its text model's (Ovis2's visual embedding table)
+        _set(cfg, "hidden_size", text_hidden)
+        _set(cfg, "vocab_size", VOCAB)
     for name in OUT_WIDTHS:
         _set(cfg, name, text_hidden)
-    for name, value in list(vars(cfg).items()):  # widths equal to the text model's: what feeds it
-        if (value == default_hidden and isinstance(value, int) and not isinstance(value, bool) and name not in VISION
-                and ("hidden" in name or name.endswith("_dim")) and not any(w in name for w in NOT_WIDTHS)):
-            setattr(cfg, name, text_hidden)
     vf = getattr(cfg, "vision_feature_layer", None)
     if isinstance(vf, int) and top:
         cfg.vision_feature_layer = -1
@@ -350,8 +351,27 @@ def _shrink_other(cfg, text_hidden: int, default_hidden: int | None, key: str = 
         cfg.vision_feature_layer = [-1]
 
 
+def _tie_widths(cfg, sources: list) -> None:
+    """Width fields (named *hidden*, *_dim) of cfg that equal a source config's default
+    hidden_size get that config's tiny hidden_size: what feeds the text model (Dots3's
+    adapter_out_dim), what cross-attends to the vision tower (BLIP-2's Q-Former
+    encoder_hidden_size), a text model's embedding width (OPT's word_embed_proj_dim).
+    sources: (config, its default hidden_size), the first match wins; cfg's own hidden_size,
+    head_dim, embed_dim stay."""
+    for name, value in list(vars(cfg).items()):
+        if (not isinstance(value, int) or isinstance(value, bool) or name in ("hidden_size", "head_dim", "embed_dim")
+                or not ("hidden" in name or name.endswith("_dim")) or any(w in name for w in NOT_WIDTHS)):
+            continue
+        source = next((other for other, default in sources if default == value), None)
+        if source is not None and isinstance(_get(source, "hidden_size"), int):
+            setattr(cfg, name, source.hidden_size)
+
+
 def _token_keys(cfg) -> list[str]:
-    return sorted(k for k in vars(cfg) if k.endswith(("_token_id", "_token_index")))
+    """Fields holding token ids: named so, or aliased so (Molmo2: image_token_id -> image_patch_id)."""
+    suffixes = ("_token_id", "_token_index")
+    aliased = {v for k, v in getattr(cfg, "attribute_map", {}).items() if k.endswith(suffixes)}
+    return sorted(k for k in vars(cfg) if k.endswith(suffixes) or k in aliased)
 
 
 def _move_token_ids(configs: list) -> None:
