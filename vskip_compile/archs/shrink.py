@@ -138,22 +138,46 @@ def build_family(model_type: str, seed: int = 0):
     config = tiny_config(model_type)
     cls = getattr(transformers, name)
     config._attn_implementation = "sdpa"
+    text = config.get_text_config()
     try:
-        with torch.device("meta"):  # size first: a sub-config the shrink did not reach can be huge
-            meta = cls(config)
-    except (ValueError, NotImplementedError):  # a class without SDPA support: its eager attention
-        config._attn_implementation = "eager"
-        with torch.device("meta"):
-            meta = cls(config)
-    if _fit_default_mrope(meta, config.get_text_config()):
-        with torch.device("meta"):
-            meta = cls(config)
+        meta = _meta_model(cls, config)  # size first: a sub-config the shrink did not reach can be huge
+    except Exception:
+        if not _declared_mrope(text):
+            raise
+        meta = _meta_model(cls, config)
+    if _fit_default_mrope(meta, text):
+        meta = _meta_model(cls, config)
     size = sum(p.numel() for p in meta.parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"the shrunk {name} still has {size / 1e6:.0f} M parameters (> {MAX_PARAMETERS / 1e6:.0f} M): "
                          "a sub-config the generic shrink does not reach")
     torch.manual_seed(seed)
     return cls(config).float().eval()
+
+
+def _meta_model(cls, config):
+    """cls(config) on the meta device; a class without SDPA support with its eager attention."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, NotImplementedError):
+        config._attn_implementation = "eager"
+        with torch.device("meta"):
+            return cls(config)
+
+
+def _declared_mrope(text) -> bool:
+    """M-RoPE the text config class declares (mrope_section among its rope keys) and leaves to a
+    modeling default that does not even build at the tiny width (ERNIE-4.5-VL's pre-rotation):
+    equal sections of the rotary half (the first two stay equal: ERNIE stacks its h and w parts).
+    True when set."""
+    rope = getattr(text, "rope_parameters", None)
+    declared = "mrope_section" in (getattr(text, "ignore_keys_at_rope_validation", None) or ())
+    if not declared or not isinstance(rope, dict) or "mrope_section" in rope or any(
+            isinstance(v, dict) for v in rope.values()):
+        return False
+    rope["mrope_section"] = rescale_sections([1, 1, 1], _rotary_half(text, rope))
+    return True
 
 
 def _fit_default_mrope(model, text) -> bool:
