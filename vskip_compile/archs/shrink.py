@@ -2,15 +2,30 @@
 
 The registry sweep (vskip_compile.check) needs a small model of every image-text-to-text
 family without writing one per family: the family's config class is built with its defaults
-and shrunk generically, field by field, wherever a field of that name exists:
+and shrunk generically, field by field, wherever a field of that name exists. Every nested
+PreTrainedConfig is reached (sub-configs of sub-configs too); those under a text-config name
+(text_config, decoder, generator, text_encoder) are shrunk as text, the others as vision:
 
-- text configs (they have a vocab_size): hidden 64, FFN 128, 2 layers, 4 heads of 16, 2 KV
-  heads, MoE down to 4 experts (2 per token) of width 32, a sliding window of 8 rows (so
-  windows are exercised on short prompts), layer_types cut to the layer count keeping one
-  layer of each kind, M-RoPE sections rescaled to the new head_dim / 2;
+- text configs: hidden 64, FFN 128, 2 layers, 4 heads of 16, 2 KV heads, MoE down to 4
+  experts (2 per token, one routing group) of width 32, also where the class leaves these
+  sizes None; a sliding window of 8 rows (so windows are exercised on short prompts, and
+  sliding layers whose window is left None get one); the kept layers are one of each kind
+  (each distinct layer_types x mlp_layer_types entry, mlp_layer_types derived dense-then-MoE
+  where left None), then the last ones; latent attention (qk_rope_head_dim ...) shrunk with
+  head_dim and partial_rotary_factor tied as the defaults tie them; M-RoPE sections rescaled to
+  the rotary half;
+- per-layer overrides (transformers' per_layer_config) follow their kept layers, renumbered,
+  with tiny sizes;
 - vision / audio / projector configs: hidden 32, FFN 64, 1 layer (or depth), 2 heads, output
   widths that feed the text model set to its hidden size, a fixed image_size cut to 8x8 patches;
-- token ids above the small vocabulary (256) are moved into 200..255.
+- widths tied across configs: a width field equal to another config's default hidden size
+  takes that config's tiny one (what feeds the text model, what cross-attends to the tower);
+  a composite config's own hidden_size / vocab_size are its text model's;
+- token ids above the small vocabulary (256) are moved into 200..255 (aliased fields too), and
+  an image placeholder id the class declares but leaves None gets a free id there;
+- values real checkpoints set and the class leaves to the modeling code: CHECKPOINT_ROPE,
+  CHECKPOINT_FIELDS (per family: the only model_type-keyed rules); M-RoPE defaults of the
+  modeling code fitted at build time to the tiny rotary width.
 
 A family whose constraints this does not meet fails to build: the sweep records that as a
 limitation of the sweep, never as a verdict on vskip.
