@@ -53,7 +53,7 @@ IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
 TEXT_CONFIG_KEYS = ("text_config", "decoder", "generator", "text_encoder")  # transformers' get_text_config names
 PER_LAYER_KINDS = ("layer_types", "mlp_layer_types")  # per-layer lists whose kinds the tiny model keeps
 PLACEHOLDER_KEYS = ("image_token_id", "image_token_index")
-# name parts of int fields that are no width (a count, a size in pixels or tokens), for the output-width rule
+# name parts of int fields that are no width (a count, a size in pixels or tokens), for _tie_widths
 NOT_WIDTHS = ("num", "token", "max", "vocab", "position", "image", "patch", "codebook", "layer")
 
 
