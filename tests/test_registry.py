@@ -51,6 +51,123 @@ def test_shrink_keeps_one_layer_of_each_attention_kind():
     assert text.hidden_size == 64 and text.vocab_size == 256
 
 
+# -- generic shrink rules (config level: no forward) -------------------------------------------------
+
+
+def _ids(cfg):
+    return {k: getattr(cfg, k) for k in vars(cfg) if k.endswith(("_token_id", "_token_index"))}
+
+
+def test_shrink_reaches_every_nested_config():
+    """Configs below sub-configs (T5Gemma2's encoder.text_config / vision_config, DeepSeek-OCR 2's
+    vision_config.encoder_config) are shrunk like the ones the old fixed key list named."""
+    config = tiny_config("t5gemma2")
+    assert config.decoder.hidden_size == 64 and config.encoder.text_config.hidden_size == 64
+    assert config.encoder.text_config.num_hidden_layers == 2 and config.encoder.vision_config.hidden_size == 32
+    encoder = tiny_config("deepseek_ocr2").vision_config.encoder_config
+    assert encoder.hidden_size == 32 and encoder.num_hidden_layers == 1
+
+
+def test_shrink_keeps_per_layer_overrides_of_the_kept_layers():
+    """Dots3's sliding layers override heads and latent sizes (transformers' per_layer_config):
+    the tiny sizes replace them (equal to the global ones they drop out), every layer reads."""
+    text = tiny_config("dots3_note").text_config
+    for i, layer in enumerate(text.per_layer_config):
+        assert layer.head_dim <= 16 and layer.num_attention_heads == 4, i
+        assert layer.num_key_value_heads == layer.num_attention_heads  # latent attention: no KV groups
+        if text.layer_types[i] == "sliding_attention":
+            assert layer.head_dim == layer.qk_nope_head_dim + layer.qk_rope_head_dim
+    assert tiny_config("gemma4").text_config.per_layer_config[1].head_dim <= 16  # Gemma 4's wide full layers
+
+
+def test_shrink_renumbers_per_layer_overrides():
+    """An override of a kept layer moves to its new index; a size override gets the tiny size."""
+    from transformers import Gemma3TextConfig
+
+    from vskip_compile.archs.shrink import _shrink_text
+
+    text = Gemma3TextConfig(num_hidden_layers=12, per_layer_config={5: {"attention_bias": True, "head_dim": 512}})
+    _shrink_text(text)  # keeps layers 0 (sliding) and 5 (full)
+    assert text.layer_types == ["sliding_attention", "full_attention"]
+    assert text._heterogeneity_spec.per_layer_overrides == {1: {"attention_bias": True}}
+    assert text.per_layer_config[1].head_dim == 16 and not text.per_layer_config[0].attention_bias
+
+
+def test_shrink_keeps_one_layer_of_each_attention_and_mlp_kind():
+    text = tiny_config("dots3_note").text_config
+    pairs = list(zip(text.layer_types, text.mlp_layer_types))
+    assert len(set(pairs)) == len(pairs) == text.num_hidden_layers >= 3
+    assert {"dense", "sparse"} <= set(text.mlp_layer_types)
+
+
+def test_shrink_fills_sizes_the_class_leaves_none():
+    assert tiny_config("diffusion_gemma").text_config.num_experts == 4  # MoE router sizes
+    assert tiny_config("deepseek_ocr2").text_config.mlp_layer_types == ["dense", "sparse"]  # first_k_dense 1
+    assert tiny_config("hunyuan_vl").text_config.head_dim == 16  # read by its attention
+
+
+def test_shrink_gives_sliding_layers_a_window():
+    from vskip_compile.archs.shrink import _shrink_text
+
+    text = tiny_config("gemma3").get_text_config()
+    text.sliding_window = None
+    _shrink_text(text)
+    assert text.sliding_window == 8
+
+
+def test_shrink_of_latent_attention_keeps_the_head_dim_ties():
+    """Kimi K2.5 (DeepSeek-V3 text): head_dim is the rotary part; one routing group of 4 experts."""
+    text = tiny_config("kimi_k25").text_config
+    assert text.head_dim == text.qk_rope_head_dim == 8 and text.qk_head_dim == 16
+    assert text.num_key_value_heads == text.num_attention_heads and text.n_group == 1
+    dots = tiny_config("dots3_note").text_config
+    for params in dots.rope_parameters.values():  # partial factor = rotary part / head_dim
+        assert params["partial_rotary_factor"] == dots.qk_rope_head_dim / dots.head_dim
+
+
+def test_shrink_ties_widths_across_configs():
+    """A width equal to another config's default hidden size follows that config's tiny one."""
+    blip2 = tiny_config("blip-2")
+    assert blip2.qformer_config.encoder_hidden_size == blip2.vision_config.hidden_size == 32
+    assert blip2.text_config.word_embed_proj_dim == blip2.text_config.hidden_size == 64  # OPT's own width
+    dots = tiny_config("dots3_note")
+    assert dots.vision_config.adapter_out_dim == dots.audio_config.adapter_out_dim == 64
+    assert tiny_config("qwen2_vl").vision_config.hidden_size == 64  # embed_dim is its tower, hidden its output
+    ovis = tiny_config("ovis2")
+    assert (ovis.hidden_size, ovis.vocab_size) == (64, 256)  # a composite config's own sizes
+
+
+def test_shrink_token_ids_fit_the_tiny_vocabulary():
+    molmo = tiny_config("molmo2")  # aliased: image_token_id -> image_patch_id
+    assert 200 <= molmo.image_patch_id < 256 and molmo.image_token_id == molmo.image_patch_id
+    thinker = tiny_config("qwen2_5_omni_thinker")  # a checkpoint field the class lacks
+    assert 200 <= thinker.vision_start_token_id < 256
+
+
+def test_shrink_names_an_image_placeholder_the_class_leaves_none():
+    config = tiny_config("blip-2")
+    others = {v for k, v in _ids(config).items() if k != "image_token_index"}
+    assert 200 <= config.image_token_index < 256 and config.image_token_index not in others
+    assert config.image_token_id == config.image_token_index
+
+
+def test_build_fits_mrope_sections_to_the_rotary_width():
+    """Modeling-code defaults ([8, 12, 12] in GLM-OCR) and declared-but-unset sections (ERNIE-4.5-VL)
+    sum to the tiny model's rotary frequencies."""
+    for family in ("glm_ocr", "ernie4_5_vl_moe"):
+        model = build_family(family)
+        inv_freq = model.model.language_model.rotary_emb.inv_freq  # [rotary_dim / 2]
+        assert sum(model.config.text_config.rope_parameters["mrope_section"]) == inv_freq.shape[-1], family
+
+
+def test_probe_gives_the_image_feature_call_its_side_text_inputs():
+    """InstructBLIP's image features need the Q-Former's instruction ids."""
+    model = build_family("instructblip")
+    inputs, info = probe_inputs(model)
+    assert info["pixels"] and inputs["qformer_input_ids"].shape == inputs["qformer_attention_mask"].shape
+    assert info["image_tokens"] == model.config.num_query_tokens
+
+
 @pytest.mark.parametrize("family", sorted(CI_FAMILIES))
 def test_sweep_verdicts_of_the_ci_families(family):
     result = check.check_family(family)

@@ -53,9 +53,18 @@ def _image_processor(model):
     return None
 
 
+def _vision_config(model):
+    """The config's vision_config, or the first one below a sub-config (T5Gemma2's encoder)."""
+    from .shrink import _nested_configs
+
+    vision = getattr(model.config, "vision_config", None)
+    return vision if vision is not None else next(
+        (sub for key, sub in _nested_configs(model.config) if key == "vision_config"), None)
+
+
 def _image_size(model) -> tuple[int, int]:
     """The vision config's image_size, else 112 px (dynamic-resolution towers: a few tokens)."""
-    vision = getattr(model.config, "vision_config", None)
+    vision = _vision_config(model)
     side = getattr(vision, "image_size", None)
     if isinstance(side, (list, tuple)):
         side = side[0]
@@ -71,7 +80,7 @@ _PATCH_FIELDS = {"patch_size": ("patch_size",), "merge_size": ("spatial_merge_si
 def _match_patches(model, processor) -> None:
     """A default-constructed processor told the vision config's patch geometry (a processor
     saved with the model already has it)."""
-    vision = getattr(model.config, "vision_config", None)
+    vision = _vision_config(model)
     for attr, fields in _PATCH_FIELDS.items():
         values = [getattr(vision, f, None) for f in fields]
         value = next((v for v in values if isinstance(v, int)), None)
@@ -83,7 +92,7 @@ def _fixed_size(model, processor, side: int) -> dict[str, dict[str, int]]:
     """Size overrides that make a fixed-resolution processor produce the vision config's
     image_size (a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`
     set to side. Nothing for dynamic-resolution towers (no image_size: Qwen's area bounds)."""
-    if not isinstance(getattr(getattr(model.config, "vision_config", None), "image_size", None), int):
+    if not isinstance(getattr(_vision_config(model), "image_size", None), int):
         return {}
     out = {}
     for attr in ("size", "crop_size"):
@@ -109,6 +118,18 @@ def _count_rows(features: Any) -> int:
     raise TypeError(f"image features of type {type(features).__name__}")
 
 
+def _side_text_inputs(get, given: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Required text inputs of the image-feature call other than the prompt (InstructBLIP's
+    qformer_input_ids: the instruction for its Q-Former): a few random ids, all attended."""
+    out = {}
+    for name, param in inspect.signature(get).parameters.items():
+        if param.default is inspect.Parameter.empty and name not in given and name.endswith("input_ids"):
+            ids = torch.randint(4, 200, (1, TEXT_BEFORE + TEXT_AFTER), generator=gen)  # [1, T]
+            out[name] = ids
+            out[name.replace("input_ids", "attention_mask")] = torch.ones_like(ids)
+    return out
+
+
 def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.Tensor], int]:
     """Image-processor outputs for one random image and the image tokens it yields (asked from
     the model's get_image_features). processor: the model directory's own image processor,
@@ -127,6 +148,7 @@ def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.
     inner = getattr(model, "model", model)
     get = getattr(model, "get_image_features", None) or getattr(inner, "get_image_features")
     params = set(inspect.signature(get).parameters)
+    kw.update(_side_text_inputs(get, kw, gen))
     with torch.no_grad():
         features = get(**{k: v for k, v in kw.items() if k in params or "kwargs" in params})
     n = _count_rows(features)
@@ -163,4 +185,6 @@ def probe_inputs(model, adapter: Adapter | None = None, seed: int = 0, pixels: b
     for key in ("mm_token_type_ids", "token_type_ids"):
         if key in forward and kw:  # without pixels the image tokens are plain text to the model
             inputs[key] = (ids == token).to(torch.int32 if key == "mm_token_type_ids" else torch.long)
+    if getattr(model.config, "is_encoder_decoder", False) and "decoder_input_ids" in forward:
+        inputs["decoder_input_ids"] = torch.tensor([text(TEXT_AFTER)])  # [1, T]: the decoder's own text
     return inputs, {"pixels": bool(kw), "image_tokens": n, "no_pixels_reason": why}

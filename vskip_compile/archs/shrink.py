@@ -2,16 +2,30 @@
 
 The registry sweep (vskip_compile.check) needs a small model of every image-text-to-text
 family without writing one per family: the family's config class is built with its defaults
-and shrunk generically, field by field, wherever a field of that name exists:
+and shrunk generically, field by field, wherever a field of that name exists. Every nested
+PreTrainedConfig is reached (sub-configs of sub-configs too); those under a text-config name
+(text_config, decoder, generator, text_encoder) are shrunk as text, the others as vision:
 
-- text configs (they have a vocab_size): hidden 64, FFN 128, 2 layers, 4 heads of 16, 2 KV
-  heads, MoE down to 4 experts (2 per token) of width 32, a sliding window of 8 rows (so
-  windows are exercised on short prompts), layer_types cut to the layer count keeping one
-  layer of each kind (per-layer lists such as layer_rope_theta cut alike), M-RoPE sections
-  rescaled to the new head_dim / 2;
+- text configs: hidden 64, FFN 128, 2 layers, 4 heads of 16, 2 KV heads, MoE down to 4
+  experts (2 per token, one routing group) of width 32, also where the class leaves these
+  sizes None; a sliding window of 8 rows (so windows are exercised on short prompts, and
+  sliding layers whose window is left None get one); the kept layers are one of each kind
+  (each distinct layer_types x mlp_layer_types entry, mlp_layer_types derived dense-then-MoE
+  where left None), then the last ones, per-layer lists such as layer_rope_theta cut alike; latent attention (qk_rope_head_dim ...) shrunk with
+  head_dim and partial_rotary_factor tied as the defaults tie them; M-RoPE sections rescaled to
+  the rotary half;
+- per-layer overrides (transformers' per_layer_config) follow their kept layers, renumbered,
+  with tiny sizes;
 - vision / audio / projector configs: hidden 32, FFN 64, 1 layer (or depth), 2 heads, output
   widths that feed the text model set to its hidden size, a fixed image_size cut to 8x8 patches;
-- token ids above the small vocabulary (256) are moved into 200..255.
+- widths tied across configs: a width field equal to another config's default hidden size
+  takes that config's tiny one (what feeds the text model, what cross-attends to the tower);
+  a composite config's own hidden_size / vocab_size are its text model's;
+- token ids above the small vocabulary (256) are moved into 200..255 (aliased fields too), and
+  an image placeholder id the class declares but leaves None gets a free id there;
+- values real checkpoints set and the class leaves to the modeling code: CHECKPOINT_ROPE,
+  CHECKPOINT_FIELDS (per family: the only model_type-keyed rules); M-RoPE defaults of the
+  modeling code fitted at build time to the tiny rotary width.
 
 A family whose constraints this does not meet fails to build: the sweep records that as a
 limitation of the sweep, never as a verdict on vskip.
@@ -27,16 +41,21 @@ VOCAB = 256
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, max_position_embeddings=2048)
 MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-           shared_expert_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1)
+           shared_expert_intermediate_size=32, first_k_dense_replace=1, n_shared_experts=1, n_group=1, topk_group=1)
+MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32)  # latent attention
+MOE_SIZES = dict(num_experts=4, num_experts_per_tok=2, top_k_experts=2, moe_intermediate_size=32)  # also where None
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
-              embed_dim=32, head_dim=16)
+              num_key_value_heads=2, embed_dim=32, head_dim=16)
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
 PER_LAYER = ("layer_rope_theta",)  # per-layer lists cut with layer_types (MuseGlimmer: 0 = a NoPE layer)
 MAX_PARAMETERS = 200_000_000  # 0.8 GB fp32; more means the shrink missed a part (and risks memory)
 IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
-SUB_CONFIG_KEYS = ("text_config", "vision_config", "audio_config", "projector_config", "perceiver_config",
-                   "qformer_config", "vq_config", "encoder_config", "decoder_config")
+TEXT_CONFIG_KEYS = ("text_config", "decoder", "generator", "text_encoder")  # transformers' get_text_config names
+PER_LAYER_KINDS = ("layer_types", "mlp_layer_types")  # per-layer lists whose kinds the tiny model keeps
+PLACEHOLDER_KEYS = ("image_token_id", "image_token_index")
+# name parts of int fields that are no width (a count, a size in pixels or tokens), for _tie_widths
+NOT_WIDTHS = ("num", "token", "max", "vocab", "position", "image", "patch", "codebook", "layer")
 
 
 # Rope fields that the real checkpoints' config.json set and the config classes' defaults leave
@@ -46,7 +65,24 @@ CHECKPOINT_ROPE = {
     "glm4v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glm4v_moe": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
     "glm46v": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},
+    "glmga": {"partial_rotary_factor": 0.5, "mrope_section": [8, 12, 12]},  # glm4v_text, GLM-4.1V's checkpoint
     "qwen2_5_vl": {"mrope_section": [16, 24, 24]},
+    "hunyuan_vl": {"mrope_section": [16, 16, 16, 16]},  # HunyuanOCR's xdrope_section (4 axes, head_dim 128)
+}
+
+# Other fields in the same situation (the config class has no value its modeling code can run
+# with; a checkpoint's config.json sets it), "path.to.field": value from the top config. The
+# Omni thinkers' get_rope_index reads vision_start_token_id, which only the checkpoints' thinker
+# configs carry (Qwen's <|vision_start|>, 151652); Qwen4-Exp's indexed-attention layers need the
+# QSA indexer sizes its class leaves None (tiny values here, within its validation: one key head);
+# Step3p7 builds a sliding-window mask in every forward, from a window only its checkpoint sets.
+CHECKPOINT_FIELDS = {
+    "step3p7": {"text_config.sliding_window": SLIDING_WINDOW},
+    "qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
+    "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
+    "qwen4_exp": {"text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1,
+                  "text_config.indexer_head_dim": 16, "text_config.indexer_budget": 8,
+                  "text_config.indexer_compress_ratio": 4},
 }
 
 
@@ -62,18 +98,52 @@ def tiny_config(model_type: str):
     from transformers import CONFIG_MAPPING
 
     config = CONFIG_MAPPING[model_type]()
+    for path, value in CHECKPOINT_FIELDS.get(model_type, {}).items():
+        *parents, name = path.split(".")
+        target = config
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
+    nested = list(_nested_configs(config))
     text = config.get_text_config()
+    if not hasattr(text, "num_hidden_layers"):  # a wrapper of a VLM (PI0's vlm_config): its text config
+        text = next((sub for key, sub in nested if key in TEXT_CONFIG_KEYS), text)
+    configs = [config] + [sub for _, sub in nested]
+    widths = [(text, _get(text, "hidden_size"))] + [(sub, _get(sub, "hidden_size")) for sub in configs if sub is not text]
     if model_type in CHECKPOINT_ROPE and isinstance(getattr(text, "rope_parameters", None), dict):
         text.rope_parameters.update(CHECKPOINT_ROPE[model_type])
-    _shrink_text(text)
-    for key in SUB_CONFIG_KEYS:
-        sub = getattr(config, key, None)
-        if sub is not None and sub is not text and hasattr(sub, "to_dict"):
-            _shrink_other(sub, text.hidden_size)
+    texts = [text] * hasattr(text, "num_hidden_layers")
+    texts += [sub for key, sub in nested if sub is not text and key in TEXT_CONFIG_KEYS and hasattr(sub, "num_hidden_layers")]
+    for sub in texts:
+        _shrink_text(sub)
+    others = [(key, sub) for key, sub in nested if not any(sub is t for t in texts)]
+    for key, sub in others:
+        _shrink_other(sub, text.hidden_size, key)
     if config is not text:
         _shrink_other(config, text.hidden_size, top=True)
-    _move_token_ids([config] + [text] * (config is not text))
+    for sub in texts:  # a text model's own widths (it is fed, it does not feed another)
+        _tie_widths(sub, [(c, w) for c, w in widths if c is sub])
+    for sub in [config] * (config is not text) + [c for _, c in others]:  # the text config first where equal
+        _tie_widths(sub, [(c, w) for c, w in widths if c is not sub])
+    _move_token_ids(configs)
+    _set_placeholder_ids(config, configs)
     return config
+
+
+def _nested_configs(config):
+    """(attribute name, config) of every PreTrainedConfig below config, depth first, each once."""
+    from transformers import PreTrainedConfig
+
+    seen = {id(config)}
+
+    def walk(cfg):
+        for key, value in sorted(vars(cfg).items()):
+            if isinstance(value, PreTrainedConfig) and id(value) not in seen:
+                seen.add(id(value))
+                yield key, value
+                yield from walk(value)
+
+    yield from walk(config)
 
 
 def build_family(model_type: str, seed: int = 0):
@@ -84,13 +154,16 @@ def build_family(model_type: str, seed: int = 0):
     config = tiny_config(model_type)
     cls = getattr(transformers, name)
     config._attn_implementation = "sdpa"
+    text = config.get_text_config()
     try:
-        with torch.device("meta"):  # size first: a sub-config the shrink did not reach can be huge
-            size = sum(p.numel() for p in cls(config).parameters())
-    except (ValueError, NotImplementedError):  # a class without SDPA support: its eager attention
-        config._attn_implementation = "eager"
-        with torch.device("meta"):
-            size = sum(p.numel() for p in cls(config).parameters())
+        meta = _meta_model(cls, config)  # size first: a sub-config the shrink did not reach can be huge
+    except Exception:
+        if not _declared_mrope(text):
+            raise
+        meta = _meta_model(cls, config)
+    if _fit_default_mrope(meta, text):
+        meta = _meta_model(cls, config)
+    size = sum(p.numel() for p in meta.parameters())
     if size > MAX_PARAMETERS:
         raise ValueError(f"the shrunk {name} still has {size / 1e6:.0f} M parameters (> {MAX_PARAMETERS / 1e6:.0f} M): "
                          "a sub-config the generic shrink does not reach")
@@ -98,35 +171,95 @@ def build_family(model_type: str, seed: int = 0):
     return cls(config).float().eval()
 
 
+def _meta_model(cls, config):
+    """cls(config) on the meta device; a class without SDPA support with its eager attention."""
+    try:
+        with torch.device("meta"):
+            return cls(config)
+    except (ValueError, NotImplementedError):
+        config._attn_implementation = "eager"
+        with torch.device("meta"):
+            return cls(config)
+
+
+def _declared_mrope(text) -> bool:
+    """M-RoPE the text config class declares (mrope_section among its rope keys) and leaves to a
+    modeling default that does not even build at the tiny width (ERNIE-4.5-VL's pre-rotation):
+    equal sections of the rotary half (the first two stay equal: ERNIE stacks its h and w parts).
+    True when set."""
+    rope = getattr(text, "rope_parameters", None)
+    declared = "mrope_section" in (getattr(text, "ignore_keys_at_rope_validation", None) or ())
+    if not declared or not isinstance(rope, dict) or "mrope_section" in rope or any(
+            isinstance(v, dict) for v in rope.values()):
+        return False
+    rope["mrope_section"] = rescale_sections([1, 1, 1], _rotary_half(text, rope))
+    return True
+
+
+def _fit_default_mrope(model, text) -> bool:
+    """M-RoPE sections the modeling code defaults to (rope_parameters.get("mrope_section", [8, 12, 12])
+    in GLM-OCR, PaddleOCR-VL: the real checkpoints' rotary width) rescaled into the text config when
+    they do not sum to the tiny model's rotary frequencies (the rotary module's inv_freq length).
+    True when the config changed (the model must be built again)."""
+    rope = getattr(text, "rope_parameters", None)
+    if not isinstance(rope, dict) or "mrope_section" in rope or any(isinstance(v, dict) for v in rope.values()):
+        return False
+    for module in model.modules():
+        section, inv_freq = getattr(module, "mrope_section", None), getattr(module, "inv_freq", None)
+        if isinstance(section, (list, tuple)) and isinstance(inv_freq, torch.Tensor):
+            if sum(section) != inv_freq.shape[-1]:  # inv_freq [rotary_dim / 2]
+                rope["mrope_section"] = rescale_sections(list(section), inv_freq.shape[-1])
+                return True
+            return False
+    return False
+
+
+def _get(cfg, key: str, default: Any = None) -> Any:
+    """cfg.key, or default where the config has none or refuses a global read (a per-layer attribute)."""
+    try:
+        return getattr(cfg, key, default)
+    except Exception:  # transformers' per-layer attributes raise on a global read
+        return default
+
+
 def _set(cfg, key: str, value: Any) -> None:
     """cfg.key = value where the config has an int there (a list is per-layer or per-stage: left
     alone; an attribute that refuses a global read, per-layer in the config class, too)."""
-    try:
-        current = getattr(cfg, key, None)
-    except Exception:  # transformers' per-layer attributes raise on a global read
-        return
+    current = _get(cfg, key)
     if isinstance(current, int) and not isinstance(current, bool):
         setattr(cfg, key, value)
 
 
 def _shrink_text(cfg) -> None:
+    overrides = _take_per_layer_overrides(cfg)
+    picked = _pick_layers(cfg, TEXT["num_hidden_layers"])
+    mla = {key: _get(cfg, key) for key in ("head_dim", "qk_rope_head_dim", "qk_nope_head_dim")}
+    mha = _get(cfg, "num_key_value_heads") == _get(cfg, "num_attention_heads")
     for key, value in {**TEXT, **MOE}.items():
         _set(cfg, key, value)
+    if isinstance(mla["qk_rope_head_dim"], int):
+        _shrink_latent_attention(cfg, **mla)
+        if mha:  # latent attention expands K and V per query head: no KV groups
+            _set(cfg, "num_key_value_heads", cfg.num_attention_heads)
+    if "head_dim" in vars(cfg) and cfg.head_dim is None:  # modeling code that reads it (HunYuan-VL): derived
+        cfg.head_dim = TEXT["head_dim"]  # = hidden_size / num_attention_heads, what the others derive
+    for key, value in MOE_SIZES.items():  # MoE sizes the class leaves to the checkpoint (Diffusion Gemma's
+        if key in vars(cfg) and vars(cfg)[key] is None:  # router); a model without MoE blocks ignores them
+            setattr(cfg, key, value)
     _set(cfg, "vocab_size", VOCAB)
     for key in ("sliding_window", "attention_chunk_size"):
         _set(cfg, key, SLIDING_WINDOW)
-    layers = cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, (list, tuple)) and types:
-        kinds = list(dict.fromkeys(types))  # one layer of each kind, in the model's order
-        kept = [types.index(k) for k in kinds] + [len(types) - 1] * max(0, layers - len(kinds))  # layer indices
-        kept = kept[:max(layers, len(kinds))]
-        for key in PER_LAYER:  # the kept layers' own values
-            value = getattr(cfg, key, None)
-            if isinstance(value, list) and len(value) == len(types):
-                setattr(cfg, key, [value[i] for i in kept])
-        cfg.layer_types = [types[i] for i in kept]
-        cfg.num_hidden_layers = len(cfg.layer_types)
+    if "sliding_attention" in (_get(cfg, "layer_types") or ()) and "sliding_window" in vars(cfg) and (
+            cfg.sliding_window is None):  # sliding layers with the window left to the checkpoint (Step3p7)
+        cfg.sliding_window = SLIDING_WINDOW
+    if "mlp_layer_types" in vars(cfg) and cfg.mlp_layer_types is None:  # left to the checkpoint (DeepSeek-OCR 2)
+        dense = _get(cfg, "first_k_dense_replace", MOE["first_k_dense_replace"])
+        cfg.mlp_layer_types = ["dense" if i < dense else "sparse" for i in range(len(picked))]  # dense, then MoE
+    for key in PER_LAYER_KINDS + PER_LAYER:
+        value = _get(cfg, key)
+        if isinstance(value, (list, tuple)) and value and max(picked) < len(value):
+            setattr(cfg, key, [value[i] for i in picked])
+    cfg.num_hidden_layers = len(picked)
     for key in ("mlp_only_layers", "full_attn_idxs", "swa_layers", "no_rope_layers"):
         value = getattr(cfg, key, None)
         if isinstance(value, list):
@@ -136,6 +269,80 @@ def _shrink_text(cfg) -> None:
                    else [rope]):
         if isinstance(params, dict) and isinstance(params.get("mrope_section"), list):
             params["mrope_section"] = rescale_sections(params["mrope_section"], _rotary_half(cfg, params))
+    sizes = {**TEXT, **MOE, **MLA, "sliding_window": SLIDING_WINDOW, "num_key_value_heads": _get(cfg, "num_key_value_heads")}
+    _put_per_layer_overrides(cfg, overrides, picked, sizes)
+
+
+def _shrink_latent_attention(cfg, head_dim, qk_rope_head_dim, qk_nope_head_dim) -> None:
+    """Multi-head latent attention (DeepSeek-V3 style: q/kv low-rank, a rotary and a plain part per
+    head): the small sizes, keeping how the default ties head_dim to them (= the rotary part in
+    DeepSeek-V3 / Kimi, = rotary + plain in others) and a partial_rotary_factor that is the rotary
+    part's share of head_dim; a part of width 0 (no rotary part) stays 0."""
+    for key, value in MLA.items():
+        _set(cfg, key, value if _get(cfg, key) != 0 else 0)
+    rope, nope = cfg.qk_rope_head_dim, _get(cfg, "qk_nope_head_dim", 0) or 0
+    if head_dim == qk_rope_head_dim:
+        cfg.head_dim = rope
+    elif head_dim == 0:
+        cfg.head_dim = 0
+    elif isinstance(qk_nope_head_dim, int) and head_dim == qk_nope_head_dim + qk_rope_head_dim:
+        cfg.head_dim = nope + rope
+    _set(cfg, "qk_head_dim", nope + rope)
+    rope_params = getattr(cfg, "rope_parameters", None)
+    for params in (rope_params.values() if isinstance(rope_params, dict) else ()):
+        if isinstance(params, dict) and head_dim and params.get("partial_rotary_factor") == qk_rope_head_dim / head_dim:
+            params["partial_rotary_factor"] = rope / cfg.head_dim
+    if isinstance(rope_params, dict) and head_dim and rope_params.get("partial_rotary_factor") == (
+            qk_rope_head_dim / head_dim):
+        rope_params["partial_rotary_factor"] = rope / cfg.head_dim
+
+
+def _pick_layers(cfg, layers: int) -> list[int]:
+    """Indices of the layers the tiny model keeps: one layer of each kind (each distinct entry of
+    layer_types x mlp_layer_types), in the model's order, then the last layers up to `layers`."""
+    count = _get(cfg, "num_hidden_layers")
+    lists = [v for v in (_get(cfg, key) for key in PER_LAYER_KINDS) if isinstance(v, (list, tuple)) and v]
+    if not lists:
+        return list(range(min(layers, count)))
+    count = len(lists[0])
+    lists = [v for v in lists if len(v) == count]
+    first: dict[tuple, int] = {}
+    for i in range(count):
+        first.setdefault(tuple(v[i] for v in lists), i)
+    picked = set(first.values())
+    for i in range(count - 1, -1, -1):  # fill from the end (the last layer is often a kind of its own)
+        if len(picked) >= layers:
+            break
+        picked.add(i)
+    return sorted(picked)
+
+
+def _take_per_layer_overrides(cfg) -> dict[int, dict[str, Any]]:
+    """A heterogeneous config's per-layer overrides (transformers' per_layer_config: layer index ->
+    fields that differ from the global ones, e.g. Gemma 4's wider full-attention heads), removed so
+    that the shrink reads and sets the global fields; _put_per_layer_overrides puts them back."""
+    import copy
+
+    spec = cfg.__dict__.get("_heterogeneity_spec")
+    if spec is None:
+        return {}
+    overrides = copy.deepcopy(spec.per_layer_overrides)
+    cfg.per_layer_config = None
+    return overrides
+
+
+def _put_per_layer_overrides(cfg, overrides: dict[int, dict[str, Any]], picked: list[int], sizes: dict) -> None:
+    """The kept layers' overrides, renumbered; an int override of a field the shrink sets gets the
+    tiny value (an override equal to the global value then drops out)."""
+    if not overrides:
+        return
+    kept = {}
+    for new, old in enumerate(picked):
+        fields = {k: (sizes[k] if k in sizes and isinstance(v, int) and not isinstance(v, bool) else v)
+                  for k, v in overrides.get(old, {}).items()}
+        if fields:
+            kept[new] = fields
+    cfg.per_layer_config = kept
 
 
 def _rotary_half(cfg, params: dict) -> int:
@@ -151,29 +358,60 @@ def rescale_sections(sections: list[int], total: int) -> list[int]:
     return scaled
 
 
-def _shrink_other(cfg, text_hidden: int, top: bool = False) -> None:
+def _shrink_other(cfg, text_hidden: int, key: str = "", top: bool = False) -> None:
+    """A vision / audio / projector config (or the top config, top=True: output widths only)."""
     if not top:
-        for key, value in VISION.items():
-            _set(cfg, key, value)
-        for key in ("num_hidden_layers", "depth"):
-            if getattr(cfg, key, None):
-                setattr(cfg, key, 1)
-        for key in ("deepstack_visual_indexes", "fullatt_block_indexes", "intermediate_layers_indices"):
-            if isinstance(getattr(cfg, key, None), list):
-                setattr(cfg, key, [0])
+        overrides = _take_per_layer_overrides(cfg)
+        for name, value in VISION.items():
+            _set(cfg, name, value)
+        for name in ("num_hidden_layers", "depth"):
+            if _get(cfg, name):
+                setattr(cfg, name, 1)
+        for name in ("deepstack_visual_indexes", "fullatt_block_indexes", "intermediate_layers_indices"):
+            if isinstance(getattr(cfg, name, None), list):
+                setattr(cfg, name, [0])
         vf = getattr(cfg, "vision_feature_layer", None)
         if isinstance(vf, int) and vf >= 0:
             cfg.vision_feature_layer = 0
         side, patch = getattr(cfg, "image_size", None), getattr(cfg, "patch_size", None)
         if isinstance(side, int) and isinstance(patch, int) and side > IMAGE_PATCHES * patch:
             cfg.image_size = IMAGE_PATCHES * patch  # fixed-resolution towers: 8x8 patches
-    for key in OUT_WIDTHS:
-        _set(cfg, key, text_hidden)
+        if key == "vision_config" and isinstance(_get(cfg, "embed_dim"), int):
+            _set(cfg, "hidden_size", text_hidden)  # Qwen2-VL's naming: embed_dim the tower, hidden_size its output
+        _put_per_layer_overrides(cfg, overrides, [0], {**VISION, "num_hidden_layers": 1})
+    else:  # a composite config's own sizes are its text model's (Ovis2's visual embedding table)
+        _set(cfg, "hidden_size", text_hidden)
+        _set(cfg, "vocab_size", VOCAB)
+    for name in OUT_WIDTHS:
+        _set(cfg, name, text_hidden)
     vf = getattr(cfg, "vision_feature_layer", None)
     if isinstance(vf, int) and top:
         cfg.vision_feature_layer = -1
     elif isinstance(vf, list) and top:
         cfg.vision_feature_layer = [-1]
+
+
+def _tie_widths(cfg, sources: list) -> None:
+    """Width fields (named *hidden*, *_dim) of cfg that equal a source config's default
+    hidden_size get that config's tiny hidden_size: what feeds the text model (Dots3's
+    adapter_out_dim), what cross-attends to the vision tower (BLIP-2's Q-Former
+    encoder_hidden_size), a text model's embedding width (OPT's word_embed_proj_dim).
+    sources: (config, its default hidden_size), the first match wins; cfg's own hidden_size,
+    head_dim, embed_dim stay."""
+    for name, value in list(vars(cfg).items()):
+        if (not isinstance(value, int) or isinstance(value, bool) or name in ("hidden_size", "head_dim", "embed_dim")
+                or not ("hidden" in name or name.endswith("_dim")) or any(w in name for w in NOT_WIDTHS)):
+            continue
+        source = next((other for other, default in sources if default == value), None)
+        if source is not None and isinstance(_get(source, "hidden_size"), int):
+            setattr(cfg, name, source.hidden_size)
+
+
+def _token_keys(cfg) -> list[str]:
+    """Fields holding token ids: named so, or aliased so (Molmo2: image_token_id -> image_patch_id)."""
+    suffixes = ("_token_id", "_token_index")
+    aliased = {v for k, v in getattr(cfg, "attribute_map", {}).items() if k.endswith(suffixes)}
+    return sorted(k for k in vars(cfg) if k.endswith(suffixes) or k in aliased)
 
 
 def _move_token_ids(configs: list) -> None:
@@ -182,11 +420,24 @@ def _move_token_ids(configs: list) -> None:
     free = iter(range(VOCAB - 1, 199, -1))
     moved: dict[int, int] = {}
     for cfg in configs:
-        for key in sorted(vars(cfg)):
-            value = getattr(cfg, key)
-            if (key.endswith("_token_id") or key.endswith("_token_index")) and isinstance(value, int) and not isinstance(
-                value, bool
-            ) and value >= VOCAB - 56:
+        for key in _token_keys(cfg):
+            value = _get(cfg, key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= VOCAB - 56:
                 if value not in moved:
                     moved[value] = next(free)
                 setattr(cfg, key, moved[value])
+
+
+def _set_placeholder_ids(config, configs: list) -> None:
+    """An image placeholder id the config class declares and leaves None (BLIP-2, InstructBLIP,
+    MiniCPM-V: the processor of a real checkpoint puts one such token per image-feature row and
+    its config.json names it; with None the model drops the image) set to a free id in 200..255."""
+    if not any(k in vars(config) or k in getattr(config, "attribute_map", {}) for k in PLACEHOLDER_KEYS):
+        return
+    if any(isinstance(_get(config, k), int) for k in PLACEHOLDER_KEYS):
+        return
+    used = {_get(cfg, k) for cfg in configs for k in _token_keys(cfg)}
+    free = max(set(range(VOCAB - 56, VOCAB)) - used)
+    for key in PLACEHOLDER_KEYS:
+        if key in vars(config) or key in getattr(config, "attribute_map", {}):
+            setattr(config, key, free)
