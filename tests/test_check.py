@@ -35,14 +35,22 @@ def test_check_the_shipped_model(capsys):
 
 
 def test_check_names_why_a_model_is_refused(tmp_path, capsys):
-    """Gemma 3 hands its language model a mask mapping (sliding windows, bidirectional image
-    attention): refused with that reason, exit 1, never a crash or a silent pass."""
-    model = build_family("gemma3")
+    """LFM2-VL's decoder layers name their FFN feed_forward (and real checkpoints mix in
+    short-convolution layers): refused with that reason, exit 1, never a crash or a silent pass."""
+    model = build_family("lfm2_vl")
     model.save_pretrained(tmp_path)
     assert main(["check", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "verdict: REFUSED" in out
-    assert "mask" in out
+    assert "has no mlp child module" in out
+
+
+def test_check_passes_a_model_with_a_mask_mapping(tmp_path, capsys):
+    """Gemma 3 hands its language model a mask mapping (sliding and full layers, per-type RoPE):
+    supported now (vskip_compile.archs.blocks), exit 0."""
+    build_family("gemma3").save_pretrained(tmp_path)
+    assert main(["check", str(tmp_path)]) == 0
+    assert "verdict: SUPPORTED" in capsys.readouterr().out
 
 
 def test_check_refuses_bad_arguments(tmp_path, capsys):
