@@ -451,3 +451,11 @@ def test_eager_token_dropping_refuses_layers_it_would_run_wrong():
         p = adapter_for(model).prefill_inputs(model, **inputs)
     with pytest.raises(CoreError, match="token-dropping prefill runs full causal attention only; .* sliding-window"):
         baselines.prefill(model, p, None, baselines.KVCache())
+
+
+def test_pooled_image_tokens_fit_the_tiny_patch_grid():
+    """Gemma 3 pools its patch grid to mm_tokens_per_image tokens (default 256 = 16 x 16): more
+    than the tiny tower's 8 x 8 patches, a zero pooling stride; the shrink asks 4 x 4."""
+    config = tiny_config("gemma3")
+    assert config.mm_tokens_per_image == 16
+    assert config.vision_config.image_size // config.vision_config.patch_size == 8

@@ -127,6 +127,9 @@ def tiny_config(model_type: str):
         _tie_widths(sub, [(c, w) for c, w in widths if c is not sub])
     _move_token_ids(configs)
     _set_placeholder_ids(config, configs)
+    tokens = _get(config, "mm_tokens_per_image")  # image tokens pooled from the patch grid (Gemma 3: 16 x 16)
+    if isinstance(tokens, int) and tokens > (IMAGE_PATCHES // 2) ** 2:
+        config.mm_tokens_per_image = (IMAGE_PATCHES // 2) ** 2  # 2 x 2 pooling of the 8 x 8 patches
     return config
 
 
