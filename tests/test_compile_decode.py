@@ -195,3 +195,15 @@ def test_three_rows_decode_in_a_batch_of_four_equal_each_alone(tiny_model):
         want = _reference_tokens(model, plan, row, max_new_tokens=NEW_TOKENS)[0, row["input_ids"].shape[1]:]
         assert torch.equal(got[i, -NEW_TOKENS:], want), f"row {i}"
     assert runtime.decode_batch_bucket(3) == 4 and runtime.decode_batch_bucket(1) == 1 and runtime.decode_batch_bucket(8) == 8
+
+
+def test_decode_buffers_take_each_tensors_own_width():
+    """Latent attention (Kimi-K2.5, DeepSeek-V3 style) caches V narrower than K: each buffer is
+    shaped by its own tensor, filled with the prefill rows, the rest empty."""
+    from vskip_compile.decode_state import DecodeRun
+
+    k, v = torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 8)  # [B, KV, S, E]
+    run = DecodeRun(graph=None, kv=[(k, v)], last_position=torch.tensor([[4]]), capacity=8, pads=[0], batch_bucket=2)
+    kb, vb = run.buffers
+    assert kb.shape == (2, 2, 8, 32) and vb.shape == (2, 2, 8, 8)
+    assert torch.equal(kb[:1, :, :5], k) and torch.equal(vb[:1, :, :5], v) and not vb[:, :, 5:].any()

@@ -30,7 +30,7 @@ class DecodeRun:
 
     def __init__(self, graph, kv: list[tuple[torch.Tensor, torch.Tensor]], last_position: torch.Tensor, capacity: int,
                  pads: list[int], batch_bucket: int | None = None):
-        batch, kv_heads, seq_len, head_dim = kv[0][0].shape  # [B, KV, S, E]
+        batch, _, seq_len, _ = kv[0][0].shape  # [B, KV, S, E]
         if seq_len >= capacity:
             raise CompileError(f"a prefill of {seq_len} rows leaves no decode slot in a cache of {capacity}")
         self.graph = graph
@@ -39,8 +39,8 @@ class DecodeRun:
         self.bucket = batch_bucket or batch  # rows batch.. are empty: no key but their own new one
         self.buffers: list[torch.Tensor] = []
         for k, v in kv:
-            for x in (k, v):
-                buf = x.new_zeros(self.bucket, kv_heads, capacity, head_dim)  # [Bb, KV, T, E]
+            for x in (k, v):  # each its own heads and width (latent attention: V narrower than K)
+                buf = x.new_zeros(self.bucket, x.shape[1], capacity, x.shape[3])  # [Bb, KV, T, E]
                 buf[:batch, :, :seq_len] = x
                 self.buffers.append(buf)
         self.past_mask = torch.zeros(self.bucket, capacity, dtype=torch.bool, device=kv[0][0].device)  # [Bb, T]
