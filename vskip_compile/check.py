@@ -113,7 +113,7 @@ def traced_prefill(model, adapter, inputs: dict):
     CompiledVLM traces it; static shapes suffice for the analysis) of one unpadded prompt."""
     from torch._dynamo.backends.common import aot_autograd
 
-    from .core import DecoderCore
+    from .core import DecoderCore, model_trace_errors
     from .kept_rows import kept_inputs
 
     with torch.no_grad():
@@ -128,7 +128,7 @@ def traced_prefill(model, adapter, inputs: dict):
     capture = _Captured()
     torch._dynamo.reset()
     compiled = torch.compile(core, backend=aot_autograd(fw_compiler=capture), fullgraph=True, dynamic=False)
-    with torch.no_grad():
+    with torch.no_grad(), model_trace_errors(adapter.language_model(model)):
         compiled(p.inputs_embeds, p.position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
     gm, gm.vskip_args = capture.gm, capture.args  # the real flat arguments of this call
     return gm

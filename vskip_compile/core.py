@@ -38,7 +38,9 @@ lower it to files.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import traceback
 
 import torch
 from torch import nn
@@ -150,6 +152,31 @@ class LeftPadRoll:
 
 class CoreError(VSkipError, NotImplementedError):
     """A language model whose attention pattern the traced core does not reproduce."""
+
+
+# What Dynamo raises when the model's own code cannot be traced as the core calls it (code that
+# fails called this way, data-dependent control flow); errors of the backend (the passes, inductor)
+# come wrapped otherwise and pass through.
+TRACE_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torch._dynamo.exc.TorchRuntimeError)
+
+
+@contextlib.contextmanager
+def model_trace_errors(language_model: nn.Module):
+    """Inside the block, a trace error in the model's code becomes a CoreError naming the model,
+    the line of its code and the error underneath: a structure the core does not reproduce
+    (Gemma 4's layers sharing K/V through an argument the core does not pass, an MoE that loops
+    over the experts a batch hits), refused by name, never a crash."""
+    try:
+        yield
+    except TRACE_ERRORS as e:
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if "/transformers/models/" in f.filename]
+        where = f" at {frames[-1].filename.split('/transformers/')[-1]}:{frames[-1].lineno}" if frames else ""
+        what = " ".join(str(root).split())[:200]
+        raise CoreError(f"{type(language_model).__name__}: its decoder layers cannot be traced as the vskip core calls "
+                        f"them{where} ({type(root).__name__}: {what})") from e
 
 
 def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:

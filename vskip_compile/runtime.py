@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .archs import PrefillInputs, adapter_for
 from .backend import vskip
 from .config import CompileConfig, CompileError
-from .core import DecodeStep, DecoderCore
+from .core import DecodeStep, DecoderCore, model_trace_errors
 from .decode_state import DecodeRun, decode_batch_bucket
 from .decoding import decode_loop
 from .generate_options import (
@@ -205,7 +205,7 @@ class CompiledVLM:
                          blocks=bool(blocks))
         args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
         mark_polymorphic(args, batched=batch > 1)
-        with no_duck_sizes():
+        with no_duck_sizes(), model_trace_errors(self.adapter.language_model(self.model)):
             logits, *kv = self._graph(key)(*args)
         if grow:
             kv = [x[:, :, grow:] for x in kv]
@@ -221,7 +221,8 @@ class CompiledVLM:
         embeds = p.inputs_embeds
         key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), embeds.shape[0] > 1,
                          p.layout, bool(blocks))
-        logits, *kv = self._graph(key)(embeds, p.position_ids, *deepstack, *blocks)
+        with model_trace_errors(self.adapter.language_model(self.model)):
+            logits, *kv = self._graph(key)(embeds, p.position_ids, *deepstack, *blocks)
         return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def _cache(self, kv) -> DynamicCache:
