@@ -98,7 +98,7 @@ def test_an_unrebuildable_mask_is_an_adapter_refusal(gemma3, monkeypatch):
         adapter_for(gemma3).prefill_inputs(gemma3, **_prompt(gemma3, 3, [5], 2))
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(ops=st.lists(st.sampled_from(["full", "skip_attn", "skip_ffn", "skip_both"]), min_size=2, max_size=2),
        before=st.integers(0, 4), images=st.lists(st.integers(1, 12), min_size=1, max_size=3), after=st.integers(1, 3))
 def test_bidirectional_image_attention_matches_the_reference(gemma3, ops, before, images, after):

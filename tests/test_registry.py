@@ -32,6 +32,7 @@ CI_FAMILIES = {
     "fuyu": "pass",  # final_layernorm
     "glm4v_moe": "pass",  # group-limited router: gather / scatter along the experts
     "lfm2_vl": "refused",  # short-convolution layers: a conv state the core does not carry
+    "hunyuan_vl": "pass",  # 4 M-RoPE axes: a 4-row position-id tensor is all axes, no text row (core.rope_axes)
     "gemma4": "refused",  # layers sharing K/V through an argument the core does not pass: a trace error, named
 }
 
@@ -462,3 +463,12 @@ def test_pooled_image_tokens_fit_the_tiny_patch_grid():
     config = tiny_config("gemma3")
     assert config.mm_tokens_per_image == 16
     assert config.vision_config.image_size // config.vision_config.patch_size == 8
+
+
+def test_position_rows_follow_the_rotary_axes():
+    """Qwen's [text; t; h; w] drops its text row for 3 axes; HunYuan-VL's 4 axes keep all 4 rows."""
+    from vskip_compile.core import rope_position_ids
+
+    ids = torch.arange(4 * 5).view(4, 1, 5)  # [4, B, S]
+    assert torch.equal(rope_position_ids(ids), ids[1:]) and torch.equal(rope_position_ids(ids, 4), ids)
+    assert torch.equal(rope_position_ids(ids[1:]), ids[1:]) and torch.equal(rope_position_ids(ids[0]), ids[0])

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import torch
 
 from .archs import Adapter, PrefillInputs, adapter_for
-from .core import KVCache, additive_mask, causal_mask, rope_position_ids
+from .core import KVCache, additive_mask, causal_mask, rope_axes, rope_position_ids
 from .decoding import decode_loop
 from .flops import S, V, TextDims, _tidy, attn_flops, ffn_flops
 from .outside import embedding_multiplier, final_norm, scale_embeddings
@@ -214,7 +214,7 @@ def prefill(
     spans = p.layout.row_spans
     x = scale_embeddings(p.inputs_embeds, embedding_multiplier(lm))  # [B, S, D], as the text model does first
     batch, seq_len, _ = x.shape
-    pos = rope_position_ids(p.position_ids)  # [3, B, S] or [B, S]
+    pos = rope_position_ids(p.position_ids, rope_axes(lm))  # [3, B, S] or [B, S]
     next_pos = next_positions(pos)  # [B]
     deepstack = list(p.deepstack or ())
     position_embeddings = lm.rotary_emb(x, pos)

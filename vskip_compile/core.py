@@ -301,10 +301,18 @@ def block_mask(blocks: torch.Tensor) -> torch.Tensor:
     return (causal[None] | same)[:, None]  # [B, 1, S, S]
 
 
-def rope_position_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """Position ids as the rotary embedding reads them: Qwen's 4-row [text; t; h; w] form
-    ([4, B, S]) keeps its last 3 rows; [3, B, S] and [B, S] pass as they are."""
-    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+def rope_axes(language_model: nn.Module) -> int:
+    """How many M-RoPE axes the rotary embedding reads: its mrope_section's length (HunYuan-VL:
+    4), else 3 (t, h, w; the count is unused for 2D position ids)."""
+    sections = getattr(getattr(language_model, "rotary_emb", None), "mrope_section", None)
+    return len(sections) if isinstance(sections, (list, tuple)) and sections else 3
+
+
+def rope_position_ids(position_ids: torch.Tensor, axes: int = 3) -> torch.Tensor:
+    """Position ids as the rotary embedding reads them: the [text; axes...] form with one row
+    more than the rotary axes (Qwen's [text; t; h; w], [4, B, S]) keeps its last `axes` rows;
+    [axes, B, S] and [B, S] pass as they are."""
+    if position_ids.ndim == 3 and position_ids.shape[0] == axes + 1:
         return position_ids[1:]
     return position_ids
 
@@ -371,6 +379,7 @@ class DecoderCore(nn.Module):
         super().__init__()
         self.windows = attention_windows(language_model)
         self.rotary_types = rotary_layer_types(language_model)
+        self.rope_axes = rope_axes(language_model)
         if attention == "flex" and attention_blocks:
             raise CoreError("attention='flex' does not express bidirectional attention blocks (vskip_compile.flex "
                             "masks causally only); use attention='sdpa'")
@@ -435,8 +444,8 @@ class DecoderCore(nn.Module):
         if self.layout_inputs:
             inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
         recorder = KVCache(record=None if roll is None else lambda t: roll.unrolled(t, axis=2))  # [B, KV, S, E]
-        position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, rope_position_ids(position_ids),
-                                                        self.rotary_types)
+        position_embeddings = layer_position_embeddings(self.lm, inputs_embeds,
+                                                        rope_position_ids(position_ids, self.rope_axes), self.rotary_types)
         if self.attention == "flex":
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]

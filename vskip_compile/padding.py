@@ -70,13 +70,13 @@ def rebase_positions(position_ids: torch.Tensor, pads: list[int]) -> torch.Tenso
     return torch.where(real, position_ids - start, torch.zeros_like(position_ids))
 
 
-def last_positions(position_ids: torch.Tensor) -> torch.Tensor:
+def last_positions(position_ids: torch.Tensor, axes: int = 3) -> torch.Tensor:
     """Per row, the position decoding continues from: the last prompt token's, on each M-RoPE
     axis, as HF generate (transformers 5.24) feeds its rotary embedding (checked with a hook on
     Qwen2.5-VL / Qwen3-VL prompts that end on an image and on a video whose temporal ids run past
     the text after it: HF steps from the last token's ids, not from the rope deltas' max + 1).
     [B, S] -> [B, 1]; [3|4, B, S] -> [3, B, 1]."""
-    return rope_position_ids(position_ids)[..., -1:]
+    return rope_position_ids(position_ids, axes)[..., -1:]
 
 
 def pad_left(p: PrefillInputs, n: int) -> PrefillInputs:

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .archs import PrefillInputs, adapter_for
 from .backend import vskip
 from .config import CompileConfig, CompileError
-from .core import DecodeStep, DecoderCore, model_trace_errors
+from .core import DecodeStep, DecoderCore, model_trace_errors, rope_axes
 from .decode_state import DecodeRun, decode_batch_bucket
 from .decoding import decode_loop
 from .generate_options import (
@@ -168,7 +168,8 @@ class CompiledVLM:
         capacity = -(-needed // bucket) * bucket
         batch_bucket = decode_batch_bucket(batch)
         graph = self._decode_graph(DecodeKey(capacity, batch_bucket, k0.dtype, k0.device))
-        return DecodeRun(graph, kv, last_positions(position_ids), capacity, pads, batch_bucket)  # [B, 1] or [3, B, 1]
+        axes = rope_axes(self.adapter.language_model(self.model))
+        return DecodeRun(graph, kv, last_positions(position_ids, axes), capacity, pads, batch_bucket)  # [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any], left_padded: bool = False) -> PrefillInputs:

@@ -251,8 +251,10 @@ class Adapter:
 
     def text_position_ids(self, model, positions: torch.Tensor) -> torch.Tensor:
         """Rotary position ids of text rows at `positions` [B, T] (decoding, question suffixes):
-        [B, T], or [3, B, T] with M-RoPE (text rows have equal t/h/w positions)."""
-        return positions[None].expand(3, -1, -1) if self.mrope(model) else positions
+        [B, T], or [axes, B, T] with M-RoPE (text rows have equal positions on every axis)."""
+        from ..core import rope_axes
+
+        return positions[None].expand(rope_axes(self.language_model(model)), -1, -1) if self.mrope(model) else positions
 
     def video_rope(self, model) -> dict[str, Any] | None:
         """How the ONNX runner's host gives video frames their M-RoPE ids (export/host.py):

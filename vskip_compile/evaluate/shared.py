@@ -18,7 +18,7 @@ import torch
 from .. import baselines, reference
 from ..archs import adapter_for
 from ..baselines import TokenDrop
-from ..core import KVCache, causal_mask, rope_position_ids
+from ..core import KVCache, causal_mask, rope_axes, rope_position_ids
 from ..decoding import decode_loop
 from ..outside import embedding_multiplier, final_norm, scale_embeddings
 from ..plan import SkipPlan
@@ -55,7 +55,7 @@ def shared_generate(model, b: Batch, method: SkipPlan | TokenDrop, max_new_token
     # prefix, once per image: layers < J
     scale = embedding_multiplier(lm)  # Granite: the text model scales its input embeddings first
     x = scale_embeddings(p.inputs_embeds, scale)  # [I, P, D]
-    pos = rope_position_ids(p.position_ids)  # [3, I, P] or [I, P]
+    pos = rope_position_ids(p.position_ids, rope_axes(lm))  # [3, I, P] or [I, P]
     next_pos = baselines.next_positions(pos)  # [I]
     deepstack = list(p.deepstack or ())
     pe = lm.rotary_emb(x, pos)
