@@ -2,8 +2,8 @@
 
 A region is a residual add `close = residual + output` (either order) where `output` depends
 on `residual` and `close` lies outside the operator (an add inside it, such as a decomposed
-tanh-GELU's `x + c x^3`, closes nothing); its nodes are those between them (they depend on the residual and the output
-depends on them). The module paths of those nodes (`nn_module_stack`, e.g.
+tanh-GELU's `x + c x^3`, closes nothing); its nodes are those between them (they depend on
+the residual and the output depends on them). The module paths of those nodes (`nn_module_stack`, e.g.
 `L['self'].layers.1.mlp.gate_proj` or `lm.layers.0.self_attn.q_proj`) name the layer
 (`ctx.layer_pattern`) and the operator (`ctx.attn_module` / `ctx.ffn_module`). Nothing here
 knows a model: a post-norm (Gemma), q/k norms (Qwen3) or a DeepStack add after the layer

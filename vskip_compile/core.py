@@ -49,7 +49,7 @@ from . import flex
 from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
-from .outside import FINAL_NORMS, embedding_multiplier, final_norm, layer_rotary, rotary_layers, scale_embeddings
+from .outside import FINAL_NORMS, embedding_multiplier, final_norm, rotary_layers, scale_embeddings
 
 
 class KVCache:
@@ -282,13 +282,15 @@ def rotary_layer_types(language_model: nn.Module) -> tuple[str, ...] | None:
 
 
 def layer_position_embeddings(language_model: nn.Module, x: torch.Tensor, position_ids: torch.Tensor,
-                              types: tuple[str, ...] | None) -> tuple | list:
-    """The (cos, sin) every layer gets: one pair for all, or a list with each layer's pair
-    (one rotary call per layer type, as HF's text model does)."""
+                              types: tuple[str, ...] | None, rotary: tuple[bool, ...]) -> tuple | list:
+    """The (cos, sin) every layer gets: one pair for all, or a list of each layer's pair (one
+    rotary call per layer type, `types` from rotary_layer_types, as HF's text model does; None
+    for a layer `rotary` (vskip_compile.outside.rotary_layers) gives no rotary embedding)."""
     if types is None:
-        return language_model.rotary_emb(x, position_ids)
+        pair = language_model.rotary_emb(x, position_ids)
+        return pair if all(rotary) else [pair if r else None for r in rotary]
     by_type = {t: language_model.rotary_emb(x, position_ids, t) for t in dict.fromkeys(types)}
-    return [by_type[t] for t in types]
+    return [by_type[t] if r else None for t, r in zip(types, rotary)]
 
 
 def block_mask(blocks: torch.Tensor) -> torch.Tensor:
@@ -325,12 +327,9 @@ def cache_keyword(layer: nn.Module) -> str:
 
 
 def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
-               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache",
-               rotary: tuple[bool, ...] = ()) -> torch.Tensor:
+               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
     """The decoder layers over x [B, S, D] with an explicit mask and (cos, sin) (each one for all
     layers, or a list of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
-    rotary: per layer, whether it gets position_embeddings (vskip_compile.outside.rotary_layers;
-    () every layer).
     MoE experts run their traceable implementation while traced (restored after), so the
     prefill and the decode step trace alike."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
@@ -343,7 +342,7 @@ def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embedd
             x = layer(
                 x,
                 attention_mask=masks[i],
-                position_embeddings=layer_rotary(rope[i], rotary, i),
+                position_embeddings=rope[i],
                 position_ids=None,
                 use_cache=True,
                 **{cache_kw: cache},
@@ -445,16 +444,17 @@ class DecoderCore(nn.Module):
             inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
         recorder = KVCache(record=None if roll is None else lambda t: roll.unrolled(t, axis=2))  # [B, KV, S, E]
         position_embeddings = layer_position_embeddings(self.lm, inputs_embeds,
-                                                        rope_position_ids(position_ids, self.rope_axes), self.rotary_types)
+                                                        rope_position_ids(position_ids, self.rope_axes), self.rotary_types,
+                                                        self.rotary)
         if self.attention == "flex":
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
-                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw, self.rotary)
+                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
         else:
             masks = prefill_masks(self.lm, self.windows, inputs_embeds, blocks)
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
-                           deepstack, self.cache_kw, self.rotary)
+                           deepstack, self.cache_kw)
         if roll is not None:
             x = roll.unrolled(x, last=self.logits_to_keep)  # [B, n or S, D], left-padded again
         elif self.logits_to_keep:
@@ -513,9 +513,9 @@ class DecodeStep(nn.Module):
             slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
             query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n (row T: itself)
         masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
-        position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, position_ids, self.rotary_types)
+        position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, position_ids, self.rotary_types, self.rotary)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
-                       cache_kw=self.cache_kw, rotary=self.rotary)  # [B, 1, D]
+                       cache_kw=self.cache_kw)  # [B, 1, D]
         logits = self.lm_head(final_norm(self.lm)(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):

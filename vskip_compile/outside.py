@@ -137,8 +137,3 @@ def rotary_layers(language_model: nn.Module) -> tuple[bool, ...]:
         raise OutsideLayersError(f"{type(language_model).__name__}: config.layer_rope_theta has {len(theta)} entries "
                                  f"for {n} decoder layers")
     return tuple(bool(t) for t in theta[:n])
-
-
-def layer_rotary(position_embeddings, rotary: tuple[bool, ...], i: int):
-    """What decoder layer i gets as position_embeddings (rotary_layers; () means every layer)."""
-    return position_embeddings if not rotary or rotary[i] else None

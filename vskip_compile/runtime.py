@@ -94,9 +94,10 @@ class CompiledVLM:
         self.plan = plan
         self.adapter = adapter or adapter_for(model)
         self.adapter.check_plan(model, plan)
+        self._lm = self.adapter.language_model(model)  # found once: every prefill and decode reads it
         self._graphs = GraphLRU(config.cache_size)  # PrefillKey -> compiled prefill
         self._decode_graphs = GraphLRU(config.cache_size)  # DecodeKey -> compiled decode step
-        self._cores: dict[tuple[int, int], DecoderCore] = {}
+        self._cores: dict[tuple[int, int, bool], DecoderCore] = {}
         self._decode_step: DecodeStep | None = None
 
     # -- graph caches ---------------------------------------------------------------------
@@ -144,7 +145,7 @@ class CompiledVLM:
         """The compiled decode step for key (one module, one compiled graph per key). Static
         shapes; a recompile is counted in decode_cache_info() and warned about."""
         if self._decode_step is None:
-            self._decode_step = DecodeStep(self.adapter.language_model(self.model), self.adapter.lm_head(self.model))
+            self._decode_step = DecodeStep(self._lm, self.adapter.lm_head(self.model))
         return self._decode_graphs.get(
             key,
             lambda: torch.compile(
@@ -168,7 +169,7 @@ class CompiledVLM:
         capacity = -(-needed // bucket) * bucket
         batch_bucket = decode_batch_bucket(batch)
         graph = self._decode_graph(DecodeKey(capacity, batch_bucket, k0.dtype, k0.device))
-        axes = rope_axes(self.adapter.language_model(self.model))
+        axes = rope_axes(self._lm)
         return DecodeRun(graph, kv, last_positions(position_ids, axes), capacity, pads, batch_bucket)  # [B, 1] or [3, B, 1]
 
     # -- prefill --------------------------------------------------------------------------
@@ -206,7 +207,7 @@ class CompiledVLM:
                          blocks=bool(blocks))
         args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
         mark_polymorphic(args, batched=batch > 1)
-        with no_duck_sizes(), model_trace_errors(self.adapter.language_model(self.model)):
+        with no_duck_sizes(), model_trace_errors(self._lm):
             logits, *kv = self._graph(key)(*args)
         if grow:
             kv = [x[:, :, grow:] for x in kv]
@@ -222,12 +223,12 @@ class CompiledVLM:
         embeds = p.inputs_embeds
         key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), embeds.shape[0] > 1,
                          p.layout, bool(blocks))
-        with model_trace_errors(self.adapter.language_model(self.model)):
+        with model_trace_errors(self._lm):
             logits, *kv = self._graph(key)(embeds, p.position_ids, *deepstack, *blocks)
         return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def _cache(self, kv) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=kv, config=self.adapter.language_model(self.model).config)
+        return DynamicCache(ddp_cache_data=kv, config=self._lm.config)
 
     # -- public API -----------------------------------------------------------------------
     @torch.no_grad()

@@ -61,13 +61,14 @@ def attention_blocks(language_model: nn.Module, mask, padding: torch.Tensor | No
     from ..core import block_mask, causal_mask, windowed
 
     per_layer = layer_masks(language_model, mask)
-    given = [(i, allowed(m, batch, seq_len)) for i, m in enumerate(per_layer) if m is not None]
+    given = {i: allowed(m, batch, seq_len) for i, m in enumerate(per_layer) if m is not None}  # [B, 1, S, S] each
     if not given:
         return None
-    real = (torch.ones(batch, seq_len, dtype=torch.bool) if padding is None else padding.bool()).to(given[0][1].device)
+    first = next(iter(given.values()))
+    real = (torch.ones(batch, seq_len, dtype=torch.bool) if padding is None else padding.bool()).to(first.device)
     rows = torch.arange(seq_len, device=real.device)  # [S]
-    full = [a for i, a in given if windows[i] is None]
-    seen = (full or [given[0][1]])[0][:, 0]  # [B, S, S]: a window cuts past keys only, never the last one
+    full = [a for i, a in given.items() if windows[i] is None]
+    seen = (full or [first])[0][:, 0]  # [B, S, S]: a window cuts past keys only, never the last one
     last = torch.where(seen, rows, -1).amax(dim=-1)  # [B, S]: the last key each row sees
     blocks = torch.where(real, last, rows.expand(batch, seq_len))  # padding rows: alone in their block
     if bool((real & (blocks < rows)).any()):
@@ -78,9 +79,8 @@ def attention_blocks(language_model: nn.Module, mask, padding: torch.Tensor | No
     ours_all = causal_mask(seq_len, real.device) if blocks is None else block_mask(blocks)  # [1 or B, 1, S, S]
     ours_all = ours_all & real[:, None, None, :]  # never a padding key
     types = getattr(language_model.config, "layer_types", None)
-    for i, theirs in enumerate(per_layer):
-        theirs = (causal_mask(seq_len, real.device) if theirs is None else allowed(theirs, batch, seq_len))
-        theirs = windowed(theirs, windows[i]) if per_layer[i] is None else theirs
+    for i in range(len(per_layer)):
+        theirs = given[i] if i in given else windowed(causal_mask(seq_len, real.device), windows[i])  # None: HF's causal
         ours = windowed(ours_all, windows[i])
         differ = (ours != (theirs & real[:, None, None, :])) & real[:, None, :, None]  # real query rows
         if bool(differ.any()):
