@@ -28,10 +28,11 @@ from typing import Any, Callable
 import torch
 
 from .archs import Adapter, PrefillInputs, adapter_for
-from .core import KVCache, additive_mask, causal_mask, rope_axes, rope_position_ids
+from .core import (CoreError, KVCache, additive_mask, attention_windows, causal_mask, rope_axes, rope_position_ids,
+                   rotary_layer_types)
 from .decoding import decode_loop
 from .flops import S, V, TextDims, _tidy, attn_flops, ffn_flops
-from .outside import embedding_multiplier, final_norm, scale_embeddings
+from .outside import embedding_multiplier, final_norm, rotary_layers, scale_embeddings
 
 
 # -- the two token-dropping baselines ------------------------------------------------------------
@@ -188,9 +189,6 @@ def check_plain_layers(language_model: torch.nn.Module, what: str) -> None:
     """Refuse (CoreError) a text model whose layers the eager token-dropping code would run
     wrong: it builds one causal mask and one rotary embedding for every layer, so sliding
     windows, per-layer-type rotary embeddings and NoPE layers are named, never ignored."""
-    from .core import CoreError, attention_windows, rotary_layer_types
-    from .outside import rotary_layers
-
     name = type(language_model).__name__
     if any(w is not None for w in attention_windows(language_model)):
         raise CoreError(f"{what} runs full causal attention only; {name} has sliding-window layers")
