@@ -165,18 +165,23 @@ def summarize(round_no: int, out: dict, order: list[int], want: list[tuple[str, 
 
 
 # -- --sweep ------------------------------------------------------------------------------------
-def wide_model(out: Path, hidden: int = 1024, layers: int = 4, seed: int = 0) -> Path:
+def wide_model(out: Path, hidden: int = 1024, layers: int = 4, seed: int = 0, image_px: int | None = None) -> Path:
     """A Qwen3-VL with the easy-VQA processor and a wide random decoder (FFN 2.75 x hidden, heads
     of 64, half as many KV heads), saved to out: compute-bound on a CPU when the decoder's prefill
-    takes much longer than the serving path around it (HTTP, processor, vision tower)."""
+    takes much longer than the serving path around it (HTTP, processor, vision tower).
+    image_px: the processor resizes every image to image_px x image_px ((image_px / 16)^2 visual
+    rows: patch 8, merge 2; default 128 px, 64 rows), for real visual row counts (384 px: 576)."""
     import torch
     from transformers import Qwen3VLForConditionalGeneration
 
     from vskip_compile.zoo.train_easyvqa import build_config, make_processor
 
     processor = make_processor()
+    if image_px:
+        processor.image_processor.size = {"shortest_edge": image_px * image_px, "longest_edge": image_px * image_px}
     config = build_config(processor.tokenizer)
     text = config.text_config
+    text.max_position_embeddings = 8192  # positions of long image prompts (M-RoPE ids stay small)
     text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, int(hidden * 2.75), layers
     text.num_attention_heads, text.num_key_value_heads, text.head_dim = hidden // 64, hidden // 128, 64
     text.rope_parameters = {**text.rope_parameters, "mrope_section": [8, 12, 12]}  # sums to head_dim / 2
@@ -236,6 +241,18 @@ async def closed_loop(base: str, bodies: list[bytes], concurrency: int, timeout:
             "prompt_tokens": [r[1]["usage"]["prompt_tokens"] for r in ok]}
 
 
+def visual_rows(model_dir: Path) -> int:
+    """Visual rows the model's processor gives one easy-VQA image: grid t x h x w over merge^2."""
+    from PIL import Image
+
+    from vskip_compile.modeldir import load_processor
+    from vskip_compile.zoo import easyvqa
+
+    image_processor = load_processor(model_dir).image_processor
+    grid = image_processor(images=[Image.open(easyvqa.test_set()[0][0]).convert("RGB")])["image_grid_thw"][0]
+    return int(grid.prod()) // image_processor.merge_size ** 2
+
+
 def ideal_ratio(model_dir: Path, plan, prompt_tokens: list[int], visual: int) -> float:
     """Decoder prefill FLOPs of the full model over those of the plan, summed over the requests
     (flops.py: S = prompt tokens, V = visual tokens; the image is one span)."""
@@ -255,7 +272,10 @@ def run_sweep(args, serve_app, Limits) -> dict:
 
     levels = [int(c) for c in args.concurrency.split(",")]
     wide = f"wide-{args.wide_hidden}x{args.wide_layers}"
-    models = {wide: wide_model(Path(tempfile.mkdtemp(prefix="vskip-wide-")), args.wide_hidden, args.wide_layers)}
+    if args.image_px:
+        wide += f"-{args.image_px}px"
+    models = {wide: wide_model(Path(tempfile.mkdtemp(prefix="vskip-wide-")), args.wide_hidden, args.wide_layers,
+                              image_px=args.image_px)}
     if not args.skip_shipped and (easyvqa.MODEL_DIR / "model.safetensors").is_file():
         models["easyvqa-shipped"] = easyvqa.MODEL_DIR
     report = {"engine": args.engine, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
@@ -263,7 +283,9 @@ def run_sweep(args, serve_app, Limits) -> dict:
     port = _free_port()  # one Serve HTTP proxy for every deployment of the sweep
     for name, model_dir in models.items():
         layers = json.loads((model_dir / "config.json").read_text())["text_config"]["num_hidden_layers"]
-        plans = {"full": SkipPlan.full(layers), "plan": SkipPlan.from_ops(["skip_both"] * layers, name="skip_both-all")}
+        cycle = args.wide_plan.split(",")
+        ops = [cycle[i % len(cycle)] for i in range(layers)]
+        plans = {"full": SkipPlan.full(layers), "plan": SkipPlan.from_ops(ops, name="-".join(cycle) + "-cycled")}
         if name == "easyvqa-shipped":
             plans["plan"] = SkipPlan.load(easyvqa.MODEL_DIR / "plans" / "opskip-b40.json")
         entry = report["models"][name] = {"plans": {k: str(v) for k, v in plans.items()}, "runs": {}}
@@ -284,7 +306,7 @@ def run_sweep(args, serve_app, Limits) -> dict:
                 print(json.dumps({"model": name, "plan": label, **{k: v for k, v in out.items() if k != "prompt_tokens"}}),
                       file=sys.stderr, flush=True)
             serve_app.serve.delete(serve_app.APP_NAME)
-        visual = 64  # easy-VQA images: 128 px, patch 8, merge 2
+        visual = entry["visual_rows"] = visual_rows(model_dir)
         for i, c in enumerate(levels):
             full, mine = entry["runs"]["full"][i], entry["runs"]["plan"][i]
             ideal = ideal_ratio(model_dir, plans["plan"], mine["prompt_tokens"], visual)
@@ -325,6 +347,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="--sweep: intra-op threads of the replica")
     ap.add_argument("--wide-hidden", type=int, default=2048, help="--sweep: the wide random model's hidden size")
     ap.add_argument("--wide-layers", type=int, default=8, help="--sweep: the wide random model's decoder layers")
+    ap.add_argument("--image-px", type=int, help="--sweep: the wide model's processor resizes images to this side "
+                    "(default 128 px: 64 visual rows; 384: 576)")
+    ap.add_argument("--wide-plan", default="skip_both", help="--sweep: the wide model's plan, ops cycled over its "
+                    "layers (default skip_both on every layer; e.g. skip_attn,skip_both)")
     ap.add_argument("--skip-shipped", action="store_true", help="--sweep: the wide model only")
     args = ap.parse_args(argv)
     if not 1 <= args.requests <= 2000 or not 1 <= args.rounds <= 10:
