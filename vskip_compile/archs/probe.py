@@ -53,21 +53,40 @@ def _image_processor(model):
     return None
 
 
+VISION_KEYS = ("vision_config", "vq_config")  # an image tower, or a VQ-VAE that turns images into tokens
+
+
 def _vision_config(model):
-    """The config's vision_config, or the first one below a sub-config (T5Gemma2's encoder)."""
+    """The config's vision_config (or vq_config: Chameleon, Emu3), or the first one below a
+    sub-config (T5Gemma2's encoder)."""
     from .shrink import _nested_configs
 
-    vision = getattr(model.config, "vision_config", None)
-    return vision if vision is not None else next(
-        (sub for key, sub in _nested_configs(model.config) if key == "vision_config"), None)
+    for key in VISION_KEYS:
+        vision = getattr(model.config, key, None)
+        if vision is not None:
+            return vision
+    return next((sub for key, sub in _nested_configs(model.config) if key in VISION_KEYS), None)
+
+
+def _fixed_side(vision) -> int | None:
+    """The side in pixels a fixed-resolution tower takes: image_size, a VQ-VAE's resolution, a
+    timm tower's img_size kwarg; None for dynamic-resolution towers."""
+    args = getattr(vision, "model_args", None)
+    timm_side = args.get("img_size") if isinstance(args, dict) else None
+    if isinstance(timm_side, (list, tuple)) and timm_side:
+        timm_side = timm_side[0]  # (height, width)
+    for side in (getattr(vision, "image_size", None), getattr(vision, "resolution", None), timm_side):
+        if isinstance(side, int) and not isinstance(side, bool):
+            return side
+    return None
 
 
 def _image_size(model) -> tuple[int, int]:
-    """The vision config's image_size, else 112 px (dynamic-resolution towers: a few tokens)."""
+    """The tower's fixed side (_fixed_side, or the first of an image_size list), else 112 px
+    (dynamic-resolution towers: a few tokens)."""
     vision = _vision_config(model)
     side = getattr(vision, "image_size", None)
-    if isinstance(side, (list, tuple)):
-        side = side[0]
+    side = side[0] if isinstance(side, (list, tuple)) and side else _fixed_side(vision)
     side = side if isinstance(side, int) and 0 < side <= 1024 else DEFAULT_SIDE
     return side, side
 
@@ -79,28 +98,37 @@ _PATCH_FIELDS = {"patch_size": ("patch_size",), "merge_size": ("spatial_merge_si
 
 def _match_patches(model, processor) -> None:
     """A default-constructed processor told the vision config's patch geometry (a processor
-    saved with the model already has it)."""
+    saved with the model already has it), and a dynamic-resolution processor's lower area bound
+    brought down to the probe image (Emu3's 512 x 512 would make one image thousands of tokens)."""
     vision = _vision_config(model)
     for attr, fields in _PATCH_FIELDS.items():
         values = [getattr(vision, f, None) for f in fields]
         value = next((v for v in values if isinstance(v, int)), None)
         if value is not None and isinstance(getattr(processor, attr, None), int):
             setattr(processor, attr, value)
+    height, width = _image_size(model)
+    if isinstance(getattr(processor, "min_pixels", None), int) and processor.min_pixels > height * width:
+        processor.min_pixels = height * width
+        if isinstance(getattr(processor, "size", None), dict) and "min_pixels" in processor.size:
+            processor.size = {**processor.size, "min_pixels": height * width}
 
 
-def _fixed_size(model, processor, side: int) -> dict[str, dict[str, int]]:
-    """Size overrides that make a fixed-resolution processor produce the vision config's
-    image_size (a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`
-    set to side. Nothing for dynamic-resolution towers (no image_size: Qwen's area bounds)."""
-    if not isinstance(getattr(_vision_config(model), "image_size", None), int):
+def _fixed_size(model, processor, side: int) -> dict[str, Any]:
+    """Size overrides that make a fixed-resolution processor produce the tower's side
+    (_fixed_side: a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`,
+    and a tiling processor's tile_size (Perception LM), set to side. Nothing for
+    dynamic-resolution towers (Qwen's area bounds)."""
+    if _fixed_side(_vision_config(model)) is None:
         return {}
-    out = {}
+    out: dict[str, Any] = {}
     for attr in ("size", "crop_size"):
         value = getattr(processor, attr, None)
         fields = {k: getattr(value, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
         fields = {k: side for k, v in fields.items() if isinstance(v, int)}
         if fields:
             out[attr] = fields
+    if isinstance(getattr(processor, "tile_size", None), int):
+        out["tile_size"] = side
     return out
 
 
