@@ -134,11 +134,15 @@ def _fixed_size(model, processor, side: int) -> dict[str, Any]:
 
 def _count_rows(features: Any) -> int:
     """Rows of image features: a tensor [..., D] (all but the last dim), a list/tuple of
-    them, or a model output with pooler_output / last_hidden_state."""
-    if hasattr(features, "pooler_output") and getattr(features, "pooler_output") is not None:
+    them, or a model output with pooler_output / last_hidden_state, or with per-layer
+    features only (Granite 4 Vision's deepstack_features: (LLM layer, per-image features)
+    pairs, each layer's features one row per image token)."""
+    if getattr(features, "pooler_output", None) is not None:
         features = features.pooler_output
-    elif hasattr(features, "last_hidden_state"):
+    elif getattr(features, "last_hidden_state", None) is not None:
         features = features.last_hidden_state
+    elif getattr(features, "deepstack_features", None):
+        features = features.deepstack_features[0][1]
     if isinstance(features, torch.Tensor):
         return int(features.numel() // features.shape[-1])
     if isinstance(features, (list, tuple)):
@@ -170,7 +174,13 @@ def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.
     height, width = _image_size(model)
     gen = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
-    out = processor(images=[image], return_tensors="pt", **_fixed_size(model, processor, height))
+    sizes = _fixed_size(model, processor, height)
+    try:
+        out = processor(images=[image], return_tensors="pt", **sizes)
+    except ValueError as e:  # a processor that takes PIL / numpy images only (Emu3's): the same image, [H, W, 3]
+        if "numpy" not in str(e):
+            raise
+        out = processor(images=[image.permute(1, 2, 0).numpy()], return_tensors="pt", **sizes)
     dtype = next(model.parameters()).dtype
     kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
     inner = getattr(model, "model", model)

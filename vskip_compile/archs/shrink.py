@@ -123,9 +123,10 @@ CHECKPOINT_FIELDS = {
                       "vision_config.do_pooling": False, "projector_pooling_ratio": 2},
     # Granite 4 Vision: which vision layers feed which LLM layers (DeepStack) and the Q-Former's
     # window ratio are the checkpoint's; here the last tower layer feeds layer 0, the spatial groups
-    # layer 1 (the tiny text model has 2), a 16-px patch so the 8 x 8 grid splits into windows
+    # layer 1 (the tiny text model has 2); a 14-px patch makes the tower's side (8 x 8 patches, 112
+    # px) divide the anyres grid's 336-px tiles, and 8 patches split into 2 x 2 windows
     "granite4_vision": {"deepstack_layer_map": [(-1, 0)], "spatial_target_layers": [1, 1, 1, 1],
-                        "downsample_rate": "1/2", "vision_config.patch_size": 16},
+                        "downsample_rate": "1/2", "vision_config.patch_size": 14},
     # Cohere Compass: RoPE per layer type (M-RoPE, interleaved), only in its checkpoint
     "cohere_compass": {"text_config.rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [24, 20, 20]}}},
@@ -431,7 +432,8 @@ def _shrink_other(cfg, text_hidden: int, key: str = "", top: bool = False) -> No
             if _get(cfg, name):
                 setattr(cfg, name, 1)
         for name in ("deepstack_visual_indexes", "fullatt_block_indexes", "intermediate_layers_indices"):
-            if isinstance(getattr(cfg, name, None), list):
+            value = getattr(cfg, name, None)
+            if isinstance(value, list) or (isinstance(value, tuple) and value):  # Cohere Compass: a tuple
                 setattr(cfg, name, [0])
         vf = getattr(cfg, "vision_feature_layer", None)
         if isinstance(vf, int) and vf >= 0:
