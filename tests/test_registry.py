@@ -578,3 +578,57 @@ def test_an_upstream_broken_forward_is_refused_by_name():
         model(input_ids=ids)
     report = check.check_model(model, name="llama4")
     assert report.verdict == "refused" and "transformers 5.24" in report.reasons[0]
+
+
+# -- timm towers (TimmWrapperConfig and its kind): only where timm imports -------------------------
+# timm needs torchvision, whose PyPI wheels do not import beside the CPU torch 2.13 wheel (and a
+# plain `pip install timm` replaces torch by a CUDA 2.14): not a dependency, so these skip there.
+
+
+def test_timm_towers_are_shrunk_through_timm_kwargs_without_the_hub(monkeypatch):
+    """A timm tower keeps its checkpoint's architecture, made tiny through timm's own kwargs
+    (Perception LM's Perception Encoder: 1 block of width 32 over 8 x 8 patches of 14 px;
+    FastVLM's FastViT-MCi3: 1 block per stage); the config's hidden_size is the tower's output
+    width (what the projector reads); timm never loads weights (load_pretrained raises here)."""
+    builder = pytest.importorskip("timm.models._builder")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("timm tried to load pretrained weights")
+
+    monkeypatch.setattr(builder, "load_pretrained", no_hub)
+    model = build_family("perception_lm")
+    tower = model.model.vision_tower.timm_model
+    assert type(tower).__name__ == "Eva" and len(tower.blocks) == 1 and tower.num_features == 32
+    assert tuple(tower.patch_embed.img_size) == (112, 112)
+    assert model.model.multi_modal_projector.linear_1.in_features == 32
+    fast = build_family("fast_vlm")
+    tower = fast.model.vision_tower.timm_model
+    assert type(tower).__name__ == "FastVit" and [len(s.blocks) for s in tower.stages] == [1] * 5
+    assert fast.config.vision_config.hidden_size == tower.num_features == 64
+    assert fast.model.multi_modal_projector.linear_1.in_features == 64
+
+
+def test_a_tiled_timm_tower_probes_with_pixels():
+    """Perception LM's processor tiles at the tower's side (tile_size 112, one tile): thumbnail
+    and tile, each 8 x 8 patches pooled 2 x 2 into 16 image tokens; the sweep passes it."""
+    pytest.importorskip("timm")
+    model = build_family("perception_lm")
+    inputs, info = probe_inputs(model)
+    assert info["pixels"], info
+    assert inputs["pixel_values"].shape[-3:] == (3, 112, 112)  # [B, tiles, 3, H, W]
+    assert info["image_tokens"] == inputs["pixel_values"].shape[1] * 16
+    result = check.check_family("perception_lm")
+    assert result.verdict == "pass", result
+
+
+def test_gemma3n_shrinks_to_a_consistent_tiny_model():
+    """Gemma 3n: per-layer lists (FFN widths, activation sparsity) follow the kept layers, the
+    per-layer-input vocabulary is the tiny one, trailing K/V-sharing layers leave each layer type
+    a producing layer (2 kept layers of 2 types: none shared); its tower's width stays timm's 2048.
+    Its per-layer inputs are then refused by name."""
+    pytest.importorskip("timm")
+    text = tiny_config("gemma3n").text_config
+    assert text.intermediate_size == [128] * text.num_hidden_layers == [128] * len(text.activation_sparsity_pattern)
+    assert text.vocab_size_per_layer_input == 256 and text.num_kv_shared_layers == 0
+    result = check.check_family("gemma3n")
+    assert result.verdict == "refused" and "per-layer inputs (hidden_size_per_layer_input 256)" in result.reason

@@ -127,8 +127,10 @@ def _fixed_size(model, processor, side: int) -> dict[str, Any]:
         fields = {k: side for k, v in fields.items() if isinstance(v, int)}
         if fields:
             out[attr] = fields
-    if isinstance(getattr(processor, "tile_size", None), int):
+    if isinstance(getattr(processor, "tile_size", None), int):  # one tile: the probe image has the tower's side
         out["tile_size"] = side
+        if isinstance(getattr(processor, "max_num_tiles", None), int):
+            out["max_num_tiles"] = 1
     return out
 
 

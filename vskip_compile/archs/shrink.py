@@ -318,6 +318,10 @@ def _shrink_text(cfg) -> None:
     cfg.num_hidden_layers = len(picked)
     if isinstance(_get(cfg, "intermediate_size"), list):  # one FFN width per layer (Gemma 3n)
         cfg.intermediate_size = [TEXT["intermediate_size"]] * len(picked)
+    shared = _get(cfg, "num_kv_shared_layers")  # trailing layers reusing an earlier layer's K/V (Gemma 3n: 15):
+    if isinstance(shared, int) and shared > 0:  # each type keeps a producing layer before them
+        kinds = len(set(_get(cfg, "layer_types") or [None]))
+        cfg.num_kv_shared_layers = max(0, min(shared, len(picked) - kinds))
     for key in ("mlp_only_layers", "full_attn_idxs", "swa_layers", "no_rope_layers"):
         value = getattr(cfg, key, None)
         if isinstance(value, list):
