@@ -164,8 +164,7 @@ TRACE_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torc
 def model_trace_errors(language_model: nn.Module):
     """Inside the block, a trace error in the model's code becomes a CoreError naming the model,
     the line of its code and the error underneath: a structure the core does not reproduce
-    (Gemma 4's layers sharing K/V through an argument the core does not pass, an MoE that loops
-    over the experts a batch hits), refused by name, never a crash."""
+    (an MoE that loops over the experts a batch hits: Step3p7), refused by name, never a crash."""
     try:
         yield
     except TRACE_ERRORS as e:

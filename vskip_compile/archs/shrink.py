@@ -467,7 +467,10 @@ def _shrink_timm(cfg) -> None:
     TIMM_TINY kwargs of its architecture's family, the grid kwargs it already has (img_size,
     ref_feat_shape) at 8 x 8 patches, and hidden_size (what the projector reads) the width of
     the tower timm builds from them (on the meta device, pretrained=False: no weights, no hub)."""
-    import timm
+    try:
+        import timm
+    except ImportError as e:  # timm, or the torchvision it imports (pyproject.toml says why it is no dependency)
+        raise ImportError(f"a timm tower ({cfg.architecture}) needs timm, which does not import here: {e}") from e
 
     args = dict(cfg.model_args or {})
     for prefix, tiny in TIMM_TINY.items():
