@@ -164,8 +164,7 @@ TRACE_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError, torc
 def model_trace_errors(language_model: nn.Module):
     """Inside the block, a trace error in the model's code becomes a CoreError naming the model,
     the line of its code and the error underneath: a structure the core does not reproduce
-    (Gemma 4's layers sharing K/V through an argument the core does not pass, an MoE that loops
-    over the experts a batch hits), refused by name, never a crash."""
+    (an MoE that loops over the experts a batch hits: Step3p7), refused by name, never a crash."""
     try:
         yield
     except TRACE_ERRORS as e:
@@ -326,17 +325,40 @@ def cache_keyword(layer: nn.Module) -> str:
     return "cache" if "cache" in params or "past_key_values" not in params else "past_key_values"
 
 
+def shared_kv(language_model: nn.Module) -> bool:
+    """Whether the decoder layers take a `shared_kv_states` dict (Gemma 4: the last layer of each
+    type stores its K/V there; layers whose config.kv_sharing_modes entry is "reuse" attend with
+    those instead of their own). With no reusing layer the dict is only written: the core passes
+    a fresh one each call. Refused (CoreError, naming the layers): reuse, as the core carries each
+    layer's own K/V through prefill and decoding; per-layer inputs (hidden_size_per_layer_input),
+    which the core does not pass."""
+    if "shared_kv_states" not in inspect.signature(language_model.layers[0].forward).parameters:
+        return False
+    config, name = language_model.config, type(language_model).__name__
+    reusing = [i for i, mode in enumerate(getattr(config, "kv_sharing_modes", None) or ()) if mode == "reuse"]
+    if reusing:
+        raise CoreError(f"{name}: decoder layers {reusing} reuse the K/V of earlier layers (num_kv_shared_layers "
+                        f"{config.num_kv_shared_layers}); the vskip core carries each layer's own K/V")
+    if getattr(config, "hidden_size_per_layer_input", None):
+        raise CoreError(f"{name}: per-layer inputs (hidden_size_per_layer_input {config.hidden_size_per_layer_input}) "
+                        "are not passed to the decoder layers by the vskip core")
+    return True
+
+
 def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embeddings, cache,
-               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache") -> torch.Tensor:
+               experts_configs=(), deepstack: tuple[torch.Tensor, ...] = (), cache_kw: str = "cache",
+               shared: bool = False) -> torch.Tensor:
     """The decoder layers over x [B, S, D] with an explicit mask and (cos, sin) (each one for all
     layers, or a list of one per layer) and a cache stand-in, DeepStack added after layers 0..n-1.
     MoE experts run their traceable implementation while traced (restored after), so the
-    prefill and the decode step trace alike."""
+    prefill and the decode step trace alike. shared: the layers get one fresh shared_kv_states
+    dict (shared_kv: stored into, never read)."""
     switch = experts_configs if torch.compiler.is_compiling() else ()
     saved = use_traceable_experts(switch)
     n = len(language_model.layers)
     masks = mask if isinstance(mask, list) else [mask] * n  # a FlexMask is a tuple: one for all
     rope = position_embeddings if isinstance(position_embeddings, list) else [position_embeddings] * n
+    extra = {"shared_kv_states": {}} if shared else {}
     try:
         for i, layer in enumerate(language_model.layers):
             x = layer(
@@ -346,6 +368,7 @@ def run_layers(language_model: nn.Module, x: torch.Tensor, mask, position_embedd
                 position_ids=None,
                 use_cache=True,
                 **{cache_kw: cache},
+                **extra,
             )
             x = x[0] if isinstance(x, tuple) else x  # layers that still return (hidden_states, ...)
             if i < len(deepstack):
@@ -402,6 +425,7 @@ class DecoderCore(nn.Module):
         self.attention_blocks = attention_blocks
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced
         self.cache_kw = cache_keyword(language_model.layers[0])  # read here: inspect does not trace
+        self.shared_kv = shared_kv(language_model)  # Gemma 4's K/V store (refuses reuse)
         self.embedding_multiplier = embedding_multiplier(language_model)  # Granite; read here, as cache_kw
         self.rotary = rotary_layers(language_model)  # MuseGlimmer's NoPE layers get no rotary embedding
 
@@ -450,11 +474,11 @@ class DecoderCore(nn.Module):
             if attention_mask is None:
                 attention_mask = inputs_embeds.new_ones(inputs_embeds.shape[:2], dtype=torch.bool)  # [B, S]
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
-                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw)
+                           position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw, self.shared_kv)
         else:
             masks = prefill_masks(self.lm, self.windows, inputs_embeds, blocks)
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
-                           deepstack, self.cache_kw)
+                           deepstack, self.cache_kw, self.shared_kv)
         if roll is not None:
             x = roll.unrolled(x, last=self.logits_to_keep)  # [B, n or S, D], left-padded again
         elif self.logits_to_keep:
@@ -492,6 +516,7 @@ class DecodeStep(nn.Module):
         self.lm_head = lm_head
         self.experts_configs = experts_configs(language_model)  # MoE: switched while traced, as in DecoderCore
         self.cache_kw = cache_keyword(language_model.layers[0])
+        self.shared_kv = shared_kv(language_model)
         self.windows = attention_windows(language_model)
         self.rotary_types = rotary_layer_types(language_model)
         self.embedding_multiplier = embedding_multiplier(language_model)
@@ -515,7 +540,7 @@ class DecodeStep(nn.Module):
         masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
         position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, position_ids, self.rotary_types, self.rotary)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
-                       cache_kw=self.cache_kw)  # [B, 1, D]
+                       cache_kw=self.cache_kw, shared=self.shared_kv)  # [B, 1, D]
         logits = self.lm_head(final_norm(self.lm)(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):

@@ -12,8 +12,9 @@ is done here, in HF's order and dtype:
   layers it gives the rotary embedding, `rotary_layers` (MuseGlimmer's NoPE layers get None);
 - the VLM's forward transforms lm_head's logits, in the logits' dtype: MuseGlimmer `logits *
   output_multiplier`, Granite `logits / logits_scaling`, Gemma-2-style soft-capping
-  `tanh(logits / cap) * cap`, in that order: `LogitsHead`, which `Adapter.lm_head` returns in
-  place of the bare head when there is something to apply.
+  `tanh(logits / cap) * cap`, in that order, then Chameleon's forbidden tokens (its VQ image
+  codes: `logits[..., vocabulary_mapping.image_tokens] = dtype min`): `LogitsHead`, which
+  `Adapter.lm_head` returns in place of the bare head when there is something to apply.
 
 A config field acts where the forward that HF runs reads it (the text model's forward for the
 embeddings, the VLM class's for the logits): its source names it. The config alone does not
@@ -93,15 +94,17 @@ def final_norm(language_model: nn.Module) -> nn.Module | None:
 
 class LogitsHead(nn.Module):
     """lm_head followed by what the VLM's forward does to its logits, in HF's order and in the
-    logits' dtype (python scalars keep it): * output_multiplier, / logits_scaling, soft-cap."""
+    logits' dtype (python scalars keep it): * output_multiplier, / logits_scaling, soft-cap, the
+    forbidden token ids' logits set to the dtype's minimum."""
 
     def __init__(self, head: nn.Module, output_multiplier: float = 1.0, logits_scaling: float = 1.0,
-                 final_logit_softcapping: float | None = None):
+                 final_logit_softcapping: float | None = None, forbidden: tuple[int, ...] = ()):
         super().__init__()
         self.head = head
         self.output_multiplier = output_multiplier
         self.logits_scaling = logits_scaling
         self.final_logit_softcapping = final_logit_softcapping
+        self.register_buffer("forbidden", torch.tensor(list(forbidden), dtype=torch.long), persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         logits = self.head(h)  # [.., V]
@@ -112,17 +115,30 @@ class LogitsHead(nn.Module):
         cap = self.final_logit_softcapping
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
+        if self.forbidden.numel():
+            logits = logits.index_fill(-1, self.forbidden.to(logits.device), torch.finfo(logits.dtype).min)
         return logits
 
     def extra_repr(self) -> str:
         return (f"output_multiplier={self.output_multiplier}, logits_scaling={self.logits_scaling}, "
-                f"final_logit_softcapping={self.final_logit_softcapping}")
+                f"final_logit_softcapping={self.final_logit_softcapping}, forbidden={self.forbidden.numel()} ids")
+
+
+def forbidden_tokens(model: nn.Module) -> tuple[int, ...]:
+    """Token ids whose logits the VLM's forward sets to the dtype's minimum: Chameleon's image
+    codes (`logits[:, :, self.model.vocabulary_mapping.image_tokens] = finfo.min`), where its
+    forward names vocabulary_mapping (Emu3 has the mapping and generates image codes)."""
+    mapping = getattr(getattr(model, "model", None), "vocabulary_mapping", None)
+    if mapping is None or not reads(type(model), "vocabulary_mapping"):
+        return ()
+    return tuple(int(t) for t in mapping.image_tokens)
 
 
 def logits_head(model: nn.Module, head: nn.Module) -> nn.Module:
     """head, or a LogitsHead around it when the model's forward transforms its logits."""
     applied = _applied(type(model), model.config.get_text_config(), LOGIT_FIELDS)
-    return LogitsHead(head, **applied) if applied else head
+    forbidden = forbidden_tokens(model)
+    return LogitsHead(head, **applied, forbidden=forbidden) if applied or forbidden else head
 
 
 def rotary_layers(language_model: nn.Module) -> tuple[bool, ...]:

@@ -221,23 +221,36 @@ class Adapter:
 
         Reuses HF's own vision tower, feature merge and position-id code for every
         architecture: a forward pre-hook on the language model raises with its kwargs.
+        Where the decoder is the model's base model itself and merges the image rows in its own
+        forward (Chameleon's ChameleonModel embeds its VQ image tokens), the first decoder
+        layer's input is what the layers get: inputs_embeds and position ids from there.
         """
         lm = self.language_model(model)
-        signature = inspect.signature(lm.forward)
+        captured = self._capture(model, lm, inspect.signature(lm.forward), hf_inputs)
+        if captured.get("inputs_embeds") is not None or lm is not getattr(model, "model", None) or not len(lm.layers):
+            return captured
+        first = self._capture(model, lm.layers[0], inspect.signature(lm.layers[0].forward), hf_inputs)
+        embeds, position_ids = first.get("hidden_states"), first.get("position_ids")
+        if isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2 and embeds is not None:
+            position_ids = position_ids.expand(embeds.shape[0], -1)  # [1, S] -> [B, S]
+        return {"inputs_embeds": embeds, "position_ids": position_ids, "attention_mask": hf_inputs.get("attention_mask")}
 
+    @staticmethod
+    def _capture(model, module, signature, hf_inputs) -> dict[str, Any]:
+        """The kwargs `module` gets when the model runs on hf_inputs (stopped there)."""
         def hook(module, args, kwargs):
             bound = signature.bind_partial(*args, **kwargs).arguments
             extra = bound.pop("kwargs", {})
             raise _Captured({**bound, **extra})
 
-        handle = lm.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             model(**{k: v for k, v in hf_inputs.items() if k not in _NOT_FORWARDED})
         except _Captured as captured:
             return captured.kwargs
         finally:
             handle.remove()
-        raise AdapterError(f"{type(model).__name__} returned without calling its language model")
+        raise AdapterError(f"{type(model).__name__} returned without calling {type(module).__name__}")
 
     def default_position_ids(self, batch: int, seq_len: int, device) -> torch.Tensor:
         """What the language model computes when given no position ids (no cache): [B, S]."""
@@ -261,6 +274,27 @@ class Adapter:
         tokens_per_second (frames spaced by second_per_grid_ts) and split_frames (one grid per
         frame, frames between timestamp text); None: the family takes no video."""
         return None
+
+    def layer_inputs(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
+        """Granite 4 Vision's convention: `deepstack_features` {layer i: [N, D]} added to the rows
+        `vision_mask` [B, S, 1] marks *before* decoder layer i (the image rows of inputs_embeds are
+        zero; layer 0's features are the image embedding). Returned as (inputs_embeds with layer
+        0's added, DeepStack injections after layers 0.. as `deepstack` gives them, or None); the
+        same adds in the same order as HF (h + 0 on text rows). Other models: unchanged, None."""
+        features = captured.get("deepstack_features")
+        if not features:
+            return inputs_embeds, None
+        mask = captured.get("vision_mask")
+        if mask is None:
+            raise AdapterError("the language model got per-layer features (deepstack_features) without vision_mask")
+        mask = mask.to(inputs_embeds.device)  # [B, S, 1]
+        zeros = torch.zeros_like(inputs_embeds)  # [B, S, D]
+        full = {int(i): zeros.masked_scatter(mask, f.to(inputs_embeds.device, inputs_embeds.dtype))
+                for i, f in features.items()}
+        if 0 in full:
+            inputs_embeds = inputs_embeds + full[0]
+        last = max(full)
+        return inputs_embeds, (tuple(full.get(i + 1, zeros) for i in range(last)) or None)
 
     def deepstack(self, captured: dict[str, Any], inputs_embeds: torch.Tensor):
         """Full-size DeepStack injections [B, S, D] each, or None when the language model gets
@@ -290,6 +324,7 @@ class Adapter:
         embeds = captured.get("inputs_embeds")
         if embeds is None:
             raise AdapterError(f"{type(model).__name__} called its language model without inputs_embeds")
+        embeds, injections = self.layer_inputs(captured, embeds)
         batch, seq_len, _ = embeds.shape  # [B, S, D]
         position_ids = captured.get("position_ids")
         if position_ids is None:
@@ -310,7 +345,7 @@ class Adapter:
         return PrefillInputs(
             inputs_embeds=embeds,
             position_ids=position_ids,
-            deepstack=self.deepstack(captured, embeds),
+            deepstack=injections if injections is not None else self.deepstack(captured, embeds),
             attention_mask=mask,
             layout=self.layout(model, input_ids, hf_inputs.get("mm_token_type_ids")),
             blocks=blocks,

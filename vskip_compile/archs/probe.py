@@ -53,21 +53,40 @@ def _image_processor(model):
     return None
 
 
+VISION_KEYS = ("vision_config", "vq_config")  # an image tower, or a VQ-VAE that turns images into tokens
+
+
 def _vision_config(model):
-    """The config's vision_config, or the first one below a sub-config (T5Gemma2's encoder)."""
+    """The config's vision_config (or vq_config: Chameleon, Emu3), or the first one below a
+    sub-config (T5Gemma2's encoder)."""
     from .shrink import _nested_configs
 
-    vision = getattr(model.config, "vision_config", None)
-    return vision if vision is not None else next(
-        (sub for key, sub in _nested_configs(model.config) if key == "vision_config"), None)
+    for key in VISION_KEYS:
+        vision = getattr(model.config, key, None)
+        if vision is not None:
+            return vision
+    return next((sub for key, sub in _nested_configs(model.config) if key in VISION_KEYS), None)
+
+
+def _fixed_side(vision) -> int | None:
+    """The side in pixels a fixed-resolution tower takes: image_size, a VQ-VAE's resolution, a
+    timm tower's img_size kwarg; None for dynamic-resolution towers."""
+    args = getattr(vision, "model_args", None)
+    timm_side = args.get("img_size") if isinstance(args, dict) else None
+    if isinstance(timm_side, (list, tuple)) and timm_side:
+        timm_side = timm_side[0]  # (height, width)
+    for side in (getattr(vision, "image_size", None), getattr(vision, "resolution", None), timm_side):
+        if isinstance(side, int) and not isinstance(side, bool):
+            return side
+    return None
 
 
 def _image_size(model) -> tuple[int, int]:
-    """The vision config's image_size, else 112 px (dynamic-resolution towers: a few tokens)."""
+    """The tower's fixed side (_fixed_side, or the first of an image_size list), else 112 px
+    (dynamic-resolution towers: a few tokens)."""
     vision = _vision_config(model)
     side = getattr(vision, "image_size", None)
-    if isinstance(side, (list, tuple)):
-        side = side[0]
+    side = side[0] if isinstance(side, (list, tuple)) and side else _fixed_side(vision)
     side = side if isinstance(side, int) and 0 < side <= 1024 else DEFAULT_SIDE
     return side, side
 
@@ -79,38 +98,53 @@ _PATCH_FIELDS = {"patch_size": ("patch_size",), "merge_size": ("spatial_merge_si
 
 def _match_patches(model, processor) -> None:
     """A default-constructed processor told the vision config's patch geometry (a processor
-    saved with the model already has it)."""
+    saved with the model already has it), and a dynamic-resolution processor's lower area bound
+    brought down to the probe image (Emu3's 512 x 512 would make one image thousands of tokens)."""
     vision = _vision_config(model)
     for attr, fields in _PATCH_FIELDS.items():
         values = [getattr(vision, f, None) for f in fields]
         value = next((v for v in values if isinstance(v, int)), None)
         if value is not None and isinstance(getattr(processor, attr, None), int):
             setattr(processor, attr, value)
+    height, width = _image_size(model)
+    if isinstance(getattr(processor, "min_pixels", None), int) and processor.min_pixels > height * width:
+        processor.min_pixels = height * width
+        if isinstance(getattr(processor, "size", None), dict) and "min_pixels" in processor.size:
+            processor.size = {**processor.size, "min_pixels": height * width}
 
 
-def _fixed_size(model, processor, side: int) -> dict[str, dict[str, int]]:
-    """Size overrides that make a fixed-resolution processor produce the vision config's
-    image_size (a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`
-    set to side. Nothing for dynamic-resolution towers (no image_size: Qwen's area bounds)."""
-    if not isinstance(getattr(_vision_config(model), "image_size", None), int):
+def _fixed_size(model, processor, side: int) -> dict[str, Any]:
+    """Size overrides that make a fixed-resolution processor produce the tower's side
+    (_fixed_side: a shrunk or fine-tuned tower): each pixel-size field of `size` / `crop_size`,
+    and a tiling processor's tile_size (Perception LM), set to side. Nothing for
+    dynamic-resolution towers (Qwen's area bounds)."""
+    if _fixed_side(_vision_config(model)) is None:
         return {}
-    out = {}
+    out: dict[str, Any] = {}
     for attr in ("size", "crop_size"):
         value = getattr(processor, attr, None)
         fields = {k: getattr(value, k, None) for k in ("height", "width", "shortest_edge", "longest_edge")}
         fields = {k: side for k, v in fields.items() if isinstance(v, int)}
         if fields:
             out[attr] = fields
+    if isinstance(getattr(processor, "tile_size", None), int):  # one tile: the probe image has the tower's side
+        out["tile_size"] = side
+        if isinstance(getattr(processor, "max_num_tiles", None), int):
+            out["max_num_tiles"] = 1
     return out
 
 
 def _count_rows(features: Any) -> int:
     """Rows of image features: a tensor [..., D] (all but the last dim), a list/tuple of
-    them, or a model output with pooler_output / last_hidden_state."""
-    if hasattr(features, "pooler_output") and getattr(features, "pooler_output") is not None:
+    them, or a model output with pooler_output / last_hidden_state, or with per-layer
+    features only (Granite 4 Vision's deepstack_features: (LLM layer, per-image features)
+    pairs, each layer's features one row per image token)."""
+    if getattr(features, "pooler_output", None) is not None:
         features = features.pooler_output
-    elif hasattr(features, "last_hidden_state"):
+    elif getattr(features, "last_hidden_state", None) is not None:
         features = features.last_hidden_state
+    elif getattr(features, "deepstack_features", None):
+        features = features.deepstack_features[0][1]
     if isinstance(features, torch.Tensor):
         return int(features.numel() // features.shape[-1])
     if isinstance(features, (list, tuple)):
@@ -142,7 +176,13 @@ def pixel_inputs(model, seed: int = 0, processor=None) -> tuple[dict[str, torch.
     height, width = _image_size(model)
     gen = torch.Generator().manual_seed(seed)
     image = torch.randint(0, 256, (3, height, width), generator=gen, dtype=torch.uint8)
-    out = processor(images=[image], return_tensors="pt", **_fixed_size(model, processor, height))
+    sizes = _fixed_size(model, processor, height)
+    try:
+        out = processor(images=[image], return_tensors="pt", **sizes)
+    except ValueError as e:  # a processor that takes PIL / numpy images only (Emu3's): the same image, [H, W, 3]
+        if "numpy" not in str(e):
+            raise
+        out = processor(images=[image.permute(1, 2, 0).numpy()], return_tensors="pt", **sizes)
     dtype = next(model.parameters()).dtype
     kw = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items() if isinstance(v, torch.Tensor)}
     inner = getattr(model, "model", model)

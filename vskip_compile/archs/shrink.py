@@ -25,7 +25,13 @@ PreTrainedConfig is reached (sub-configs of sub-configs too); those under a text
   an image placeholder id the class declares but leaves None gets a free id there;
 - values real checkpoints set and the class leaves to the modeling code: CHECKPOINT_ROPE,
   CHECKPOINT_FIELDS (per family: the only model_type-keyed rules); M-RoPE defaults of the
-  modeling code fitted at build time to the tiny rotary width.
+  modeling code fitted at build time to the tiny rotary width;
+- timm towers (a config naming a timm `architecture`, its kwargs in `model_args`: TimmWrapper,
+  Gemma 3n's vision): the checkpoint's architecture kept, made tiny through the kwargs timm
+  takes for that model family (TIMM_TINY), built without weights (pretrained=False: timm never
+  reaches a hub); the config's hidden_size is then the tiny tower's output width;
+- VQ image tokenizers (a `channel_multiplier` list: one halving per level): 32 base channels and
+  a `resolution` of 8 latent rows, so one image yields 8 x 8 codes.
 
 A family whose constraints this does not meet fails to build: the sweep records that as a
 limitation of the sweep, never as a verdict on vskip.
@@ -33,6 +39,8 @@ limitation of the sweep, never as a verdict on vskip.
 
 from __future__ import annotations
 
+import copy
+import re
 from typing import Any
 
 import torch
@@ -45,15 +53,24 @@ MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_p
 MLA = dict(qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32)  # latent attention
 MOE_SIZES = dict(num_experts=4, num_experts_per_tok=2, top_k_experts=2, moe_intermediate_size=32)  # also where None
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2, num_heads=2,
-              num_key_value_heads=2, embed_dim=32, head_dim=16)
+              num_key_value_heads=2, embed_dim=32, head_dim=16, base_channels=32)  # base_channels: a VQ-VAE's
 OUT_WIDTHS = ("out_hidden_size", "projection_dim", "text_hidden_size", "output_dim")
 SLIDING_WINDOW = 8
-PER_LAYER = ("layer_rope_theta",)  # per-layer lists cut with layer_types (MuseGlimmer: 0 = a NoPE layer)
+PER_LAYER = ("layer_rope_theta", "activation_sparsity_pattern")  # per-layer lists cut with layer_types (MuseGlimmer:
+# 0 = a NoPE layer; Gemma 3n's sparse FFN layers)
 MAX_PARAMETERS = 200_000_000  # 0.8 GB fp32; more means the shrink missed a part (and risks memory)
 IMAGE_PATCHES = 8  # per side, for vision towers with a fixed image_size
 TEXT_CONFIG_KEYS = ("text_config", "decoder", "generator", "text_encoder")  # transformers' get_text_config names
 PER_LAYER_KINDS = ("layer_types", "mlp_layer_types")  # per-layer lists whose kinds the tiny model keeps
 PLACEHOLDER_KEYS = ("image_token_id", "image_token_index")
+# timm architecture name prefix -> the kwargs (timm's own, for that model family) of a tiny tower;
+# a config's own grid kwargs (img_size, ref_feat_shape) follow 8 x 8 patches (_shrink_timm)
+TIMM_TINY = {
+    "vit_": dict(embed_dim=32, depth=1, num_heads=2),  # VisionTransformer / Eva (Perception Encoder)
+    "fastvit_mci3": dict(layers=(1,) * 5, embed_dims=(8, 16, 32, 32, 32)),  # 5 stages; attention dims % 32 == 0
+    "fastvit_mci4": dict(layers=(1,) * 5, embed_dims=(8, 16, 32, 32, 32)),
+    "mobilenetv5_": dict(channel_multiplier=0.125),  # Gemma 3n: channels / 8 (its 2048-wide fusion output is fixed)
+}
 # name parts of int fields that are no width (a count, a size in pixels or tokens), for _tie_widths
 NOT_WIDTHS = ("num", "token", "max", "vocab", "position", "image", "patch", "codebook", "layer")
 
@@ -70,6 +87,24 @@ CHECKPOINT_ROPE = {
     "hunyuan_vl": {"mrope_section": [16, 16, 16, 16]},  # HunyuanOCR's xdrope_section (4 axes, head_dim 128)
 }
 
+IMAGE_CODES = 64  # a VQ tokenizer's tiny codebook: codes at ids IMAGE_CODE_IDS.. of the tiny vocabulary
+IMAGE_CODE_IDS = 100
+IMAGE_PLACEHOLDER = 199
+
+
+def _image_vocabulary(codebook: str, name: str, letters: bool = False, extra: dict | None = None) -> dict:
+    """CHECKPOINT_FIELDS of a model that tokenizes images with a VQ-VAE (Chameleon, Emu3): the
+    tokenizer's vocabulary_map (which the model reads to turn codes into token ids; the config
+    class leaves it None), naming IMAGE_CODES codes as that tokenizer names them (Chameleon spells
+    the digits as letters A-J), the <image> placeholder, and the codebook cut to IMAGE_CODES."""
+    def spelled(i: int) -> str:
+        return name.format("".join(chr(ord("A") + int(d)) for d in str(i)) if letters else i)
+
+    vocabulary = {"<image>": IMAGE_PLACEHOLDER, **(extra or {}),
+                  **{spelled(i): IMAGE_CODE_IDS + i for i in range(IMAGE_CODES)}}
+    return {codebook: IMAGE_CODES, "vocabulary_map": vocabulary, "image_token_id": IMAGE_PLACEHOLDER}
+
+
 # Other fields in the same situation (the config class has no value its modeling code can run
 # with; a checkpoint's config.json sets it), "path.to.field": value from the top config. The
 # Omni thinkers' get_rope_index reads vision_start_token_id, which only the checkpoints' thinker
@@ -78,6 +113,23 @@ CHECKPOINT_ROPE = {
 # Step3p7 builds a sliding-window mask in every forward, from a window only its checkpoint sets.
 CHECKPOINT_FIELDS = {
     "step3p7": {"text_config.sliding_window": SLIDING_WINDOW},
+    "chameleon": _image_vocabulary("vq_config.num_embeddings", "IMGIMG{}Z", letters=True),
+    "emu3": _image_vocabulary("vq_config.codebook_size", "<|visual token{:06d}|>", extra={"<|extra_200|>": 198}),  # eol
+    # Perception LM: the checkpoints' Perception Encoder (timm Eva) at the real sizes, which the
+    # timm shrink then cuts; the default TimmWrapperConfig (a resnet50, no embed_dim) does not build
+    "perception_lm": {"vision_config.architecture": "vit_pe_core_large_patch14_336",
+                      "vision_config.model_args": {"embed_dim": 1024, "depth": 23, "img_size": (448, 448),
+                                                   "ref_feat_shape": (32, 32), "global_pool": ""},
+                      "vision_config.do_pooling": False, "projector_pooling_ratio": 2},
+    # Granite 4 Vision: which vision layers feed which LLM layers (DeepStack) and the Q-Former's
+    # window ratio are the checkpoint's; here the last tower layer feeds layer 0, the spatial groups
+    # layer 1 (the tiny text model has 2); a 14-px patch makes the tower's side (8 x 8 patches, 112
+    # px) divide the anyres grid's 336-px tiles, and 8 patches split into 2 x 2 windows
+    "granite4_vision": {"deepstack_layer_map": [(-1, 0)], "spatial_target_layers": [1, 1, 1, 1],
+                        "downsample_rate": "1/2", "vision_config.patch_size": 14},
+    # Cohere Compass: RoPE per layer type (M-RoPE, interleaved), only in its checkpoint
+    "cohere_compass": {"text_config.rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [24, 20, 20]}}},
     "qwen2_5_omni_thinker": {"vision_start_token_id": 151652},
     "qwen3_omni_moe_thinker": {"vision_start_token_id": 151652},
     "qwen4_exp": {"text_config.indexer_n_heads": 2, "text_config.indexer_kv_heads": 1,
@@ -103,7 +155,7 @@ def tiny_config(model_type: str):
         target = config
         for parent in parents:
             target = getattr(target, parent)
-        setattr(target, name, value)
+        setattr(target, name, copy.deepcopy(value))  # the shrink edits nested values in place
     nested = list(_nested_configs(config))
     text = config.get_text_config()
     if not hasattr(text, "num_hidden_layers"):  # a wrapper of a VLM (PI0's vlm_config): its text config
@@ -249,7 +301,8 @@ def _shrink_text(cfg) -> None:
     for key, value in MOE_SIZES.items():  # MoE sizes the class leaves to the checkpoint (Diffusion Gemma's
         if key in vars(cfg) and vars(cfg)[key] is None:  # router); a model without MoE blocks ignores them
             setattr(cfg, key, value)
-    _set(cfg, "vocab_size", VOCAB)
+    for key in [k for k in vars(cfg) if k.startswith("vocab_size")]:  # Gemma 3n's vocab_size_per_layer_input too
+        _set(cfg, key, VOCAB)
     for key in ("sliding_window", "attention_chunk_size"):
         _set(cfg, key, SLIDING_WINDOW)
     if "sliding_attention" in (_get(cfg, "layer_types") or ()) and "sliding_window" in vars(cfg) and (
@@ -263,6 +316,12 @@ def _shrink_text(cfg) -> None:
         if isinstance(value, (list, tuple)) and value and max(picked) < len(value):
             setattr(cfg, key, [value[i] for i in picked])
     cfg.num_hidden_layers = len(picked)
+    if isinstance(_get(cfg, "intermediate_size"), list):  # one FFN width per layer (Gemma 3n)
+        cfg.intermediate_size = [TEXT["intermediate_size"]] * len(picked)
+    shared = _get(cfg, "num_kv_shared_layers")  # trailing layers reusing an earlier layer's K/V (Gemma 3n: 15):
+    if isinstance(shared, int) and shared > 0:  # each type keeps a producing layer before them
+        kinds = len(set(_get(cfg, "layer_types") or [None]))
+        cfg.num_kv_shared_layers = max(0, min(shared, len(picked) - kinds))
     for key in ("mlp_only_layers", "full_attn_idxs", "swa_layers", "no_rope_layers"):
         value = getattr(cfg, key, None)
         if isinstance(value, list):
@@ -324,8 +383,6 @@ def _take_per_layer_overrides(cfg) -> dict[int, dict[str, Any]]:
     """A heterogeneous config's per-layer overrides (transformers' per_layer_config: layer index ->
     fields that differ from the global ones, e.g. Gemma 4's wider full-attention heads), removed so
     that the shrink reads and sets the global fields; _put_per_layer_overrides puts them back."""
-    import copy
-
     spec = cfg.__dict__.get("_heterogeneity_spec")
     if spec is None:
         return {}
@@ -365,13 +422,22 @@ def _shrink_other(cfg, text_hidden: int, key: str = "", top: bool = False) -> No
     """A vision / audio / projector config (or the top config, top=True: output widths only)."""
     if not top:
         overrides = _take_per_layer_overrides(cfg)
+        multiplier = getattr(cfg, "channel_multiplier", None)  # a VQ-VAE: one halving per level
+        levels = len(multiplier) if isinstance(multiplier, (list, tuple)) and multiplier else 0
+        # Emu3's VQ attention runs on the last level's channels, named hidden_size: kept tied
+        tied = levels and _get(cfg, "hidden_size") == (_get(cfg, "base_channels") or 0) * multiplier[-1]
         for name, value in VISION.items():
             _set(cfg, name, value)
+        if levels and isinstance(_get(cfg, "resolution"), int):
+            cfg.resolution = IMAGE_PATCHES * 2 ** (levels - 1)  # 8 x 8 codes per image
+        if tied:
+            cfg.hidden_size = cfg.base_channels * multiplier[-1]
         for name in ("num_hidden_layers", "depth"):
             if _get(cfg, name):
                 setattr(cfg, name, 1)
         for name in ("deepstack_visual_indexes", "fullatt_block_indexes", "intermediate_layers_indices"):
-            if isinstance(getattr(cfg, name, None), list):
+            value = getattr(cfg, name, None)
+            if isinstance(value, list) or (isinstance(value, tuple) and value):  # Cohere Compass: a tuple
                 setattr(cfg, name, [0])
         vf = getattr(cfg, "vision_feature_layer", None)
         if isinstance(vf, int) and vf >= 0:
@@ -381,6 +447,8 @@ def _shrink_other(cfg, text_hidden: int, key: str = "", top: bool = False) -> No
             cfg.image_size = IMAGE_PATCHES * patch  # fixed-resolution towers: 8x8 patches
         if key == "vision_config" and isinstance(_get(cfg, "embed_dim"), int):
             _set(cfg, "hidden_size", text_hidden)  # Qwen2-VL's naming: embed_dim the tower, hidden_size its output
+        if isinstance(getattr(cfg, "architecture", None), str) and "model_args" in vars(cfg):
+            _shrink_timm(cfg)
         _put_per_layer_overrides(cfg, overrides, [0], {**VISION, "num_hidden_layers": 1})
     else:  # a composite config's own sizes are its text model's (Ovis2's visual embedding table)
         _set(cfg, "hidden_size", text_hidden)
@@ -392,6 +460,34 @@ def _shrink_other(cfg, text_hidden: int, key: str = "", top: bool = False) -> No
         cfg.vision_feature_layer = -1
     elif isinstance(vf, list) and top:
         cfg.vision_feature_layer = [-1]
+
+
+def _shrink_timm(cfg) -> None:
+    """A timm tower's config (TimmWrapperConfig, Gemma 3n's vision config): its model_args with the
+    TIMM_TINY kwargs of its architecture's family, the grid kwargs it already has (img_size,
+    ref_feat_shape) at 8 x 8 patches, and hidden_size (what the projector reads) the width of
+    the tower timm builds from them (on the meta device, pretrained=False: no weights, no hub)."""
+    try:
+        import timm
+    except ImportError as e:  # timm, or the torchvision it imports (pyproject.toml says why it is no dependency)
+        raise ImportError(f"a timm tower ({cfg.architecture}) needs timm, which does not import here: {e}") from e
+
+    args = dict(cfg.model_args or {})
+    for prefix, tiny in TIMM_TINY.items():
+        if cfg.architecture.startswith(prefix):
+            args.update(tiny)
+            break
+    found = re.search(r"patch(\d+)", cfg.architecture)
+    patch = args.get("patch_size") or (int(found.group(1)) if found else None)
+    if patch and "img_size" in args:
+        args["img_size"] = (IMAGE_PATCHES * patch,) * 2
+    if "ref_feat_shape" in args:  # the RoPE grid the checkpoint was trained at: the tiny grid
+        args["ref_feat_shape"] = (IMAGE_PATCHES,) * 2
+    cfg.model_args = args
+    with torch.device("meta"):
+        tower = timm.create_model(cfg.architecture, pretrained=False, num_classes=0, **args)
+    if isinstance(_get(cfg, "hidden_size"), int):
+        cfg.hidden_size = tower.num_features
 
 
 def _tie_widths(cfg, sources: list) -> None:
