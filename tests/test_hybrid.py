@@ -98,7 +98,7 @@ def test_prefill_cache_holds_hf_states(qwen35):
     cm = vskip_compile.compile(model, SkipPlan.from_ops(["full"] * len(kinds)), backend="eager")
     got = cm(**inputs).cache
     with torch.no_grad():
-        want = model(**inputs, use_cache=True).past_key_values
+        want = model(**inputs, use_cache=True).cache
     for i, r in enumerate(kinds):
         g, w = got.layers[i], want.layers[i]
         if r:
@@ -154,7 +154,7 @@ def test_left_padded_batch_equals_each_row_alone(qwen35):
         torch.testing.assert_close(logits[i, -1], want_logits[0, -1], rtol=0, atol=ATOL)
         assert torch.equal(got_tokens[i], want_tokens[0]), (i, got_tokens[i].tolist(), want_tokens[0].tolist())
         with torch.no_grad(), reference.applied(model, plan):
-            cache = model(**row, use_cache=True).past_key_values
+            cache = model(**row, use_cache=True).cache
         for j, r in enumerate(kinds):
             if r:
                 torch.testing.assert_close(pairs[j][0][i], cache.layers[j].conv_states[0][0], rtol=0, atol=ATOL)
@@ -175,14 +175,15 @@ def test_left_padded_batch_equals_hf_on_the_batch(qwen35):
     torch.testing.assert_close(logits[:, -1], out.logits[:, -1], rtol=0, atol=ATOL)
     for j, r in enumerate(kinds):
         if r:
-            torch.testing.assert_close(pairs[j][0], out.past_key_values.layers[j].conv_states[0], rtol=0, atol=ATOL)
-            torch.testing.assert_close(pairs[j][1], out.past_key_values.layers[j].recurrent_states[0], rtol=0, atol=ATOL)
+            torch.testing.assert_close(pairs[j][0], out.cache.layers[j].conv_states[0], rtol=0, atol=ATOL)
+            torch.testing.assert_close(pairs[j][1], out.cache.layers[j].recurrent_states[0], rtol=0, atol=ATOL)
 
 
 def test_skipping_attention_of_a_linear_layer_is_refused_by_name(qwen35):
     model, inputs = qwen35
     kinds = _kinds(model)
     layer = kinds.index(True)
+    gm = check.traced_prefill(model, adapter_for(model), inputs)
     for op in ("skip_attn", "skip_both"):
         plan = SkipPlan.from_ops([op if i == layer else "full" for i in range(len(kinds))])
         with pytest.raises(PlanError, match=rf"layer {layer}, a linear-attention layer"):
@@ -190,7 +191,6 @@ def test_skipping_attention_of_a_linear_layer_is_refused_by_name(qwen35):
         with pytest.raises(PlanError, match="linear-attention"):
             with reference.applied(model, plan):
                 pass
-        gm = check.traced_prefill(model, adapter_for(model), inputs)
         with pytest.raises(SkipPassError, match=rf"attn of layer {layer} .*linear_attn"):
             run_passes(gm, PassContext(plan))
 

@@ -230,6 +230,25 @@ def recurrent_layers(language_model: nn.Module) -> tuple[bool, ...]:
     return tuple(i < len(types) and types[i] in RECURRENT_TYPES for i in range(len(language_model.layers)))
 
 
+# The decoder-layer arguments run_layers passes (the cache under either name).
+LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", "cache", "past_key_values",
+                   "use_cache")
+
+
+def check_recurrent_call(language_model: nn.Module) -> None:
+    """Refuse (CoreError, naming them) recurrent layers whose forward takes arguments that
+    run_layers does not pass (Qwen4-Exp's conv_mask, ple_input_ids): a padding mask that never
+    reaches the recurrence would run padding into its state. Read once: inspect does not trace."""
+    for i, (layer, recurrent) in enumerate(zip(language_model.layers, recurrent_layers(language_model))):
+        params = inspect.signature(layer.forward).parameters.values()
+        extra = [p.name for p in params if p.name not in LAYER_ARGUMENTS
+                 and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if recurrent and extra:
+            raise CoreError(f"{type(language_model).__name__}: recurrent decoder layer {i} ({type(layer).__name__}) "
+                            f"takes {', '.join(extra)}, which the vskip core does not pass (its padding mask must "
+                            "arrive as attention_mask)")
+
+
 def refuse_recurrent(language_model: nn.Module, what: str) -> None:
     """Refuse (RecurrentLayerError, naming the first such layer) a model with recurrent layers
     in a path that carries K/V only (`what` names the path)."""
@@ -478,6 +497,7 @@ class DecoderCore(nn.Module):
         super().__init__()
         self.windows = attention_windows(language_model)
         self.recurrent = recurrent_layers(language_model)
+        check_recurrent_call(language_model)
         self.rotary_types = rotary_layer_types(language_model)
         self.rope_axes = rope_axes(language_model)
         if any(self.recurrent) and attention != "sdpa":
@@ -621,6 +641,7 @@ class DecodeStep(nn.Module):
         self.cache_kw = cache_keyword(language_model.layers[0])
         self.windows = attention_windows(language_model)
         self.recurrent = recurrent_layers(language_model)
+        check_recurrent_call(language_model)
         self.rotary_types = rotary_layer_types(language_model)
         self.embedding_multiplier = embedding_multiplier(language_model)
         self.rotary = rotary_layers(language_model)
