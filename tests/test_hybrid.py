@@ -218,3 +218,30 @@ def test_paths_that_carry_kv_only_refuse_by_name(qwen35):
     x = torch.zeros(1, 4, model.config.get_text_config().hidden_size)
     with pytest.raises(RecurrentLayerError, match=f"decoder layer {layer} is a recurrent"):
         lm.layers[layer](x, position_embeddings=None, attention_mask=None, cache=KVCache(), use_cache=True)
+
+
+def test_a_prompt_over_one_chunk_gets_its_own_graph(qwen35):
+    """The chunked gated-delta rule loops over 64-row chunks (unrolled when traced): a prompt of
+    more chunks compiles its own graph (a cache entry per chunk count, never a recompile) and
+    equals the reference."""
+    import warnings
+
+    from vskip_compile.graph_cache import RecompileWarning
+
+    model, inputs = qwen35
+    plan = _plan(model, "skip_ffn", "skip_both")
+    extra = torch.arange(30, 110)[None]  # [1, 80] text tokens in front
+    long = {**inputs, "input_ids": torch.cat([extra, inputs["input_ids"]], dim=1)}
+    long["attention_mask"] = torch.ones_like(long["input_ids"])
+    if "mm_token_type_ids" in inputs:
+        long["mm_token_type_ids"] = torch.cat([torch.zeros_like(extra), inputs["mm_token_type_ids"]], dim=1).to(
+            inputs["mm_token_type_ids"].dtype)
+    assert inputs["input_ids"].shape[1] <= 64 < long["input_ids"].shape[1]
+    cm = vskip_compile.compile(model, plan, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RecompileWarning)
+        cm(**inputs)
+        got = cm(**long).logits
+    assert cm.cache_info().currsize == 2
+    want, _ = _reference(model, plan, long)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)

@@ -230,6 +230,19 @@ def recurrent_layers(language_model: nn.Module) -> tuple[bool, ...]:
     return tuple(i < len(types) and types[i] in RECURRENT_TYPES for i in range(len(language_model.layers)))
 
 
+# The rows HF's chunked gated-delta rule takes at a time (torch_chunk_gated_delta_rule's chunk_size):
+# its loop over ceil(S / 64) chunks is unrolled when traced, so the graph guards on that count.
+RECURRENT_CHUNK = 64
+
+
+def recurrent_chunks(language_model: nn.Module, seq_len: int) -> int | None:
+    """The chunk count a prefill of seq_len rows traces for a model with linear-attention layers
+    (one graph per count, S symbolic within: one entry would otherwise recompile for every 64
+    rows), None for other models."""
+    types = getattr(language_model.config, "layer_types", None) or ()
+    return -(-seq_len // RECURRENT_CHUNK) if "linear_attention" in types else None
+
+
 # The decoder-layer arguments run_layers passes (the cache under either name).
 LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", "cache", "past_key_values",
                    "use_cache")
