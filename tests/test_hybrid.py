@@ -145,8 +145,8 @@ def test_left_padded_batch_equals_each_row_alone(qwen35):
     batch = _left_pad(rows)
     width = batch["input_ids"].shape[1]
     cm = vskip_compile.compile(model, plan, backend="eager")
-    p = cm._prefill_inputs(batch, left_padded=True)
     with torch.no_grad():
+        p = cm._prefill_inputs(batch, left_padded=True)
         logits, pairs = cm._prefill(p, logits_to_keep=1)
     got_tokens = cm.generate(**batch, max_new_tokens=NEW_TOKENS)[:, width:]
     for i, row in enumerate(rows):
@@ -168,8 +168,8 @@ def test_left_padded_batch_equals_hf_on_the_batch(qwen35):
     kinds = _kinds(model)
     batch = _left_pad(_rows(model, inputs))
     cm = vskip_compile.compile(model, SkipPlan.from_ops(["full"] * len(kinds)), backend="eager")
-    p = cm._prefill_inputs(batch, left_padded=True)
     with torch.no_grad():
+        p = cm._prefill_inputs(batch, left_padded=True)
         logits, pairs = cm._prefill(p, logits_to_keep=1)
         out = model(**batch, use_cache=True)
     torch.testing.assert_close(logits[:, -1], out.logits[:, -1], rtol=0, atol=ATOL)
