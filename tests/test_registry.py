@@ -33,6 +33,7 @@ CI_FAMILIES = {
     "glm4v_moe": "pass",  # group-limited router: gather / scatter along the experts
     "lfm2_vl": "refused",  # short-convolution layers: a conv state the core does not carry
     "hunyuan_vl": "pass",  # 4 M-RoPE axes: a 4-row position-id tensor is all axes, no text row (core.rope_axes)
+    "qwen3_5": "pass",  # linear-attention layers: conv / recurrent states carried, their attention never skipped
     "gemma4": "refused",  # layers sharing K/V through an argument the core does not pass: a trace error, named
 }
 
