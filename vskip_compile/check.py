@@ -14,10 +14,10 @@ Steps, each of which may end the check with a named reason:
    rewritten and run, as that backend runs it, without a second trace) and NEW_TOKENS greedy
    tokens of CompiledVLM.generate equal.
 
-Verdicts: "pass" (every operator skippable and parity holds; a recurrent, linear-attention
-layer's attention counts as not skippable by design: its token mixer needs every row), "refused" (a VSkipError: the
-reason names what), "fail" (parity broken, or a crash inside vskip: a bug), "unbuilt" (the
-model's own forward fails on the probe inputs: nothing vskip can be judged on).
+Verdicts: "pass" (every operator skippable and parity holds; a linear-attention layer's
+attention counts as not skippable by design: its token mixer needs every row), "refused" (a
+VSkipError: the reason names what), "fail" (parity broken, or a crash inside vskip: a bug),
+"unbuilt" (the model's own forward fails on the probe inputs: nothing vskip can be judged on).
 
 `sweep()` runs the check over transformers' image-text-to-text registry with a tiny random
 model per family (vskip_compile.archs.shrink); `vskip check --all-registered` prints its table.
@@ -244,6 +244,7 @@ def check_model(model, name: str | None = None, seed: int = 0, backend: str = "e
     """The check of one loaded model (see module doc); never raises for a model it cannot serve."""
     from .archs import adapter_for
     from .archs.probe import probe_inputs
+    from .core import recurrent_layers
 
     start = time.perf_counter()
     report = CheckReport(name or type(model).__name__)
@@ -260,8 +261,6 @@ def check_model(model, name: str | None = None, seed: int = 0, backend: str = "e
             report.reasons.append(f"the unmodified model's forward fails on the probe inputs ({_one_line(e)[:300]})")
             return report
         stage = "structure"
-        from .core import recurrent_layers
-
         num_layers = len(adapter.layers(model))
         gm = traced_prefill(model, adapter, inputs)
         report.layers = layer_support(gm, num_layers, recurrent_layers(adapter.language_model(model)))
