@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from ..archs import PrefillInputs, adapter_for
+from ..core import refuse_recurrent
 from ..kept_rows import MIN_ROWS
 from ..layout import LayoutError, VisualLayout
 from ..plan import PlanError, SkipPlan, config_hash
@@ -97,6 +98,7 @@ def collect(
     fit and add a decode step for their batch sizes, like batch_sizes."""
     adapter = adapter_for(model)
     adapter.check_plan(model, plan)
+    refuse_recurrent(adapter.language_model(model), "the ONNX / TensorRT export (its prefill and decode programs)")
     out_dir = Path(out_dir)
     text_config = adapter.text_config(model)
     model_id = {"architecture": adapter.architecture(model), "config_hash": config_hash(text_config)}

@@ -189,9 +189,11 @@ def regions_for(graph: fx.Graph, ctx: PassContext, kind: str) -> list[Region]:
         regions = found.get((layer, kind), [])
         module = ctx.attn_module if kind == ATTN else ctx.ffn_module
         if not regions:
+            children = _layer_children(graph, ctx, layer)
+            has = f" (its modules in the graph: {', '.join(children)})" if children else ""
             raise SkipPassError(
                 f"the plan skips {kind} of layer {layer} but the graph has no residual add closing "
-                f"'{module}' of a module path matching {ctx.layer_pattern!r} for that layer"
+                f"'{module}' of a module path matching {ctx.layer_pattern!r} for that layer{has}"
             )
         if len(regions) > 1:
             raise SkipPassError(
@@ -200,6 +202,21 @@ def regions_for(graph: fx.Graph, ctx: PassContext, kind: str) -> list[Region]:
             )
         out.append(regions[0])
     return out
+
+
+def _layer_children(graph: fx.Graph, ctx: PassContext, layer: int) -> list[str]:
+    """The child module names of `layer` that the graph's node paths name (a linear-attention
+    layer's token mixer, `linear_attn`, where the plan looks for `self_attn`)."""
+    pattern = re.compile(ctx.layer_pattern)
+    names: dict[str, None] = {}
+    for n in graph.nodes:
+        path = module_path(n) + "."
+        m = pattern.search(path)
+        if m is not None and int(m.group(1)) == layer:
+            child = path[m.end():].split(".")[0]
+            if child:
+                names[child] = None
+    return list(names)
 
 
 def _check(graph: fx.Graph, ctx: PassContext) -> dict[str, int]:

@@ -40,6 +40,7 @@ CI_FAMILIES = {
     "granite4_vision": "pass",  # per-layer features added before layers 0 and 1 (Adapter.layer_inputs)
     "cohere_compass": "pass",  # RoPE per layer type with interleaved M-RoPE sections
     "llama4": "refused",  # transformers 5.24's forward is broken for every input (check.UPSTREAM_BROKEN)
+    "qwen3_5": "pass",  # linear-attention layers: conv / recurrent states carried, their attention never skipped
 }
 
 

@@ -28,8 +28,8 @@ from typing import Any, Callable
 import torch
 
 from .archs import Adapter, PrefillInputs, adapter_for
-from .core import (CoreError, KVCache, additive_mask, attention_windows, causal_mask, rope_axes, rope_position_ids,
-                   rotary_layer_types)
+from .core import (CoreError, KVCache, additive_mask, attention_windows, causal_mask, refuse_recurrent, rope_axes,
+                   rope_position_ids, rotary_layer_types)
 from .decoding import decode_loop
 from .flops import S, V, TextDims, _tidy, attn_flops, ffn_flops
 from .outside import embedding_multiplier, final_norm, rotary_layers, scale_embeddings
@@ -188,8 +188,10 @@ def next_positions(pos: torch.Tensor) -> torch.Tensor:
 def check_plain_layers(language_model: torch.nn.Module, what: str) -> None:
     """Refuse (CoreError) a text model whose layers the eager token-dropping code would run
     wrong: it builds one causal mask and one rotary embedding for every layer, so sliding
-    windows, per-layer-type rotary embeddings and NoPE layers are named, never ignored."""
+    windows, per-layer-type rotary embeddings, NoPE layers and recurrent (linear-attention)
+    layers are named, never ignored."""
     name = type(language_model).__name__
+    refuse_recurrent(language_model, what)
     if any(w is not None for w in attention_windows(language_model)):
         raise CoreError(f"{what} runs full causal attention only; {name} has sliding-window layers")
     if rotary_layer_types(language_model) is not None or not all(rotary_layers(language_model)):

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from .archs import Adapter, adapter_for
+from .core import refuse_recurrent
 from .flops import TextDims, model_flops
 from .forkpool import fork_map
 from . import reference
@@ -194,6 +195,7 @@ def exact_scores(model, calib: CalibSet, ops: Sequence[str] = ("attn", "ffn"), a
     """One forward per candidate with only its visual-row update removed (candidates split
     over `workers` forked single-threaded processes when > 1)."""
     adapter = adapter or adapter_for(model)
+    refuse_recurrent(adapter.language_model(model), "calibration (its candidates and FLOPs model count attention per layer)")
     L = len(adapter.layers(model))
     full = [answer_logprobs(model, b, None, adapter) for b in calib.batches]
     keys = [(layer, op) for layer in range(L) for op in ops]
@@ -213,6 +215,7 @@ def first_order_scores(model, calib: CalibSet, adapter: Adapter | None = None) -
     backward of Σ log p(targets) per batch. A zero probe added to each module output gives
     ∂J/∂update; only the probes' gradients are computed (no weight gradients)."""
     adapter = adapter or adapter_for(model)
+    refuse_recurrent(adapter.language_model(model), "first-order calibration (it hooks every layer's self_attn)")
     layers = adapter.layers(model)
     acc: dict[tuple[int, str], float] = {(i, op): 0.0 for i in range(len(layers)) for op in ("attn", "ffn")}
     for b in calib.batches:

@@ -14,9 +14,10 @@ Steps, each of which may end the check with a named reason:
    rewritten and run, as that backend runs it, without a second trace) and NEW_TOKENS greedy
    tokens of CompiledVLM.generate equal.
 
-Verdicts: "pass" (every operator skippable and parity holds), "refused" (a VSkipError: the
-reason names what; or a class whose forward transformers 5.24 breaks for every input,
-UPSTREAM_BROKEN), "fail" (parity broken, or a crash inside vskip: a bug), "unbuilt" (the
+Verdicts: "pass" (every operator skippable and parity holds; a linear-attention layer's
+attention counts as not skippable by design: its token mixer needs every row), "refused" (a
+VSkipError: the reason names what; or a class whose forward transformers 5.24 breaks for every
+input, UPSTREAM_BROKEN), "fail" (parity broken, or a crash inside vskip: a bug), "unbuilt" (the
 model's own forward fails on the probe inputs: nothing vskip can be judged on).
 
 `sweep()` runs the check over transformers' image-text-to-text registry with a tiny random
@@ -55,6 +56,7 @@ class LayerSupport:
     attn: bool
     ffn: bool
     reasons: list[str] = field(default_factory=list)
+    recurrent: bool = False  # linear attention: attn is never skippable (its state needs every row)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class CheckReport:
         for s in self.layers:
             ops = [op for op, ok in (("attn", s.attn), ("ffn", s.ffn)) if ok]
             lines.append(f"  layer {s.layer}: can skip {', '.join(ops) or 'nothing'}"
+                         + (" (linear attention: its attention is not skippable)" if s.recurrent else "")
                          + "".join(f"\n    refused: {r}" for r in s.reasons))
         if self.plan:
             lines.append(f"parity plan: {self.plan}")
@@ -144,14 +147,18 @@ def traced_prefill(model, adapter, inputs: dict):
     return gm
 
 
-def layer_support(gm, num_layers: int) -> list[LayerSupport]:
-    """Per layer: whether the passes rewrite its attention / FFN, each skipped alone."""
+def layer_support(gm, num_layers: int, recurrent: tuple[bool, ...] = ()) -> list[LayerSupport]:
+    """Per layer: whether the passes rewrite its attention / FFN, each skipped alone. A
+    recurrent layer (`recurrent`, vskip_compile.core.recurrent_layers) reports attn False
+    without a try: its token mixer needs every row (the plan-level rule, Adapter.check_plan)."""
     from .passes import PassContext, run_passes
 
     out = []
     for layer in range(num_layers):
-        s = LayerSupport(layer, False, False)
+        s = LayerSupport(layer, False, False, recurrent=layer < len(recurrent) and recurrent[layer])
         for kind, op in (("attn", "skip_attn"), ("ffn", "skip_ffn")):
+            if kind == "attn" and s.recurrent:
+                continue
             plan = SkipPlan.from_ops(["full"] * layer + [op] + ["full"] * (num_layers - layer - 1))
             try:
                 result = run_passes(gm, PassContext(plan))
@@ -247,6 +254,7 @@ def check_model(model, name: str | None = None, seed: int = 0, backend: str = "e
     """The check of one loaded model (see module doc); never raises for a model it cannot serve."""
     from .archs import adapter_for
     from .archs.probe import probe_inputs
+    from .core import recurrent_layers
 
     start = time.perf_counter()
     report = CheckReport(name or type(model).__name__)
@@ -270,7 +278,7 @@ def check_model(model, name: str | None = None, seed: int = 0, backend: str = "e
         stage = "structure"
         num_layers = len(adapter.layers(model))
         gm = traced_prefill(model, adapter, inputs)
-        report.layers = layer_support(gm, num_layers)
+        report.layers = layer_support(gm, num_layers, recurrent_layers(adapter.language_model(model)))
         if not any(s.attn or s.ffn for s in report.layers):
             report.verdict = "refused"
             report.reasons.append("no operator of any layer can be skipped")
@@ -284,7 +292,7 @@ def check_model(model, name: str | None = None, seed: int = 0, backend: str = "e
         if not report.parity["ok"]:
             report.verdict = "fail"
             report.reasons.append(f"compiled != eager reference under {list(plan.ops)}: {report.parity}")
-        elif any(not (s.attn and s.ffn) for s in report.layers):
+        elif any(not ((s.attn or s.recurrent) and s.ffn) for s in report.layers):
             report.verdict = "refused"
             report.reasons += sorted({r for s in report.layers for r in s.reasons})[:3]
         else:

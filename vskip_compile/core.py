@@ -26,10 +26,22 @@ takes no mask for the cut rows) keep an explicit causal S x S mask.
 MoE experts run with the row-wise "batched_mm" implementation while the core (or DecodeStep)
 is traced (vskip_compile.experts).
 
+Recurrent layers (Qwen3.5's gated-delta-net linear attention, config.layer_types
+"linear_attention"): their token mixer reads the rows in order into a conv state and a
+recurrent state, so the core keeps HF's left-padded layout for a model that has them (no
+LeftPadRoll: padding rotated to the end would run into the final state). Such a layer gets
+the 2D padding mask [B, S] (HF zeroes padding rows with it: apply_mask_to_padding_states);
+full-attention layers get the explicit causal mask with padding keys masked (padding_mask).
+Its two outputs are (conv_state [B, C, W], recurrent_state [B, H, Dk, Dv]), what HF's
+LinearAttentionLayer cache holds after the prefill, in place of (k, v); DecodeStep takes and
+returns them alike.
+
 DecodeStep is its decode counterpart: one new token over a fixed-size, masked KV cache,
 
     forward(inputs_embeds [B, 1, D], position_ids [B, 1] or [3, B, 1], past_mask [B, T] bool,
             k_0, v_0, ... [B, KV, T, E]) -> (logits [B, 1, V], k_new_0, v_new_0, ... [B, KV, 1, E])
+
+(a recurrent layer's pair: its conv and recurrent state in, the updated states out)
 
 the same graph for every plan (decoding is the unmodified model). CompiledVLM.generate compiles
 it with the prefill's inner backend; the ONNX / TensorRT exporters (vskip_compile.export.decode)
@@ -46,6 +58,8 @@ import torch
 from torch import nn
 
 from . import flex
+from torch.nn import functional as F
+
 from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
@@ -61,11 +75,18 @@ class KVCache:
     (the token-dropping baselines, the eval harness) appends to it. Layers may hold different
     lengths (tokens dropped from some layer on). `record` maps what is stored (DecoderCore:
     K/V rotated back to the left-padded layout, attention keeps the rotated ones).
+
+    With `states` (DecoderCore's prefill), recurrent layers record their final conv and
+    recurrent state (HF's LinearAttentionLayer calls, a prefill: no state before the first
+    row); without, such a layer is refused by name (eager decoding carries K/V only).
     """
 
-    def __init__(self, record=None) -> None:
+    def __init__(self, record=None, states: bool = False) -> None:
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.record = record
+        self.states = states
+        self.conv: dict[int, torch.Tensor] = {}
+        self.recurrent: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         if self.record is not None:
@@ -80,6 +101,46 @@ class KVCache:
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.kv[layer_idx][0].shape[2]) if layer_idx in self.kv else 0
+
+    # -- recurrent layers (prefill only) ---------------------------------------------------
+    def _recurrent(self, layer_idx: int, state_idx: int) -> None:
+        if not self.states:
+            raise RecurrentLayerError(f"this path's KVCache carries K/V only (eager decoding: the token-dropping "
+                                      f"baselines, the shared-prefix harness); decoder layer {layer_idx} is a "
+                                      "recurrent (linear-attention) layer whose conv and recurrent states it does not keep")
+        if state_idx != 0:
+            raise RecurrentLayerError(f"decoder layer {layer_idx} keeps more than one conv / recurrent state "
+                                      f"(state_idx {state_idx}); the vskip core carries one")
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        self._recurrent(layer_idx, state_idx)
+        return None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        self._recurrent(layer_idx, state_idx)
+        return None
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def update_conv_state(self, conv_states, layer_idx, state_idx: int = 0, conv_kernel_size: int | None = None, **kwargs):
+        """conv_states [B, C, S], the conv's input rows: keeps the last W = conv_kernel_size
+        (zeros before the first row, as HF pads a prefill shorter than W); returns them as is."""
+        self._recurrent(layer_idx, state_idx)
+        width = conv_kernel_size or conv_states.shape[-1]
+        self.conv[layer_idx] = F.pad(conv_states, (width, 0))[..., -width:]  # [B, C, W]
+        return conv_states
+
+    def update_recurrent_state(self, recurrent_states, layer_idx, state_idx: int = 0, **kwargs):
+        self._recurrent(layer_idx, state_idx)
+        self.recurrent[layer_idx] = recurrent_states  # [B, H, Dk, Dv]
+        return recurrent_states
+
+    def layer_outputs(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer layer_idx's pair of graph outputs: (k, v), or a recurrent layer's (conv, recurrent) state."""
+        if layer_idx in self.conv:
+            return self.conv[layer_idx], self.recurrent[layer_idx]
+        return self.kv[layer_idx]
 
 
 def causal_mask(seq_len: int, device: torch.device, past: int = 0) -> torch.Tensor:
@@ -154,6 +215,64 @@ class CoreError(VSkipError, NotImplementedError):
     """A language model whose attention pattern the traced core does not reproduce."""
 
 
+class RecurrentLayerError(CoreError):
+    """A path that carries K/V only, given a model with recurrent (linear-attention) layers."""
+
+
+# config.layer_types of recurrent token mixers whose state the core and DecodeStep carry (HF's
+# LinearAttentionLayer cache: one conv state and one recurrent state per layer).
+RECURRENT_TYPES = ("linear_attention",)
+
+
+def recurrent_layers(language_model: nn.Module) -> tuple[bool, ...]:
+    """Per decoder layer, whether it is recurrent (config.layer_types in RECURRENT_TYPES)."""
+    types = getattr(language_model.config, "layer_types", None) or ()
+    return tuple(i < len(types) and types[i] in RECURRENT_TYPES for i in range(len(language_model.layers)))
+
+
+# The rows HF's chunked gated-delta rule takes at a time (torch_chunk_gated_delta_rule's chunk_size):
+# its loop over ceil(S / 64) chunks is unrolled when traced, so the graph guards on that count.
+RECURRENT_CHUNK = 64
+
+
+def recurrent_chunks(language_model: nn.Module, seq_len: int) -> int | None:
+    """The chunk count a prefill of seq_len rows traces for a model with linear-attention layers
+    (one graph per count, S symbolic within: one entry would otherwise recompile for every 64
+    rows), None for other models."""
+    types = getattr(language_model.config, "layer_types", None) or ()
+    return -(-seq_len // RECURRENT_CHUNK) if "linear_attention" in types else None
+
+
+# The decoder-layer arguments run_layers passes (the cache under either name).
+LAYER_ARGUMENTS = ("hidden_states", "attention_mask", "position_embeddings", "position_ids", "cache", "past_key_values",
+                   "use_cache")
+
+
+def check_recurrent_call(language_model: nn.Module) -> None:
+    """Refuse (CoreError, naming them) recurrent layers whose forward takes arguments that
+    run_layers does not pass (Qwen4-Exp's conv_mask, ple_input_ids): a padding mask that never
+    reaches the recurrence would run padding into its state. Read once: inspect does not trace."""
+    for i, (layer, recurrent) in enumerate(zip(language_model.layers, recurrent_layers(language_model))):
+        params = inspect.signature(layer.forward).parameters.values()
+        extra = [p.name for p in params if p.name not in LAYER_ARGUMENTS
+                 and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if recurrent and extra:
+            raise CoreError(f"{type(language_model).__name__}: recurrent decoder layer {i} ({type(layer).__name__}) "
+                            f"takes {', '.join(extra)}, which the vskip core does not pass (its padding mask must "
+                            "arrive as attention_mask)")
+
+
+def refuse_recurrent(language_model: nn.Module, what: str) -> None:
+    """Refuse (RecurrentLayerError, naming the first such layer) a model with recurrent layers
+    in a path that carries K/V only (`what` names the path)."""
+    recurrent = recurrent_layers(language_model)
+    if any(recurrent):
+        i = recurrent.index(True)
+        raise RecurrentLayerError(f"{what} carries attention K/V only; {type(language_model).__name__}'s decoder layer "
+                                  f"{i} is {language_model.config.layer_types[i]!r} (a recurrent conv / state "
+                                  "layer): refused rather than run wrong; use vskip_compile.compile")
+
+
 # What Dynamo raises when the model's own code cannot be traced as the core calls it (code that
 # fails called this way, data-dependent control flow); errors of the backend (the passes, inductor)
 # come wrapped otherwise and pass through.
@@ -179,10 +298,10 @@ def model_trace_errors(language_model: nn.Module):
 
 
 def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
-    """Per decoder layer, the sliding window its attention keeps (None: full causal), read
-    from config.layer_types / sliding_window as HF builds its mask mapping. Refuses (CoreError,
-    naming the layer type) patterns the core does not build: chunked attention, linear
-    attention."""
+    """Per decoder layer, the sliding window its attention keeps (None: full causal, or a
+    recurrent layer, recurrent_layers), read from config.layer_types / sliding_window as HF
+    builds its mask mapping. Refuses (CoreError, naming the layer type) patterns the core does
+    not build: chunked attention, other layer types."""
     config = language_model.config
     n = len(language_model.layers)
     check_structure(language_model)
@@ -195,7 +314,7 @@ def attention_windows(language_model: nn.Module) -> tuple[int | None, ...]:
         types = ["full_attention"] * n
     out: list[int | None] = []
     for i, t in enumerate(types[:n]):
-        if t == "full_attention":
+        if t == "full_attention" or t in RECURRENT_TYPES:  # recurrent: no mask window (the 2D padding mask)
             out.append(None)
         elif t == "sliding_attention" and isinstance(window, int) and window > 0:
             out.append(window)
@@ -246,7 +365,7 @@ def windowed(mask: torch.Tensor, window: int | None, query_index: torch.Tensor |
 
 
 def prefill_masks(language_model: nn.Module, windows: tuple[int | None, ...], hidden: torch.Tensor,
-                  blocks: torch.Tensor | None = None) -> list:
+                  blocks: torch.Tensor | None = None, padding: torch.Tensor | None = None) -> list:
     """Per layer, the mask a prefill over hidden [B, S, D] (no padding, or padding rotated to
     the right) passes: None for full causal SDPA layers on CPU (SDPA's is_causal: the CPU flash
     kernel takes no S x S tensor, and a cut layer's K x S rows as its mask), the explicit causal
@@ -254,14 +373,27 @@ def prefill_masks(language_model: nn.Module, windows: tuple[int | None, ...], hi
     is_causal traces to the flash kernel, which takes no mask: the passes could not give a
     skipped operator's query rows theirs). With `blocks` [B, S] (bidirectional blocks: Gemma 3's
     images) every layer gets the explicit block mask [B, 1, S, S], windowed where it slides: the
-    model's own mask, of which a skipped operator's kept query rows take their rows."""
+    model's own mask, of which a skipped operator's kept query rows take their rows. With
+    `padding` [B, S] (left padding kept in place: a model with recurrent layers) every layer
+    gets the explicit mask with padding keys masked (padding_mask)."""
     impl = getattr(language_model.config, "_attn_implementation", None) or "sdpa"
     # flex.NAME sends a mask that is no FlexMask to transformers' SDPA
-    sdpa = impl in ("sdpa", flex.NAME) and hidden.device.type == "cpu" and blocks is None
+    sdpa = impl in ("sdpa", flex.NAME) and hidden.device.type == "cpu" and blocks is None and padding is None
     if sdpa and all(w is None for w in windows):
         return [None] * len(windows)
     mask = causal_mask(hidden.shape[1], hidden.device) if blocks is None else block_mask(blocks)  # [1 or B, 1, S, S]
+    if padding is not None:
+        mask = padding_mask(mask, padding)  # [B, 1, S, S]
     return [None if sdpa and w is None else layer_mask(windowed(mask, w), language_model, hidden.dtype) for w in windows]
+
+
+def padding_mask(mask: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+    """mask [1 or B, 1, S, S] with the keys that padding [B, S] (True: a real row) marks as
+    padding masked, except each row's own key: a padding query row attends to itself alone
+    (finite; no real row's key), a real row to no padding row. [B, 1, S, S]."""
+    rows = torch.arange(padding.shape[1], device=padding.device)  # [S]
+    own = rows[:, None] == rows[None, :]  # [S, S]
+    return mask & (padding.bool()[:, None, None, :] | own)  # [B, 1, S, S]
 
 
 def rotary_layer_types(language_model: nn.Module) -> tuple[str, ...] | None:
@@ -400,8 +532,12 @@ class DecoderCore(nn.Module):
     ):
         super().__init__()
         self.windows = attention_windows(language_model)
+        self.recurrent = recurrent_layers(language_model)
+        check_recurrent_call(language_model)
         self.rotary_types = rotary_layer_types(language_model)
         self.rope_axes = rope_axes(language_model)
+        if any(self.recurrent) and attention != "sdpa":
+            raise CoreError(f"attention={attention!r} with recurrent (linear-attention) layers; use attention='sdpa'")
         if attention == "flex" and attention_blocks:
             raise CoreError("attention='flex' does not express bidirectional attention blocks (vskip_compile.flex "
                             "masks causally only); use attention='sdpa'")
@@ -457,7 +593,8 @@ class DecoderCore(nn.Module):
         if len(deepstack) != self.num_deepstack:
             raise ValueError(f"core built for {self.num_deepstack} DeepStack inputs, got {len(deepstack)}")
         roll = None
-        if self.attention == "sdpa" and attention_mask is not None:  # padding: rotate it to the right (no mask)
+        recurrent = any(self.recurrent)  # rows read in order: padding stays in front, masked (module doc)
+        if self.attention == "sdpa" and attention_mask is not None and not recurrent:  # padding: rotate it to the right (no mask)
             roll = LeftPadRoll(attention_mask)
             inputs_embeds = roll.rows(inputs_embeds)  # [B, S, D]
             position_ids = roll.rows(position_ids, position_ids.ndim - 1)  # [.., B, S]
@@ -466,7 +603,8 @@ class DecoderCore(nn.Module):
             blocks = None if blocks is None else roll.rows(blocks)  # [B, S]: ids travel with their rows
         if self.layout_inputs:
             inputs_embeds = kept_rows(inputs_embeds, kept_index, kept_valid)  # marks the layout inputs
-        recorder = KVCache(record=None if roll is None else lambda t: roll.unrolled(t, axis=2))  # [B, KV, S, E]
+        recorder = KVCache(record=None if roll is None else lambda t: roll.unrolled(t, axis=2),  # [B, KV, S, E]
+                           states=recurrent)
         position_embeddings = layer_position_embeddings(self.lm, inputs_embeds,
                                                         rope_position_ids(position_ids, self.rope_axes), self.rotary_types,
                                                         self.rotary)
@@ -476,7 +614,8 @@ class DecoderCore(nn.Module):
             x = run_layers(self.lm, inputs_embeds, flex.flex_mask(attention_mask, inputs_embeds),
                            position_embeddings, recorder, self.experts_configs, deepstack, self.cache_kw, self.shared_kv)
         else:
-            masks = prefill_masks(self.lm, self.windows, inputs_embeds, blocks)
+            masks = prefill_masks(self.lm, self.windows, inputs_embeds, blocks, attention_mask if recurrent else None)
+            masks = [attention_mask if r else m for r, m in zip(self.recurrent, masks)]  # recurrent: [B, S] or None
             x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, recorder, self.experts_configs,
                            deepstack, self.cache_kw, self.shared_kv)
         if roll is not None:
@@ -488,23 +627,44 @@ class DecoderCore(nn.Module):
 
         kv: list[torch.Tensor] = []
         for i in range(self.num_layers):
-            kv.extend(recorder.kv[i])  # k_i, v_i: [B, KV, S, E]
+            kv.extend(recorder.layer_outputs(i))  # k_i, v_i: [B, KV, S, E] (recurrent: conv, recurrent state)
         return (logits, *kv)
 
 
 class _AppendCache:
     """Stands in for a HF Cache for one step: attention sees [past slots, new row]; the new
     rows are recorded as graph outputs. 5.24 attention calls
-    `cache.update(key_states, value_states, layer_idx, kwargs=...)` with K after RoPE."""
+    `cache.update(key_states, value_states, layer_idx, kwargs=...)` with K after RoPE.
+    A recurrent layer gets its past (conv, recurrent) state, and its updated ones are recorded:
+    the conv state as a copy, which HF's single-token path updates in place
+    (causal_conv1d_update; functionalized in the graph)."""
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
         self.past = past
         self.new: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.conv: dict[int, torch.Tensor] = {}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.new[layer_idx] = (key_states, value_states)  # [B, KV, 1, E]
         past_k, past_v = self.past[layer_idx]  # [B, KV, T, E]
         return torch.cat([past_k, key_states], dim=2), torch.cat([past_v, value_states], dim=2)  # [B, KV, T+1, E]
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:
+        self.conv[layer_idx] = self.past[layer_idx][0].clone()  # [B, C, W]
+        return self.conv[layer_idx]
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor:
+        return self.past[layer_idx][1]  # [B, H, Dk, Dv]
+
+    def is_recording_past(self, layer_idx: int) -> bool:
+        return False
+
+    def update_conv_state(self, conv_states, layer_idx, *args, **kwargs):
+        raise CoreError(f"decoder layer {layer_idx} updates its conv state as a prefill does, not one token's step")
+
+    def update_recurrent_state(self, recurrent_states, layer_idx, *args, **kwargs):
+        self.new[layer_idx] = (self.conv[layer_idx], recurrent_states)  # updated conv state, [B, H, Dk, Dv]
+        return recurrent_states
 
 
 class DecodeStep(nn.Module):
@@ -518,6 +678,8 @@ class DecodeStep(nn.Module):
         self.cache_kw = cache_keyword(language_model.layers[0])
         self.shared_kv = shared_kv(language_model)
         self.windows = attention_windows(language_model)
+        self.recurrent = recurrent_layers(language_model)
+        check_recurrent_call(language_model)
         self.rotary_types = rotary_layer_types(language_model)
         self.embedding_multiplier = embedding_multiplier(language_model)
         self.rotary = rotary_layers(language_model)
@@ -527,6 +689,7 @@ class DecodeStep(nn.Module):
         return len(self.lm.layers)
 
     def forward(self, inputs_embeds, position_ids, past_mask, *past_kv):
+        """past_kv: per layer (k, v) [B, KV, T, E], or a recurrent layer's (conv, recurrent) state."""
         inputs_embeds = scale_embeddings(inputs_embeds, self.embedding_multiplier)  # the new token, as in prefill
         if len(past_kv) != 2 * self.num_layers:
             raise ValueError(f"expected {2 * self.num_layers} past K/V tensors, got {len(past_kv)}")
@@ -537,12 +700,13 @@ class DecodeStep(nn.Module):
         if any(w is not None for w in self.windows):  # sliding layers: past slots within the window of slot n
             slots = torch.arange(past_mask.shape[1], device=past_mask.device)  # [T]
             query = (slots * past_mask).amax(dim=1, keepdim=True) + 1  # [B, 1]: the new token's slot n (row T: itself)
-        masks = [layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype) for w in self.windows]
+        masks = [None if r else layer_mask(windowed(mask, w, query), self.lm, inputs_embeds.dtype)  # recurrent: HF's
+                 for w, r in zip(self.windows, self.recurrent)]  # one-token step passes no padding mask
         position_embeddings = layer_position_embeddings(self.lm, inputs_embeds, position_ids, self.rotary_types, self.rotary)
         x = run_layers(self.lm, inputs_embeds, masks, position_embeddings, cache, self.experts_configs,
                        cache_kw=self.cache_kw, shared=self.shared_kv)  # [B, 1, D]
         logits = self.lm_head(final_norm(self.lm)(x))  # [B, 1, V]
         new_kv: list[torch.Tensor] = []
         for i in range(self.num_layers):
-            new_kv.extend(cache.new[i])  # k_new_i, v_new_i: [B, KV, 1, E]
+            new_kv.extend(cache.new[i])  # k_new_i, v_new_i: [B, KV, 1, E] (recurrent: the new states)
         return (logits, *new_kv)

@@ -3,7 +3,8 @@
 The decode graph (core.DecodeStep, compiled with static shapes) reads K/V buffers of T slots,
 T = prompt + new tokens rounded up to the decode bucket, and a batch of decode_batch_bucket(B)
 rows; DecodeRun fills slots 0..S-1 with the prefill's K/V and writes each step's new K/V at the
-next slot outside the graph, so the graph stays free of in-place updates.
+next slot outside the graph, so the graph stays free of in-place updates. A recurrent layer's
+pair is its (conv, recurrent) state: no slots, replaced by the step's new states.
 """
 
 from __future__ import annotations
@@ -29,8 +30,12 @@ class DecodeRun:
     """
 
     def __init__(self, graph, kv: list[tuple[torch.Tensor, torch.Tensor]], last_position: torch.Tensor, capacity: int,
-                 pads: list[int], batch_bucket: int | None = None):
-        batch, _, seq_len, _ = kv[0][0].shape  # [B, KV, S, E]
+                 pads: list[int], batch_bucket: int | None = None, recurrent: tuple[bool, ...] = ()):
+        recurrent = tuple(recurrent) or (False,) * len(kv)
+        attention = [pair for pair, r in zip(kv, recurrent) if not r]
+        if not attention:
+            raise CompileError("a decode state needs at least one attention layer's K/V (every layer is recurrent)")
+        batch, _, seq_len, _ = attention[0][0].shape  # [B, KV, S, E]
         if seq_len >= capacity:
             raise CompileError(f"a prefill of {seq_len} rows leaves no decode slot in a cache of {capacity}")
         self.graph = graph
@@ -38,10 +43,15 @@ class DecodeRun:
         self.batch = batch
         self.bucket = batch_bucket or batch  # rows batch.. are empty: no key but their own new one
         self.buffers: list[torch.Tensor] = []
-        for k, v in kv:
+        self.states = [r for r in recurrent for _ in (0, 1)]  # per buffer: a recurrent state (no slots)
+        for (k, v), r in zip(kv, recurrent):
             for x in (k, v):  # each its own heads and width (latent attention: V narrower than K)
-                buf = x.new_zeros(self.bucket, x.shape[1], capacity, x.shape[3])  # [Bb, KV, T, E]
-                buf[:batch, :, :seq_len] = x
+                if r:
+                    buf = x.new_zeros(self.bucket, *x.shape[1:])  # [Bb, C, W] or [Bb, H, Dk, Dv]
+                    buf[:batch] = x
+                else:
+                    buf = x.new_zeros(self.bucket, x.shape[1], capacity, x.shape[3])  # [Bb, KV, T, E]
+                    buf[:batch, :, :seq_len] = x
                 self.buffers.append(buf)
         self.past_mask = torch.zeros(self.bucket, capacity, dtype=torch.bool, device=kv[0][0].device)  # [Bb, T]
         self.past_mask[:batch, :seq_len] = True
@@ -60,8 +70,11 @@ class DecodeRun:
         if self.bucket > self.batch:
             embeds = torch.cat([embeds, embeds.new_zeros(self.bucket - self.batch, *embeds.shape[1:])])  # [Bb, 1, D]
         logits, *new_kv = self.graph(embeds, self.position, self.past_mask, *self.buffers)
-        for buf, new in zip(self.buffers, new_kv):
-            buf[:, :, self.n] = new[:, :, 0]  # [Bb, KV, E] into slot n
+        for buf, new, state in zip(self.buffers, new_kv, self.states):
+            if state:
+                buf.copy_(new)  # the step's conv / recurrent state
+            else:
+                buf[:, :, self.n] = new[:, :, 0]  # [Bb, KV, E] into slot n
         self.past_mask[:, self.n] = True
         self.n += 1
         return logits[: self.batch]  # [B, 1, V]

@@ -113,6 +113,10 @@ class TextDims:
         text = _text_part(_as_dict(cfg))
         if any(text.get(k) is None for k in _REQUIRED):
             text = hf_text_config(cfg)
+        recurrent = [i for i, t in enumerate(text.get("layer_types") or ()) if t in _NOT_SOFTMAX_ATTENTION]
+        if recurrent:
+            raise DimsError(f"the FLOPs model counts softmax attention in every layer; layer {recurrent[0]} is "
+                            f"{text['layer_types'][recurrent[0]]!r} (a recurrent layer), whose FLOPs it does not model")
         hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
         layers = int(text["num_hidden_layers"])
         kv_heads = int(text.get("num_key_value_heads") or heads)
@@ -140,6 +144,8 @@ class TextDims:
 
 
 _REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers")
+# config.layer_types of layers without softmax attention (linear attention, short convolutions, SSMs)
+_NOT_SOFTMAX_ATTENTION = ("linear_attention", "conv", "mamba")
 
 
 def hf_text_config(cfg: Any) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class PrefillKey:
     batched: bool  # batch bucket: False for one row, True for 2 or more (the batch size is symbolic)
     layout: VisualLayout | None = None  # specialize="layout": the one layout of a static graph
     blocks: bool = False  # the bidirectional-blocks input (vskip_compile.archs.blocks) is there
+    chunks: int | None = None  # recurrent layers: the chunks of the sequence (core.recurrent_chunks); S symbolic within
 
 
 @dataclass(frozen=True)

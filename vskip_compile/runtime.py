@@ -30,7 +30,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .archs import PrefillInputs, adapter_for
 from .backend import vskip
 from .config import CompileConfig, CompileError
-from .core import DecodeStep, DecoderCore, model_trace_errors, rope_axes
+from .core import DecodeStep, DecoderCore, model_trace_errors, recurrent_chunks, recurrent_layers, rope_axes
 from .decode_state import DecodeRun, decode_batch_bucket
 from .decoding import decode_loop
 from .generate_options import (
@@ -95,6 +95,7 @@ class CompiledVLM:
         self.adapter = adapter or adapter_for(model)
         self.adapter.check_plan(model, plan)
         self._lm = self.adapter.language_model(model)  # found once: every prefill and decode reads it
+        self._recurrent = recurrent_layers(self._lm)  # layers whose pair is a (conv, recurrent) state, not K/V
         self._graphs = GraphLRU(config.cache_size)  # PrefillKey -> compiled prefill
         self._decode_graphs = GraphLRU(config.cache_size)  # DecodeKey -> compiled decode step
         self._cores: dict[tuple[int, int, bool], DecoderCore] = {}
@@ -159,10 +160,10 @@ class CompiledVLM:
         )
 
     def _decode_run(self, kv, position_ids: torch.Tensor, max_new_tokens: int, pads: list[int]) -> DecodeRun:
-        """Decode state after a prefill of kv (per layer [B, KV, S, E]) for max_new_tokens
-        tokens: the last prefill token's K/V is in the cache, so max_new_tokens - 1 steps each
-        add one row; capacity is that rounded up to decode_bucket."""
-        k0 = kv[0][0]  # [B, KV, S, E]
+        """Decode state after a prefill of kv (per layer [B, KV, S, E]; recurrent layers their
+        states) for max_new_tokens tokens: the last prefill token's K/V is in the cache, so
+        max_new_tokens - 1 steps each add one row; capacity is that rounded up to decode_bucket."""
+        k0 = next(k for (k, _), r in zip(kv, self._recurrent) if not r)  # [B, KV, S, E]
         batch, _, seq_len, _ = k0.shape
         needed = seq_len + max_new_tokens - 1
         bucket = self.config.decode_bucket
@@ -170,7 +171,8 @@ class CompiledVLM:
         batch_bucket = decode_batch_bucket(batch)
         graph = self._decode_graph(DecodeKey(capacity, batch_bucket, k0.dtype, k0.device))
         axes = rope_axes(self._lm)
-        return DecodeRun(graph, kv, last_positions(position_ids, axes), capacity, pads, batch_bucket)  # [B, 1] or [3, B, 1]
+        return DecodeRun(graph, kv, last_positions(position_ids, axes), capacity, pads, batch_bucket,  # [B, 1] or [3, B, 1]
+                         self._recurrent)
 
     # -- prefill --------------------------------------------------------------------------
     def _prefill_inputs(self, inputs: dict[str, Any], left_padded: bool = False) -> PrefillInputs:
@@ -204,14 +206,15 @@ class CompiledVLM:
         position_ids = rebase_positions(p.position_ids, pads)
         blocks = () if p.blocks is None else (p.blocks.to(embeds.device),)  # [B, S], last
         key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), batch > 1,
-                         blocks=bool(blocks))
+                         blocks=bool(blocks), chunks=recurrent_chunks(self._lm, seq_len))
         args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
         mark_polymorphic(args, batched=batch > 1)
         with no_duck_sizes(), model_trace_errors(self._lm):
             logits, *kv = self._graph(key)(*args)
-        if grow:
-            kv = [x[:, :, grow:] for x in kv]
-        return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        if grow:  # K/V rows only: a recurrent state has none (the padding row, masked, left it as it was)
+            pairs = [pair if r else (pair[0][:, :, grow:], pair[1][:, :, grow:]) for pair, r in zip(pairs, self._recurrent)]
+        return logits, pairs
 
     def _prefill_static(self, p: PrefillInputs, logits_to_keep: int):
         """specialize="layout": the graph of this exact layout (constant row offsets, static
@@ -228,7 +231,16 @@ class CompiledVLM:
         return logits, [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
 
     def _cache(self, kv) -> DynamicCache:
-        return DynamicCache(ddp_cache_data=kv, config=self._lm.config)
+        """A DynamicCache of the prefill: each layer's K/V, a recurrent layer's conv and recurrent state."""
+        if not any(self._recurrent):
+            return DynamicCache(ddp_cache_data=kv, config=self._lm.config)
+        cache = DynamicCache(ddp_cache_data=[(None, None) if r else pair for pair, r in zip(kv, self._recurrent)],
+                             config=self._lm.config)
+        for i, ((conv, state), r) in enumerate(zip(kv, self._recurrent)):
+            if r:
+                cache.update_conv_state(conv, i)  # [B, C, W]: its width is the kernel's
+                cache.update_recurrent_state(state, i)
+        return cache
 
     # -- public API -----------------------------------------------------------------------
     @torch.no_grad()

@@ -40,6 +40,7 @@ import torch
 from ..layout import VisualLayout
 from ..errors import VSkipError
 from ..outside import logits_head
+from ..plan import PlanError
 
 
 class AdapterError(VSkipError, ValueError):
@@ -106,24 +107,31 @@ class Adapter:
     # -- structure -------------------------------------------------------------------------
     def language_model(self, model) -> torch.nn.Module:
         """The decoder stack (has .layers, a final norm and usually .rotary_emb). Every layer
-        needs `self_attn` and `mlp` children: a layer of another type (LFM2's short
-        convolutions, linear attention) is refused, naming its type."""
+        needs `self_attn` and `mlp` children, except a recurrent layer (vskip_compile.core.
+        RECURRENT_TYPES: Qwen3.5's linear attention), whose token mixer is another child: it
+        needs its `mlp`. A layer of another type (LFM2's short convolutions) is refused, naming
+        its type."""
+        from ..core import RECURRENT_TYPES
+
         inner = getattr(model, "model", None)
         lm = getattr(inner, "language_model", None)
         if lm is None and hasattr(model, "get_decoder"):
             lm = model.get_decoder()
         if lm is None or not isinstance(getattr(lm, "layers", None), torch.nn.ModuleList):
             raise AdapterError(f"{type(model).__name__}: no language model with a .layers ModuleList found")
-        types = getattr(getattr(lm, "config", None), "layer_types", None) or ()
+        types = list(getattr(getattr(lm, "config", None), "layer_types", None) or ())
+        types += [None] * (len(lm.layers) - len(types))
         for i, (layer, kind) in enumerate(zip(lm.layers, types)):  # the more basic refusal first
-            if kind in NOT_ATTENTION and not isinstance(getattr(layer, "self_attn", None), torch.nn.Module):
+            if (kind in NOT_ATTENTION and kind not in RECURRENT_TYPES
+                    and not isinstance(getattr(layer, "self_attn", None), torch.nn.Module)):
                 raise AdapterError(
                     f"{type(model).__name__}: decoder layer {i} ({type(layer).__name__}) is a {kind!r} layer "
-                    "(config.layer_types), not attention: the vskip core carries K/V only, not a convolution or "
-                    "recurrent state, so neither its prefill nor its decoding is reproduced"
+                    "(config.layer_types), not attention: the vskip core carries K/V and linear-attention "
+                    "states only, not this layer's state, so neither its prefill nor its decoding is reproduced"
                 )
-        for i, layer in enumerate(lm.layers):
-            missing = [c for c in ("self_attn", "mlp") if not isinstance(getattr(layer, c, None), torch.nn.Module)]
+        for i, (layer, kind) in enumerate(zip(lm.layers, types)):
+            needed = ("mlp",) if kind in RECURRENT_TYPES else ("self_attn", "mlp")
+            missing = [c for c in needed if not isinstance(getattr(layer, c, None), torch.nn.Module)]
             if missing:
                 named = [a for c in missing for a in CHILD_ALIASES.get(c, ()) if isinstance(getattr(layer, a, None), torch.nn.Module)]
                 also = f" (it has {' / '.join(named)}; vskip finds a layer's operators as self_attn and mlp)" if named else ""
@@ -149,7 +157,8 @@ class Adapter:
         when the config does not name it (Qwen2.5-VL derives it)."""
         d = model.config.get_text_config().to_dict()
         if d.get("head_dim") is None:
-            d["head_dim"] = int(self.layers(model)[0].self_attn.head_dim)
+            attn = next(layer.self_attn for layer in self.layers(model) if hasattr(layer, "self_attn"))
+            d["head_dim"] = int(attn.head_dim)
         return d
 
     def architecture(self, model) -> str:
@@ -163,11 +172,22 @@ class Adapter:
         return tuple(dict.fromkeys(n for n in names if n))
 
     def check_plan(self, model, plan) -> None:
-        """Refuse (PlanError) a plan made for another model."""
+        """Refuse (PlanError) a plan made for another model, and one that skips the attention
+        of a recurrent (linear-attention) layer: its token mixer reads every row into its state."""
+        from ..core import recurrent_layers
+
         plan.check_model(
             self.architecture(model), len(self.layers(model)), self.text_config(model),
             aliases=self.architecture_aliases(model),
         )
+        lm = self.language_model(model)
+        for i, recurrent in enumerate(recurrent_layers(lm)):
+            if recurrent and plan.skips_attn(i):
+                raise PlanError(
+                    f"the plan has {plan.ops[i]} at layer {i}, a linear-attention layer "
+                    f"({lm.config.layer_types[i]!r}): its token mixer needs every row to build its recurrent state, "
+                    "so only 'full' or 'skip_ffn' apply there"
+                )
 
     # -- visual rows -----------------------------------------------------------------------
     def image_token_id(self, model) -> int:
