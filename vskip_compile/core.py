@@ -56,10 +56,9 @@ import traceback
 
 import torch
 from torch import nn
-
-from . import flex
 from torch.nn import functional as F
 
+from . import flex
 from .errors import VSkipError
 from .experts import experts_configs, restore_experts, use_traceable_experts
 from .kept_rows import kept_rows
