@@ -234,12 +234,11 @@ def recurrent_layers(language_model: nn.Module) -> tuple[bool, ...]:
 RECURRENT_CHUNK = 64
 
 
-def recurrent_chunks(language_model: nn.Module, seq_len: int) -> int | None:
+def recurrent_chunks(recurrent: tuple[bool, ...], seq_len: int) -> int | None:
     """The chunk count a prefill of seq_len rows traces for a model with linear-attention layers
-    (one graph per count, S symbolic within: one entry would otherwise recompile for every 64
-    rows), None for other models."""
-    types = getattr(language_model.config, "layer_types", None) or ()
-    return -(-seq_len // RECURRENT_CHUNK) if "linear_attention" in types else None
+    (`recurrent`: recurrent_layers; one graph per count, S symbolic within: one entry would
+    otherwise recompile for every 64 rows), None for other models."""
+    return -(-seq_len // RECURRENT_CHUNK) if any(recurrent) else None
 
 
 # The decoder-layer arguments run_layers passes (the cache under either name).

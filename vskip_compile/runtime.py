@@ -206,7 +206,7 @@ class CompiledVLM:
         position_ids = rebase_positions(p.position_ids, pads)
         blocks = () if p.blocks is None else (p.blocks.to(embeds.device),)  # [B, S], last
         key = PrefillKey(self.plan, embeds.dtype, embeds.device, logits_to_keep, len(deepstack), batch > 1,
-                         blocks=bool(blocks), chunks=recurrent_chunks(self._lm, seq_len))
+                         blocks=bool(blocks), chunks=recurrent_chunks(self._recurrent, seq_len))
         args = (embeds, position_ids, kept_index, kept_valid, mask, *deepstack, *blocks)
         mark_polymorphic(args, batched=batch > 1)
         with no_duck_sizes(), model_trace_errors(self._lm):
